@@ -1,0 +1,1 @@
+"""gateway: a two-factor authentication gateway."""

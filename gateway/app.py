@@ -1,0 +1,211 @@
+"""``create_app(config)``: the pure ASGI application.
+
+Every request is one of: a gateway route (enrolment pages, forward-auth ``/auth``, health),
+or a request for the upstream, which goes through the one decision and is then forwarded
+(proxy mode) or refused. The lifespan owns the store and the upstream transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from gateway.config import Config
+from gateway.decision import Decider, Decision, Facts, client_address, is_trusted
+from gateway.errors import Reason, StoreError
+from gateway.factors import SecondFactor
+from gateway.paths import encode_path
+from gateway.proxy import Forwarder
+from gateway.responses import send_denial, send_json, send_response, wants_html
+from gateway.store import Store, open_store_from_url
+
+log = logging.getLogger("gateway")
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Denials a person in a browser can fix on the gateway's own pages: send them there.
+_TO_VERIFY = frozenset({Reason.CODE_REQUIRED, Reason.INVALID_CODE, Reason.REPLAYED_CODE})
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store if store is not None else open_store_from_url(config.store.url, config.store.prefix)
+        self.factors = SecondFactor(config, self.store, clock)
+        self.decider = Decider(config, self.factors)
+        self.forwarder = Forwarder(config, transport) if config.upstream.url else None
+        self.networks = config.server.trusted_proxies
+        self._trust: dict[str, bool] = {}
+        routes = config.routes
+        self.routes: dict[str, Handler] = {
+            routes.health: self.health,
+            routes.ready: self.ready,
+        }
+        from gateway.forward_auth import ForwardAuth
+
+        self.forward_auth = ForwardAuth(self)
+        self.routes[routes.auth] = self.forward_auth
+        try:
+            from gateway.enrol import Enrolment
+        except ImportError:  # pragma: no cover - enrolment lands in its own module
+            pass
+        else:
+            self.enrolment = Enrolment(self)
+            self.routes.update(self.enrolment.routes())
+
+    # -- facts -------------------------------------------------------------------------------
+
+    def peer_trusted(self, peer: str | None) -> bool:
+        if peer is None:
+            return False
+        trusted = self._trust.get(peer)
+        if trusted is None:
+            trusted = is_trusted(peer, self.networks)
+            if len(self._trust) < 10_000:
+                self._trust[peer] = trusted
+        return trusted
+
+    def facts(self, scope: Scope, method: str | None = None, path: str | None = None) -> tuple[Facts, Headers]:
+        headers = Headers(scope=scope)
+        client = scope.get("client")
+        peer = client[0] if client else None
+        trusted = self.peer_trusted(peer)
+        raw_path = scope.get("raw_path")
+        facts = Facts(
+            method=method if method is not None else scope["method"],
+            path=path if path is not None else (raw_path.decode("latin-1") if raw_path else scope["path"]),
+            client=client_address(peer, headers.get("x-forwarded-for"), self.networks) if trusted else peer,
+            peer_trusted=trusted,
+            headers=headers,
+        )
+        return facts, headers
+
+    def session_cookie(self, session_id: str) -> tuple[bytes, bytes]:
+        s = self.config.session
+        # RFC 6265 §4.1.2: HttpOnly keeps it from scripts, SameSite=Lax from cross-site POSTs.
+        value = f"{s.cookie}={session_id}; Path=/; Max-Age={s.ttl}; HttpOnly; SameSite=Lax"
+        if s.secure:
+            value += "; Secure"
+        return b"set-cookie", value.encode()
+
+    def login_location(self, reason: Reason, target: str) -> str:
+        """Where a browser goes to fix a denial, with a local return target."""
+        route = self.config.routes.setup if reason is Reason.NOT_ENROLLED else self.config.routes.verify
+        return f"{route}?next={quote(target, safe='/')}"
+
+    # -- ASGI ----------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            handler = self.routes.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+            else:
+                await self.protect(scope, receive, send)
+        elif kind == "websocket":
+            from gateway.websocket import proxy_websocket
+
+            await proxy_websocket(self, scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.store.open()
+                except StoreError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": f"store unreachable: {exc}"})
+                    return
+                log.info("gateway ready: %s", self.config.summary())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.forwarder is not None:
+                    await self.forwarder.aclose()
+                await self.store.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def protect(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Proxy mode: decide, then forward or deny."""
+        if self.forwarder is None:
+            await send_denial(send, Reason.NOT_FOUND, _header(scope, b"accept"))
+            return
+        facts, headers = self.facts(scope)
+        decision = await self.decider.decide(facts)
+        if decision.allowed:
+            assert decision.path is not None
+            extra = [self.session_cookie(decision.new_session)] if decision.new_session else None
+            try:
+                await self.forwarder.forward(
+                    scope, receive, send, encode_path(decision.path),
+                    decision.user if decision.reason is not Reason.EXCLUDED else None,
+                    facts.peer_trusted, extra,
+                )
+            except Exception:
+                # After the response has started there is nothing left to say but to close.
+                log.exception("forwarding failed")
+            return
+        await self.deny(scope, send, decision, headers)
+
+    async def deny(self, scope: Scope, send: Send, decision: Decision, headers: Headers) -> None:
+        accept = headers.get("accept")
+        if (
+            wants_html(accept)
+            and scope["method"] in ("GET", "HEAD")
+            and (decision.reason in _TO_VERIFY or decision.reason is Reason.NOT_ENROLLED)
+            and decision.path is not None
+        ):
+            query = scope.get("query_string", b"")
+            target = encode_path(decision.path) + ("?" + query.decode("latin-1") if query else "")
+            location = self.login_location(decision.reason, target)
+            await send_response(send, 302, [(b"location", location.encode()), (b"cache-control", b"no-store")], b"")
+            return
+        fields: dict[str, Any] = {}
+        if decision.reason is Reason.NOT_ENROLLED:
+            fields["setup"] = self.config.routes.setup
+        await send_denial(send, decision.reason, accept, retry_after=decision.retry_after, **fields)
+
+    # -- health ------------------------------------------------------------------------------
+
+    async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"})
+
+    async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.store.ping()
+        except StoreError:
+            await send_json(send, 503, {"status": "unavailable", "detail": "the store does not answer"})
+            return
+        await send_json(send, 200, {"status": "ready"})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def create_app(
+    config: Config,
+    store: Store | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Gateway:
+    return Gateway(config, store=store, transport=transport, clock=clock)

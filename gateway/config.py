@@ -1,0 +1,576 @@
+"""The configuration: one TOML file (``gateway.example.toml`` documents every key), read once
+at start-up into frozen dataclasses, one per table.
+
+Secrets never have to live in the file: each secret key ``X`` also has an ``X_file`` form,
+and the encryption keys, the recovery-code pepper and the JWT secret can come from the
+environment (``GATEWAY_ENCRYPTION_KEYS``, ``GATEWAY_RECOVERY_PEPPER``, ``GATEWAY_JWT_SECRET``).
+The environment is read here, once, and nowhere else.
+
+Every problem is collected and reported with the key it concerns
+(``store.url: scheme "mysql" is not one of sqlite, redis, rediss, unix``); an unknown key is
+an error, never silently ignored, so a typo cannot turn a protection off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
+from gateway.paths import ExcludeRule, parse_rule
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+ENV_KEYS = "GATEWAY_ENCRYPTION_KEYS"
+ENV_PEPPER = "GATEWAY_RECOVERY_PEPPER"
+ENV_JWT_SECRET = "GATEWAY_JWT_SECRET"  # noqa: S105 - a variable name, not a secret
+ENV_CONFIG = "GATEWAY_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    trusted_proxies: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    public_url: str | None = None
+    workers: int = 1
+    log_level: str = "info"
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
+    pool_timeout: float = 5.0
+    max_connections: int = 256
+    user_header: str = "Remote-User"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = "sqlite:///gateway.db"
+    prefix: str = "gw"
+    cache_ttl: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionConfig:
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    recovery_pepper: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    secret: str | None = field(default=None, repr=False)
+    public_key: str | None = field(default=None, repr=False)
+    algorithms: tuple[str, ...] = ("HS256",)
+    audience: tuple[str, ...] = ()
+    issuer: str | None = None
+    cookie: str | None = None
+    user_claim: str = "sub"
+    label_claim: str | None = None
+    leeway: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    mode: str = "header"
+    header: str = "Remote-User"
+    jwt: JwtConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TotpConfig:
+    issuer: str = "Gateway"
+    digits: int = 6
+    period: int = 30
+    algorithm: str = "SHA1"
+    window: int = 1
+    header: str = "X-2FA-Code"
+    pending_ttl: int = 600
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    cookie: str = "gateway_session"
+    ttl: int = 43200
+    secure: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_failures: int = 5
+    lockout: int = 900
+    ip_max_failures: int = 50
+    ip_lockout: int = 900
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    exclude: tuple[ExcludeRule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RoutesConfig:
+    setup: str = "/setup-2fa"
+    verify: str = "/verify-2fa"
+    recovery: str = "/recovery-codes"
+    logout: str = "/logout-2fa"
+    auth: str = "/auth"
+    health: str = "/_gateway/health"
+    ready: str = "/_gateway/ready"
+    metrics: str = "/_gateway/metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    encryption: EncryptionConfig
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    store: StoreConfig = StoreConfig()
+    identity: IdentityConfig = IdentityConfig()
+    totp: TotpConfig = TotpConfig()
+    session: SessionConfig = SessionConfig()
+    limits: LimitsConfig = LimitsConfig()
+    paths: PathsConfig = PathsConfig()
+    routes: RoutesConfig = RoutesConfig()
+    source: str = "<defaults>"
+
+    def summary(self) -> str:
+        """One line for ``gateway check-config`` and the start-up log: no secrets."""
+        mode = f"proxy to {self.upstream.url}" if self.upstream.url else "forward-auth only"
+        return (
+            f"{self.source}: {mode}; identity={self.identity.mode}; store={_redact_url(self.store.url)}; "
+            f"{len(self.encryption.keys)} encryption key(s); {len(self.paths.exclude)} excluded path rule(s); "
+            f"listening on {self.server.host}:{self.server.port}"
+        )
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+class _Table:
+    """One TOML table being read: typed getters that record problems under their full key."""
+
+    def __init__(self, name: str, data: Any, problems: list[str]) -> None:
+        self.name = name
+        self.problems = problems
+        self.seen: set[str] = set()
+        if not isinstance(data, dict):
+            problems.append(f"{name}: must be a table")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def problem(self, key: str, reason: str) -> None:
+        self.problems.append(f"{self.key(key)}: {reason}")
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self.seen.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a port of `true` is a mistake, not 1.
+        if isinstance(value, bool) and bool not in kinds:
+            self.problem(key, f"expected {_kind_name(kinds)}, got a boolean")
+            return default
+        if not isinstance(value, kinds):
+            self.problem(key, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
+            return default
+        if float in kinds and isinstance(value, int):
+            value = float(value)
+        return value  # type: ignore[no-any-return]
+
+    def opt_str(self, key: str) -> str | None:
+        value: str | None = self.get(key, str, None)
+        return value
+
+    def number(self, key: str, default: T, low: float, high: float) -> T:
+        kind: tuple[type, ...] = (int, float) if isinstance(default, float) else (int,)
+        value = self.get(key, kind, default)
+        if not low <= value <= high:  # type: ignore[operator]
+            self.problem(key, f"{value} is outside {low:g}..{high:g}")
+            return default
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key, list, list(default))
+        out: list[str] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.problems.append(f"{self.key(key)}[{i}]: expected a string, got {type(item).__name__}")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            self.problem(key, f'"{value}" is not one of {", ".join(choices)}')
+            return default
+        return value
+
+    def secret(self, key: str, env: Mapping[str, str], env_name: str | None) -> str | None:
+        """A secret given inline, as ``key_file``, or in the environment: exactly one of them."""
+        inline = self.opt_str(key)
+        path = self.opt_str(f"{key}_file")
+        from_env = env.get(env_name) if env_name else None
+        given = [n for n, v in ((key, inline), (f"{key}_file", path), (env_name, from_env)) if v]
+        if len(given) > 1:
+            self.problem(key, f"given more than once ({', '.join(str(g) for g in given)}); choose one")
+            return None
+        if path:
+            try:
+                text = Path(path).read_text(encoding="utf-8").strip()
+                if not text:
+                    self.problem(f"{key}_file", "the file is empty")
+                return text or None
+            except OSError as exc:
+                self.problem(f"{key}_file", f"cannot read {path}: {exc.strerror or exc}")
+                return None
+        return inline or from_env or None
+
+    def finish(self) -> None:
+        for key in sorted(set(self.data) - self.seen):
+            self.problem(key, "unknown key")
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
+             dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _header_name(t: _Table, key: str, default: str) -> str:
+    value = t.get(key, str, default)
+    # RFC 9110 §5.1: a field name is a token.
+    if not value or any(c not in _TCHARS for c in value):
+        t.problem(key, f'"{value}" is not a valid header name')
+        return default
+    return value
+
+
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _route(t: _Table, key: str, default: str) -> str:
+    value = t.get(key, str, default)
+    if not value.startswith("/") or "?" in value or "#" in value or "*" in value or value.endswith("/"):
+        t.problem(key, f'"{value}" must be an absolute path like "/verify-2fa" with no trailing slash')
+        return default
+    return value
+
+
+def _http_url(t: _Table, key: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        t.problem(key, f'"{value}" is not an http:// or https:// URL with a host')
+        return None
+    if parts.query or parts.fragment:
+        t.problem(key, "must not have a query or fragment")
+        return None
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        t.problem(key, f'"{value}" has an invalid port')
+        return None
+    return value.rstrip("/")
+
+
+def _server(data: Any, problems: list[str]) -> ServerConfig:
+    t = _Table("server", data, problems)
+    d = ServerConfig()
+    networks: list[IPNetwork] = []
+    for i, text in enumerate(t.strings("trusted_proxies", tuple(str(n) for n in d.trusted_proxies))):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            problems.append(f"server.trusted_proxies[{i}]: {exc}")
+    public_url = _http_url(t, "public_url", t.opt_str("public_url"))
+    cfg = ServerConfig(
+        host=t.get("host", str, d.host),
+        port=t.number("port", d.port, 0, 65535),
+        trusted_proxies=tuple(networks),
+        public_url=public_url,
+        workers=t.number("workers", d.workers, 1, 64),
+        log_level=t.choice("log_level", d.log_level, ("critical", "error", "warning", "info", "debug")),
+        access_log=t.get("access_log", bool, d.access_log),
+    )
+    t.finish()
+    return cfg
+
+
+def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
+    t = _Table("upstream", data, problems)
+    d = UpstreamConfig()
+    cfg = UpstreamConfig(
+        url=_http_url(t, "url", t.opt_str("url")),
+        connect_timeout=t.number("connect_timeout", d.connect_timeout, 0.001, 3600),
+        read_timeout=t.number("read_timeout", d.read_timeout, 0.001, 86400),
+        write_timeout=t.number("write_timeout", d.write_timeout, 0.001, 86400),
+        pool_timeout=t.number("pool_timeout", d.pool_timeout, 0.001, 3600),
+        max_connections=t.number("max_connections", d.max_connections, 1, 100_000),
+        user_header=_header_name(t, "user_header", d.user_header),
+    )
+    t.finish()
+    return cfg
+
+
+def _store(data: Any, problems: list[str]) -> StoreConfig:
+    t = _Table("store", data, problems)
+    d = StoreConfig()
+    url = t.get("url", str, d.url)
+    scheme = urlsplit(url).scheme
+    if scheme not in ("sqlite", "redis", "rediss", "unix"):
+        t.problem("url", f'scheme "{scheme}" is not one of sqlite, redis, rediss, unix')
+    elif scheme == "sqlite" and not url.startswith("sqlite:///"):
+        t.problem("url", 'must look like "sqlite:///relative/path.db" or "sqlite:////absolute/path.db"')
+    prefix = t.get("prefix", str, d.prefix)
+    if not prefix or any(c in prefix for c in "{}: \t"):
+        t.problem("prefix", "must be non-empty with no braces, colons or spaces")
+    cfg = StoreConfig(url=url, prefix=prefix, cache_ttl=t.number("cache_ttl", d.cache_ttl, 0.0, 1.0))
+    t.finish()
+    return cfg
+
+
+def _split_keys(text: str) -> list[str]:
+    out: list[str] = []
+    for line in text.replace(",", "\n").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def _encryption(data: Any, env: Mapping[str, str], problems: list[str]) -> EncryptionConfig:
+    from gateway.crypto import SecretBox
+
+    t = _Table("encryption", data, problems)
+    inline = t.strings("keys", ())
+    path = t.opt_str("keys_file")
+    from_env = env.get(ENV_KEYS, "")
+    given = [n for n, v in (("encryption.keys", inline), ("encryption.keys_file", path), (ENV_KEYS, from_env)) if v]
+    keys: list[str] = []
+    if len(given) > 1:
+        t.problem("keys", f"given more than once ({', '.join(given)}); choose one")
+    elif path:
+        try:
+            keys = _split_keys(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            t.problem("keys_file", f"cannot read {path}: {exc.strerror or exc}")
+    elif inline:
+        keys = list(inline)
+    elif from_env:
+        keys = _split_keys(from_env)
+    if not keys and len(given) <= 1:
+        t.problem("keys", f"no encryption key: set {ENV_KEYS} or encryption.keys_file (`gateway keygen` makes one)")
+    elif keys:
+        try:
+            SecretBox(keys)
+        except ValueError as exc:
+            t.problem("keys", str(exc))
+    pepper = t.secret("recovery_pepper", env, ENV_PEPPER)
+    if pepper is not None and len(pepper) < 32:
+        t.problem("recovery_pepper", "must be at least 32 characters (`gateway keygen` makes one)")
+        pepper = None
+    if pepper is None and not any(p.startswith("encryption.recovery_pepper") for p in problems):
+        t.problem("recovery_pepper", f"missing: set {ENV_PEPPER} or encryption.recovery_pepper_file "
+                                     "(`gateway keygen` makes one)")
+    t.finish()
+    return EncryptionConfig(keys=tuple(keys), recovery_pepper=(pepper or "").encode())
+
+
+def _jwt(data: Any, env: Mapping[str, str], problems: list[str]) -> JwtConfig:
+    t = _Table("identity.jwt", data, problems)
+    d = JwtConfig()
+    secret = t.secret("secret", env, ENV_JWT_SECRET)
+    public_key = t.secret("public_key", env, None)
+    algorithms = t.strings("algorithms", d.algorithms)
+    hmac_algs = {"HS256", "HS384", "HS512"}
+    key_algs = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
+    for i, alg in enumerate(algorithms):
+        if alg not in hmac_algs | key_algs:
+            problems.append(f'identity.jwt.algorithms[{i}]: "{alg}" is not a supported algorithm ("none" never is)')
+    if not algorithms:
+        t.problem("algorithms", "must name at least one algorithm")
+    # Mixing HMAC and public-key algorithms lets a token signed with the public key as an
+    # HMAC secret pass (the classic algorithm-confusion attack): refuse the mix.
+    if set(algorithms) & hmac_algs and set(algorithms) & key_algs:
+        t.problem("algorithms", "do not mix HMAC (HS*) and public-key algorithms")
+    elif set(algorithms) & hmac_algs and not secret:
+        t.problem("secret", f"HS* algorithms need secret, secret_file or {ENV_JWT_SECRET}")
+    elif set(algorithms) & key_algs and not public_key:
+        t.problem("public_key_file", "RS/ES/PS/EdDSA algorithms need public_key_file")
+    audience: list[str] | str = t.get("audience", (str, list), [])
+    if isinstance(audience, str):
+        audience = [audience]
+    cfg = JwtConfig(
+        secret=secret,
+        public_key=public_key,
+        algorithms=algorithms,
+        audience=tuple(str(a) for a in audience),
+        issuer=t.opt_str("issuer"),
+        cookie=t.opt_str("cookie"),
+        user_claim=t.get("user_claim", str, d.user_claim),
+        label_claim=t.opt_str("label_claim"),
+        leeway=t.number("leeway", d.leeway, 0.0, 300.0),
+    )
+    t.finish()
+    return cfg
+
+
+def _identity(data: Any, env: Mapping[str, str], problems: list[str]) -> IdentityConfig:
+    t = _Table("identity", data, problems)
+    d = IdentityConfig()
+    mode = t.choice("mode", d.mode, ("header", "jwt"))
+    header = _header_name(t, "header", d.header)
+    jwt_data: dict[str, Any] | None = t.get("jwt", dict, None)
+    jwt = None
+    if mode == "jwt":
+        jwt = _jwt(jwt_data if jwt_data is not None else {}, env, problems)
+    elif jwt_data is not None:
+        t.problem("jwt", 'only used with mode = "jwt"')
+    t.finish()
+    return IdentityConfig(mode=mode, header=header, jwt=jwt)
+
+
+def _totp(data: Any, problems: list[str]) -> TotpConfig:
+    t = _Table("totp", data, problems)
+    d = TotpConfig()
+    issuer = t.get("issuer", str, d.issuer)
+    if not issuer or ":" in issuer:
+        t.problem("issuer", "must be non-empty and contain no colon (Key-Uri-Format)")
+    cfg = TotpConfig(
+        issuer=issuer,
+        digits=t.number("digits", d.digits, 6, 8),
+        period=t.number("period", d.period, 15, 120),
+        algorithm=t.choice("algorithm", d.algorithm, ("SHA1", "SHA256", "SHA512")),
+        window=t.number("window", d.window, 0, 2),
+        header=_header_name(t, "header", d.header),
+        pending_ttl=t.number("pending_ttl", d.pending_ttl, 60, 86400),
+    )
+    t.finish()
+    return cfg
+
+
+def _session(data: Any, problems: list[str]) -> SessionConfig:
+    t = _Table("session", data, problems)
+    d = SessionConfig()
+    cookie = t.get("cookie", str, d.cookie)
+    if not cookie or any(c not in _TCHARS for c in cookie):
+        t.problem("cookie", f'"{cookie}" is not a valid cookie name')
+    cfg = SessionConfig(
+        cookie=cookie,
+        ttl=t.number("ttl", d.ttl, 60, 30 * 86400),
+        secure=t.get("secure", bool, d.secure),
+    )
+    t.finish()
+    return cfg
+
+
+def _limits(data: Any, problems: list[str]) -> LimitsConfig:
+    t = _Table("limits", data, problems)
+    d = LimitsConfig()
+    cfg = LimitsConfig(
+        max_failures=t.number("max_failures", d.max_failures, 1, 1000),
+        lockout=t.number("lockout", d.lockout, 1, 7 * 86400),
+        ip_max_failures=t.number("ip_max_failures", d.ip_max_failures, 1, 1_000_000),
+        ip_lockout=t.number("ip_lockout", d.ip_lockout, 1, 7 * 86400),
+    )
+    t.finish()
+    return cfg
+
+
+def _paths(data: Any, problems: list[str]) -> PathsConfig:
+    t = _Table("paths", data, problems)
+    rules: list[ExcludeRule] = []
+    for i, text in enumerate(t.strings("exclude", ())):
+        try:
+            rules.append(parse_rule(text))
+        except ValueError as exc:
+            problems.append(f"paths.exclude[{i}]: {exc}")
+    t.finish()
+    return PathsConfig(exclude=tuple(rules))
+
+
+def _routes(data: Any, problems: list[str]) -> RoutesConfig:
+    t = _Table("routes", data, problems)
+    d = RoutesConfig()
+    cfg = RoutesConfig(**{name: _route(t, name, getattr(d, name)) for name in d.__dataclass_fields__})
+    values = [getattr(cfg, n) for n in cfg.__dataclass_fields__]
+    if len(set(values)) != len(values):
+        problems.append("routes: two routes share one path")
+    t.finish()
+    return cfg
+
+
+SECTIONS = ("server", "upstream", "store", "encryption", "identity", "totp", "session", "limits", "paths",
+            "routes")
+
+
+def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    for key in sorted(set(data) - set(SECTIONS)):
+        problems.append(f"{key}: unknown table or key")
+    cfg = Config(
+        server=_server(data.get("server", {}), problems),
+        upstream=_upstream(data.get("upstream", {}), problems),
+        store=_store(data.get("store", {}), problems),
+        encryption=_encryption(data.get("encryption", {}), env, problems),
+        identity=_identity(data.get("identity", {}), env, problems),
+        totp=_totp(data.get("totp", {}), problems),
+        session=_session(data.get("session", {}), problems),
+        limits=_limits(data.get("limits", {}), problems),
+        paths=_paths(data.get("paths", {}), problems),
+        routes=_routes(data.get("routes", {}), problems),
+        source=source,
+    )
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML file; raise ConfigError (never another exception)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return parse(data, env, source=str(path))
+
+
+def default_path(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get(ENV_CONFIG) or "gateway.toml"

@@ -1,0 +1,141 @@
+"""The one access decision. Proxy mode and forward-auth mode both call :meth:`Decider.decide`
+and differ only in what they do with the answer, so they cannot disagree.
+
+Order: canonical path → excluded? → identity → lockout → 2FA session or code → allow/deny.
+
+Every rule about who may pass is in this file. Every error path denies: an ambiguous path is
+a 400, a store outage a 503, anything unexpected a 500, and none of them lets a request
+through.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import Config, IPNetwork
+from gateway.errors import ALLOWED, AmbiguousPath, DecryptError, Reason, StoreError
+from gateway.factors import SecondFactor
+from gateway.identity import IdentityReader, read_cookie
+from gateway.paths import Exclusions, canonical_path
+
+log = logging.getLogger("gateway.decision")
+
+# RFC 9110 §5.6.2: a method is a token.
+_METHOD_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the decision needs to know about one request, however it arrived."""
+
+    method: str
+    path: str  # the raw path as sent on the wire, without query or fragment
+    client: str | None  # the client address, resolved through trusted proxies
+    peer_trusted: bool  # the TCP peer is one of server.trusted_proxies
+    headers: Any  # a case-insensitive mapping (starlette Headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    reason: Reason
+    path: str | None = None  # the canonical path: what is forwarded is what was checked
+    user: str | None = None
+    label: str | None = None
+    new_session: str | None = None  # a session opened by this request's code: set the cookie
+    retry_after: int | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason in ALLOWED
+
+
+def is_trusted(address: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    if not address or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_address(peer: str | None, forwarded_for: str | None, networks: tuple[IPNetwork, ...]) -> str | None:
+    """The client's address: the rightmost ``X-Forwarded-For`` entry that is not a trusted
+    proxy, when the peer itself is trusted; otherwise the peer (a client cannot choose it)."""
+    if not forwarded_for or not is_trusted(peer, networks):
+        return peer
+    for hop in reversed(forwarded_for.split(",")):
+        hop = hop.strip()
+        if not hop:
+            continue
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a malformed chain is not believed
+        if not is_trusted(hop, networks):
+            return hop
+    return peer
+
+
+class Decider:
+    def __init__(self, config: Config, factors: SecondFactor) -> None:
+        self.exclusions = Exclusions(config.paths.exclude)
+        self.identity = IdentityReader(config.identity)
+        self.factors = factors
+        self.code_header = config.totp.header.lower()
+        self.cookie = config.session.cookie
+
+    async def decide(self, facts: Facts) -> Decision:
+        try:
+            return await self._decide(facts)
+        except StoreError as exc:
+            log.error("store unavailable, denying: %s", exc)
+            return Decision(Reason.STORE_UNAVAILABLE)
+        except DecryptError:
+            return Decision(Reason.INTERNAL)
+        except Exception:
+            log.exception("unexpected error in the decision, denying")
+            return Decision(Reason.INTERNAL)
+
+    async def _decide(self, facts: Facts) -> Decision:
+        method = facts.method
+        if not method or len(method) > 32 or not all(c in _METHOD_CHARS for c in method):
+            return Decision(Reason.BAD_REQUEST)
+        try:
+            path = canonical_path(facts.path)
+        except AmbiguousPath:
+            return Decision(Reason.BAD_REQUEST)
+        if self.exclusions.matches(method.upper(), path):
+            return Decision(Reason.EXCLUDED, path=path)
+
+        identity, why = self.identity.read(facts.headers, facts.peer_trusted)
+        if identity is None:
+            return Decision(why, path=path)
+        user = identity.user
+
+        def deny(reason: Reason, retry_after: int | None = None) -> Decision:
+            return Decision(reason, path=path, user=user, label=identity.label, retry_after=retry_after)
+
+        locked = await self.factors.locked(user, facts.client)
+        if locked is not None:
+            return deny(Reason.LOCKED, locked.retry_after)
+
+        session_user = await self.factors.session_user(read_cookie(facts.headers.get("cookie"), self.cookie))
+        # A session belongs to the user who opened it: someone else's cookie is no session.
+        if session_user is not None and session_user == user:
+            return Decision(Reason.SESSION, path=path, user=user, label=identity.label)
+
+        raw_code = facts.headers.get(self.code_header)
+        if raw_code is None:
+            if not await self.factors.is_enrolled(user):
+                return deny(Reason.NOT_ENROLLED)
+            return deny(Reason.CODE_REQUIRED)
+        outcome = await self.factors.check_code(user, raw_code, facts.client)
+        if outcome.reason is not Reason.CODE:
+            return deny(outcome.reason, outcome.retry_after)
+        session = await self.factors.open_session(user)
+        log.info("2fa code accepted user=%r, session opened", user)
+        return Decision(Reason.CODE, path=path, user=user, label=identity.label, new_session=session)

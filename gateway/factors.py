@@ -1,0 +1,259 @@
+"""The second factor: checking codes and recovery codes, lockouts, enrolment and 2FA sessions.
+
+This joins the pure parts (``totp``, ``crypto``) to the store. It answers questions ("is this
+code good for this user?") with a :class:`Reason`; what to do with the answer is
+``decision.py``'s business.
+
+Caches. The hot paths (a request with a 2FA session; a request from a locked-out user) are
+answered from small in-process caches whose entries live at most ``store.cache_ttl``
+seconds (≤ 1 s). So a session revoked, a user reset or unlocked on another worker or replica
+takes effect within that bound; on this worker it takes effect at once. Anything that
+*grants* on the strength of a code (code checks, recovery codes, enrolment) always reads the
+store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway import totp
+from gateway.config import Config
+from gateway.crypto import SecretBox
+from gateway.errors import DecryptError, Reason
+from gateway.store import Store
+
+log = logging.getLogger("gateway.audit")
+
+_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    reason: Reason
+    retry_after: int | None = None
+    step: int | None = None
+
+
+def hash_session_id(session_id: str) -> str:
+    """The store keeps only a hash of each session id, so a copy of the store opens no session."""
+    return hashlib.sha256(session_id.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class _TtlCache:
+    """A dict whose entries are trusted for ``ttl`` seconds; bounded by clearing when full."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.data: dict[str, tuple[float, object]] = {}
+
+    def get(self, key: str) -> tuple[bool, object]:
+        hit = self.data.get(key)
+        if hit is None:
+            return False, None
+        if hit[0] <= self.clock():
+            self.data.pop(key, None)
+            return False, None
+        return True, hit[1]
+
+    def put(self, key: str, value: object, until: float | None = None) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self.data) >= _CACHE_SIZE:
+            self.data.clear()
+        limit = self.clock() + self.ttl
+        self.data[key] = (limit if until is None else min(until, limit), value)
+
+    def drop(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    def drop_value(self, value: object) -> None:
+        for key in [k for k, (_, v) in self.data.items() if v == value]:
+            del self.data[key]
+
+
+class SecondFactor:
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.box = SecretBox(config.encryption.keys)
+        self.pepper = config.encryption.recovery_pepper
+        self.params = totp.TotpParams(
+            digits=config.totp.digits,
+            period=config.totp.period,
+            algorithm=config.totp.algorithm,
+            window=config.totp.window,
+        )
+        self.issuer = config.totp.issuer
+        self.pending_ttl = config.totp.pending_ttl
+        self.limits = config.limits
+        self.session_ttl = config.session.ttl
+        self.clock = clock
+        self._sessions = _TtlCache(config.store.cache_ttl, clock)
+        self._locks = _TtlCache(config.store.cache_ttl, clock)
+
+    # -- lockouts ------------------------------------------------------------------------------
+
+    async def locked(self, user: str, client: str | None, cached: bool = True) -> Outcome | None:
+        """A LOCKED outcome if the user or the client address is locked out, else None."""
+        now = self.clock()
+        for scope in (f"user:{user}", f"ip:{client}" if client else None):
+            if scope is None:
+                continue
+            hit, until = self._locks.get(scope) if cached else (False, None)
+            if not hit:
+                until = await self.store.locked_until(scope, now)
+                self._locks.put(scope, until, until)
+            if isinstance(until, float) and until > now:
+                return Outcome(Reason.LOCKED, retry_after=max(1, int(until - now + 0.999)))
+        return None
+
+    async def _fail(self, user: str, client: str | None, reason: Reason) -> Outcome:
+        now = self.clock()
+        until = await self.store.record_failure(
+            f"user:{user}", self.limits.max_failures, self.limits.lockout, now
+        )
+        if until is not None:
+            self._locks.put(f"user:{user}", until, until)
+            log.warning("lockout user=%r for %ss", user, self.limits.lockout)
+        if client:
+            ip_until = await self.store.record_failure(
+                f"ip:{client}", self.limits.ip_max_failures, self.limits.ip_lockout, now
+            )
+            if ip_until is not None:
+                self._locks.put(f"ip:{client}", ip_until, ip_until)
+                log.warning("lockout client=%s for %ss", client, self.limits.ip_lockout)
+        return Outcome(reason)
+
+    async def unlock(self, user: str) -> None:
+        await self.store.clear_failures(f"user:{user}")
+        self._locks.drop(f"user:{user}")
+
+    # -- codes ---------------------------------------------------------------------------------
+
+    async def _secret(self, user: str, pending: bool = False) -> str | None:
+        token = (
+            await self.store.get_pending(user, self.clock()) if pending else await self.store.get_secret(user)
+        )
+        if token is None:
+            return None
+        try:
+            return self.box.decrypt(user, token)
+        except DecryptError:
+            # The record is left untouched: a key may just be missing from this replica's config.
+            log.error("secret of user=%r does not decrypt (wrong key or record bound to another user)", user)
+            raise
+
+    async def check_code(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
+        """Check a TOTP code for an enrolled user: format, lockout, match, replay (RFC 6238 §5.2)."""
+        locked = await self.locked(user, client, cached=False)
+        if locked:
+            return locked
+        code = totp.parse_code(raw_code, self.params.digits)
+        secret = await self._secret(user)
+        if secret is None:
+            return Outcome(Reason.NOT_ENROLLED)
+        if code is None:
+            return await self._fail(user, client, Reason.INVALID_CODE)
+        step = totp.matching_step(secret, code, self.clock(), self.params)
+        if step is None:
+            return await self._fail(user, client, Reason.INVALID_CODE)
+        # RFC 6238 §5.2: a code may be accepted once; advance_step is atomic in the store, so
+        # of many concurrent requests carrying one code exactly one wins.
+        if not await self.store.advance_step(user, step):
+            return await self._fail(user, client, Reason.REPLAYED_CODE)
+        await self.store.clear_failures(f"user:{user}")
+        return Outcome(Reason.CODE, step=step)
+
+    async def check_recovery(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
+        """Consume one recovery code; each works once."""
+        locked = await self.locked(user, client, cached=False)
+        if locked:
+            return locked
+        if await self.store.get_secret(user) is None:
+            return Outcome(Reason.NOT_ENROLLED)
+        code = totp.normalize_recovery_code(raw_code)
+        if code is None:
+            return await self._fail(user, client, Reason.INVALID_CODE)
+        if not await self.store.consume_recovery_code(user, totp.hash_recovery_code(self.pepper, user, code)):
+            return await self._fail(user, client, Reason.INVALID_CODE)
+        await self.store.clear_failures(f"user:{user}")
+        log.warning("recovery code used user=%r", user)
+        return Outcome(Reason.CODE)
+
+    async def is_enrolled(self, user: str) -> bool:
+        return await self.store.get_secret(user) is not None
+
+    # -- enrolment -----------------------------------------------------------------------------
+
+    async def begin_enrolment(self, user: str) -> str:
+        """A new pending secret (never replacing the active one until verified)."""
+        secret = totp.new_secret()
+        now = self.clock()
+        await self.store.set_pending(user, self.box.encrypt(user, secret), now + self.pending_ttl)
+        return secret
+
+    async def finish_enrolment(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
+        """Activate the pending secret if ``raw_code`` matches it; the code's step is consumed."""
+        locked = await self.locked(user, client, cached=False)
+        if locked:
+            return locked
+        secret = await self._secret(user, pending=True)
+        if secret is None:
+            return Outcome(Reason.NOT_ENROLLED)
+        code = totp.parse_code(raw_code, self.params.digits)
+        step = None if code is None else totp.matching_step(secret, code, self.clock(), self.params)
+        if step is None:
+            return await self._fail(user, client, Reason.INVALID_CODE)
+        await self.store.set_secret(user, self.box.encrypt(user, secret))
+        # The step is time, not secret, so the replay history carries over: this code's step
+        # is consumed (it may already be, if the user re-enrolled within one period).
+        await self.store.advance_step(user, step)
+        await self.store.clear_failures(f"user:{user}")
+        return Outcome(Reason.CODE, step=step)
+
+    def provisioning_uri(self, secret: str, label: str) -> str:
+        return totp.provisioning_uri(secret, label.replace(":", "_"), self.issuer, self.params)
+
+    async def new_recovery_codes(self, user: str) -> list[str]:
+        codes = totp.new_recovery_codes()
+        hashes = [
+            totp.hash_recovery_code(self.pepper, user, totp.normalize_recovery_code(c) or c) for c in codes
+        ]
+        await self.store.set_recovery_codes(user, hashes)
+        return codes
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def open_session(self, user: str) -> str:
+        session_id = secrets.token_urlsafe(32)
+        expires = self.clock() + self.session_ttl
+        key = hash_session_id(session_id)
+        await self.store.create_session(key, user, expires)
+        self._sessions.put(key, user, expires)
+        return session_id
+
+    async def session_user(self, session_id: str | None) -> str | None:
+        if not session_id or len(session_id) > 128:
+            return None
+        key = hash_session_id(session_id)
+        hit, user = self._sessions.get(key)
+        if hit:
+            return user if isinstance(user, str) else None
+        found = await self.store.get_session(key, self.clock())
+        self._sessions.put(key, found)
+        return found
+
+    async def revoke_session(self, session_id: str) -> None:
+        key = hash_session_id(session_id)
+        await self.store.revoke_session(key)
+        self._sessions.drop(key)
+
+    async def reset_user(self, user: str) -> None:
+        await self.store.delete_user(user)
+        self._sessions.drop_value(user)
+        self._locks.drop(f"user:{user}")

@@ -1,0 +1,285 @@
+"""The forwarder: streams an allowed request to the upstream and the answer back, as nginx's
+``proxy_pass`` would.
+
+httpx is the client API, used at the transport level (``AsyncBaseTransport``): no
+``Client``, hence no cookie jar shared between users, no default headers, no redirect
+following, no environment proxies. The transport is a constructor parameter, so what sits
+under httpx can be swapped and measured (see ``bench/``).
+
+* Bodies are streamed both ways; nothing is buffered beyond one chunk.
+* Hop-by-hop headers are removed both ways, including every header named in ``Connection``
+  (RFC 9110 §7.6.1). ``Content-Encoding`` and ``Content-Length`` pass untouched: the bytes
+  are relayed raw, never decoded.
+* ``X-Forwarded-For`` is appended to (RFC 7239 §5.2's de facto cousin); ``-Proto`` and
+  ``-Host`` are set. Client-supplied ``X-Forwarded-*`` and ``Forwarded`` are kept only
+  from trusted proxies.
+* The 2FA code header, the gateway's session cookie and any client-supplied user header are
+  stripped; the verified user goes upstream in ``upstream.user_header``.
+* httpx's errors are translated here, once: refused/reset → 502, timeout → 504, no free
+  pooled connection → 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from gateway.config import Config
+from gateway.errors import Reason
+from gateway.responses import send_denial
+
+log = logging.getLogger("gateway.proxy")
+
+# RFC 9110 §7.6.1 (and RFC 2616 §13.5.1 for the older names still seen in the wild).
+HOP_BY_HOP_HEADERS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade", b"trailer",
+     b"proxy-authenticate", b"proxy-authorization"}
+)
+_FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
+                                 b"x-real-ip"})
+# A response at most this large (by Content-Length) is relayed without a disconnect watcher.
+_SMALL_RESPONSE = 256 * 1024
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request body was being streamed upstream."""
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names listed in ``Connection``: hop-by-hop too (RFC 9110 §7.6.1)."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(names)
+
+
+def strip_cookie(value: bytes, name: bytes) -> bytes:
+    """A ``Cookie`` header without the named cookie (RFC 6265 §4.2.1 ``; `` separated)."""
+    if name not in value:
+        return value
+    kept = [p for p in value.split(b";") if p.strip().partition(b"=")[0] != name]
+    return b";".join(kept).strip()
+
+
+def default_transport(config: Config) -> httpx.AsyncBaseTransport:
+    limits = httpx.Limits(
+        max_connections=config.upstream.max_connections,
+        max_keepalive_connections=config.upstream.max_connections,
+        keepalive_expiry=30.0,
+    )
+    return httpx.AsyncHTTPTransport(limits=limits, retries=0)
+
+
+class Forwarder:
+    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        assert config.upstream.url is not None
+        self.upstream = httpx.URL(config.upstream.url)
+        self.origin = f"{self.upstream.scheme}://{self.upstream.netloc.decode('ascii')}".encode()
+        self.base_path = self.upstream.raw_path.rstrip(b"/")
+        self.host = self.upstream.netloc
+        self.public_url = config.server.public_url.encode() if config.server.public_url else None
+        self.transport = transport if transport is not None else default_transport(config)
+        up = config.upstream
+        self.timeout = {"connect": up.connect_timeout, "read": up.read_timeout, "write": up.write_timeout,
+                        "pool": up.pool_timeout}
+        self.networks = config.server.trusted_proxies
+        self.user_header = config.upstream.user_header.lower().encode()
+        # Headers a client must never get to the upstream: the code, and anything claiming
+        # to name the user (the gateway sets that itself).
+        self.stripped = frozenset(
+            {config.totp.header.lower().encode(), self.user_header, config.identity.header.lower().encode()}
+        )
+        self.session_cookie = config.session.cookie.encode()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    def request_headers(self, scope: Scope, user: str | None, trusted: bool) -> list[tuple[bytes, bytes]]:
+        incoming: list[tuple[bytes, bytes]] = scope["headers"]
+        drop = HOP_BY_HOP_HEADERS | self.stripped | connection_tokens(incoming) | {b"host"}
+        if not trusted:
+            drop = drop | _FORWARDING_HEADERS
+        out: list[tuple[bytes, bytes]] = [(b"host", self.host)]
+        forwarded_for = proto = fwd_host = None
+        host = b""
+        for name, value in incoming:
+            name = name.lower()
+            if name == b"host":
+                host = value
+            if name in drop:
+                continue
+            if name == b"cookie":
+                value = strip_cookie(value, self.session_cookie)
+                if not value:
+                    continue
+            elif name == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                continue
+            elif name == b"x-forwarded-proto":
+                proto = value
+                continue
+            elif name == b"x-forwarded-host":
+                fwd_host = value
+                continue
+            out.append((name, value))
+        client = scope.get("client")
+        peer = client[0].encode() if client else b"unknown"
+        out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
+        out.append((b"x-forwarded-proto", proto or scope.get("scheme", "http").encode()))
+        out.append((b"x-forwarded-host", fwd_host or host))
+        if user is not None:
+            out.append((self.user_header, user.encode()))
+        return out
+
+    def public_origin(self, scope: Scope, headers: list[tuple[bytes, bytes]], trusted: bool) -> bytes:
+        if self.public_url:
+            return self.public_url
+        host = proto = None
+        for name, value in headers:
+            if name == b"host" and host is None:
+                host = value
+            elif trusted and name == b"x-forwarded-proto":
+                proto = value
+            elif trusted and name == b"x-forwarded-host":
+                host = value
+        return (proto or scope.get("scheme", "http").encode()) + b"://" + (host or b"localhost")
+
+    async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: str,
+        user: str | None,
+        trusted: bool,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Forward one allowed request; ``path`` is the encoded canonical path that was checked."""
+        method: str = scope["method"]
+        headers = self.request_headers(scope, user, trusted)
+        query: bytes = scope.get("query_string", b"")
+        target = self.base_path + path.encode("ascii") + (b"?" + query if query else b"")
+        url = self.upstream.copy_with(raw_path=target)
+
+        length = None
+        chunked = False
+        for name, value in headers:
+            if name == b"content-length":
+                length = value
+        for name, _ in scope["headers"]:
+            if name.lower() == b"transfer-encoding":
+                chunked = True
+        content: bytes | AsyncIterator[bytes] = b""
+        if (length is not None and length != b"0") or chunked:
+            content = self._body(receive)
+        request = httpx.Request(method, url, headers=headers, content=content,
+                                extensions={"timeout": self.timeout})
+        try:
+            response = await self.transport.handle_async_request(request)
+        except ClientDisconnected:
+            return
+        except httpx.PoolTimeout:
+            log.warning("upstream pool exhausted")
+            return await send_denial(send, Reason.UPSTREAM_BUSY, _accept(scope))
+        except httpx.TimeoutException:
+            log.warning("upstream timeout on %s", method)
+            return await send_denial(send, Reason.UPSTREAM_TIMEOUT, _accept(scope))
+        except (httpx.TransportError, OSError) as exc:
+            log.warning("upstream unreachable: %s", type(exc).__name__)
+            return await send_denial(send, Reason.UPSTREAM_UNREACHABLE, _accept(scope))
+
+        try:
+            await self._respond(scope, receive, send, response, trusted, extra_headers)
+        finally:
+            await response.aclose()
+
+    async def _body(self, receive: Receive) -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def _respond(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        response: httpx.Response,
+        trusted: bool,
+        extra_headers: list[tuple[bytes, bytes]] | None,
+    ) -> None:
+        raw = response.headers.raw
+        drop = HOP_BY_HOP_HEADERS | connection_tokens(raw)
+        out: list[tuple[bytes, bytes]] = []
+        small = False
+        for name, value in raw:
+            name = name.lower()
+            if name in drop:
+                continue
+            if name == b"location" and value.startswith(self.origin):
+                rest = value[len(self.origin):]
+                if rest[:1] in (b"", b"/", b"?", b"#"):
+                    value = self.public_origin(scope, scope["headers"], trusted) + rest
+            elif name == b"content-length":
+                small = value.isdigit() and int(value) <= _SMALL_RESPONSE
+            out.append((name, value))
+        if extra_headers:
+            out.extend(extra_headers)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": out})
+
+        if scope["method"] == "HEAD" or response.status_code in (204, 304):
+            await send({"type": "http.response.body", "body": b""})
+            return
+        stream = response.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
+        if small:
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self._stream_watched(receive, send, stream)
+
+    async def _stream_watched(self, receive: Receive, send: Send, stream: httpx.AsyncByteStream) -> None:
+        """Relay a large or unbounded body, stopping as soon as the client disconnects (the ASGI
+        server may otherwise swallow sends to a closed connection while we drain the upstream)."""
+        task = asyncio.current_task()
+        assert task is not None
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except asyncio.CancelledError:
+            if not watcher.done() or task.uncancel() > 0:
+                raise
+            log.info("client disconnected mid-response; upstream response closed")
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+def _accept(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"accept":
+            return str(value.decode("latin-1"))
+    return None

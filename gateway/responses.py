@@ -1,0 +1,77 @@
+"""How a denial is said: the one boundary where a :class:`Reason` becomes status, headers and
+body. JSON ``{"error", "detail"}`` for programs, a small HTML page for browsers.
+
+Responses are sent as raw ASGI messages: the gateway answers many denials under attack and
+they should cost as little as an allow.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterable
+
+from starlette.types import Send
+
+from gateway.errors import DENIALS, Reason
+
+Headers = list[tuple[bytes, bytes]]
+
+_NO_STORE: Headers = [(b"cache-control", b"no-store")]
+_JSON: Headers = [(b"content-type", b"application/json")]
+_HTML: Headers = [(b"content-type", b"text/html; charset=utf-8")]
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{title}</title><style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:3rem auto;
+padding:0 1rem;color:#1b1b1b}}h1{{font-size:1.4rem}}code{{background:#eee;padding:.1rem .3rem}}</style>
+</head><body><main><h1>{title}</h1><p>{detail}</p>{extra}</main></body></html>
+"""
+
+
+def wants_html(accept: str | None) -> bool:
+    """A browser navigating: ``text/html`` is asked for and JSON is not preferred."""
+    return bool(accept) and "text/html" in accept and "application/json" not in accept  # type: ignore[operator]
+
+
+def denial_body(reason: Reason, html_page: bool, extra_html: str = "", **fields: object) -> tuple[int, Headers, bytes]:
+    status, detail = DENIALS[reason]
+    if html_page:
+        title = f"{status} — {reason.value.replace('_', ' ')}"
+        page = _PAGE.format(title=html.escape(title), detail=html.escape(detail), extra=extra_html)
+        return status, _HTML + _NO_STORE, page.encode()
+    body: dict[str, object] = {"error": reason.value, "detail": detail}
+    body.update(fields)
+    return status, _JSON + _NO_STORE, json.dumps(body, separators=(",", ":")).encode()
+
+
+async def send_response(send: Send, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:
+    hdrs = list(headers)
+    hdrs.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_denial(
+    send: Send,
+    reason: Reason,
+    accept: str | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    retry_after: int | None = None,
+    extra_html: str = "",
+    **fields: object,
+) -> None:
+    status, base, body = denial_body(reason, wants_html(accept), extra_html, **fields)
+    out = base + list(headers)
+    if retry_after is not None:
+        # RFC 9110 §10.2.3
+        out.append((b"retry-after", str(retry_after).encode()))
+    if status == 401:
+        # RFC 9110 §11.6.1: a 401 carries a challenge. The scheme is ours; it names the header.
+        out.append((b"www-authenticate", b'X-2FA-Code realm="gateway"'))
+    await send_response(send, status, out, body)
+
+
+async def send_json(send: Send, status: int, data: object, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(data, separators=(",", ":")).encode()
+    await send_response(send, status, _JSON + _NO_STORE + list(headers), body)

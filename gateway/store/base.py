@@ -1,0 +1,99 @@
+"""The store's contract: what the gateway keeps per user, and the atomic operations on it.
+
+Two implementations honour it, ``sqlite.py`` (embedded default) and ``redis.py``; the same
+contract tests run against both (``tests/test_store.py``). Every method raises
+:class:`gateway.errors.StoreError` when the backend cannot answer; callers deny.
+
+Values are opaque to the store: secrets arrive already encrypted (``crypto.py``), recovery
+codes and session ids arrive already hashed. The store never sees a plaintext secret.
+Times are Unix seconds (float) from ``time.time()``; ``now`` is passed in where tests need
+a frozen clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class UserState:
+    """What ``gateway users show`` prints: never a secret."""
+
+    user: str
+    enrolled: bool
+    pending: bool
+    locked_until: float | None
+    failures: int
+    recovery_codes_left: int
+    sessions: int
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect, create tables; raise StoreError when unreachable (start-up fails fast)."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the backend answers (readiness)."""
+
+    # -- secrets ---------------------------------------------------------------------------
+    async def get_secret(self, user: str) -> bytes | None:
+        """The active encrypted secret, or None when the user is not enrolled."""
+
+    async def set_secret(self, user: str, ciphertext: bytes) -> None:
+        """Make ``ciphertext`` the active secret, dropping any pending one (enrolment done)."""
+
+    async def get_pending(self, user: str, now: float) -> bytes | None:
+        """The pending (enrolment) secret if it has not expired."""
+
+    async def set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None: ...
+
+    async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
+        """Compare-and-set for key rotation: store ``new`` only if the active one is still ``old``."""
+
+    # -- replay guard (RFC 6238 §5.2) ---------------------------------------------------------
+    async def advance_step(self, user: str, step: int) -> bool:
+        """Atomically record ``step`` as the last accepted time step if it is greater than the
+        one recorded; True if it was recorded, False if ``step`` was already used or older."""
+
+    # -- failures and lockouts (scope is e.g. "user:alice" or "ip:192.0.2.1") -----------------
+    async def record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
+        """Atomically count one failure for ``scope``. The counter forgets after ``lockout``
+        seconds without failures. When it reaches ``max_failures`` the scope is locked until
+        ``now + lockout`` and the counter restarts; returns that time, else None."""
+
+    async def locked_until(self, scope: str, now: float) -> float | None:
+        """When the lock on ``scope`` ends, or None if it is not locked at ``now``."""
+
+    async def clear_failures(self, scope: str) -> None:
+        """Forget the failures and any lock of ``scope`` (after a success, or `users unlock`)."""
+
+    # -- recovery codes (already hashed) ---------------------------------------------------
+    async def set_recovery_codes(self, user: str, hashes: list[str]) -> None:
+        """Replace the whole set: the old codes stop working at once."""
+
+    async def consume_recovery_code(self, user: str, code_hash: str) -> bool:
+        """Atomically remove ``code_hash`` from the user's set; True if it was there."""
+
+    # -- 2FA sessions (ids arrive hashed) --------------------------------------------------
+    async def create_session(self, session_hash: str, user: str, expires_at: float) -> None: ...
+
+    async def get_session(self, session_hash: str, now: float) -> str | None:
+        """The session's user, or None if unknown, revoked or expired."""
+
+    async def revoke_session(self, session_hash: str) -> None: ...
+
+    # -- users -----------------------------------------------------------------------------
+    async def delete_user(self, user: str) -> None:
+        """Remove secret, pending secret, last step, failures, lock, recovery codes and every
+        session of the user (``gateway users reset``)."""
+
+    async def list_users(self) -> list[str]:
+        """Every user with an active or pending secret, sorted."""
+
+    async def user_state(self, user: str, now: float) -> UserState: ...
+
+    async def iter_secrets(self) -> list[tuple[str, bytes]]:
+        """Every (user, active ciphertext) pair, for key rotation."""

@@ -1,0 +1,364 @@
+"""The shared store on Redis (>= 7.0), for several gateway instances behind one balancer.
+
+Key layout, ``P`` being the prefix and ``{u}`` the escaped user in a Redis Cluster hash tag,
+so every key of one user lives in one slot and the Lua scripts stay cluster-safe::
+
+    P:{u}:secret      string  active ciphertext
+    P:{u}:pending     string  packed (expires_at, ciphertext), expires at expires_at
+    P:{u}:step        string  last accepted TOTP time step
+    P:{u}:recovery    set     recovery-code hashes
+    P:{u}:sessions    set     session hashes of the user (found again by delete_user)
+    P:{scope}:fail    hash    n, reset_at  (scope escaped like a user: "user%3Aalice")
+    P:{scope}:lock    string  locked_until
+    P:s:<hash>        string  packed (expires_at, user), expires at expires_at
+
+Inside the braces ``%``, ``{``, ``}`` and ``:`` are percent-encoded, so no user name can
+close the hash tag early or spell another user's key. Expiring values carry their expiry
+alongside the payload: Redis deletes them in real time, and reads also compare with ``now``
+so a frozen clock in tests sees the same answers as the SQLite store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import unquote
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.errors import StoreError
+from gateway.store.base import UserState
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SOCKET_TIMEOUT = 2.0
+_EXPIRY = struct.Struct(">d")
+_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D", ":": "%3A"})
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+
+# KEYS: step. ARGV: step. Compare-and-set so one time step is accepted once (RFC 6238 §5.2).
+_ADVANCE_STEP_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: secret. ARGV: old, new.
+_COMPARE_AND_SET_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: fail, lock. ARGV: now, max_failures, until (= now + lockout), until in ms.
+# Times travel as Python reprs and come back unchanged: Lua would truncate a returned float.
+_RECORD_FAILURE_LUA = """
+local f = redis.call('HMGET', KEYS[1], 'n', 'reset_at')
+local n = 1
+if f[1] and tonumber(f[2]) > tonumber(ARGV[1]) then n = tonumber(f[1]) + 1 end
+if n >= tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], ARGV[3], 'PXAT', ARGV[4])
+  return 1
+end
+redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+return 0
+"""
+
+# KEYS: sessions. ARGV: session hash, expires_at in ms. The index lives as long as its
+# longest session (PEXPIRETIME is -1 on a fresh key, so the first session always sets it).
+_INDEX_SESSION_LUA = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PEXPIRETIME', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: secret, pending, step, recovery, sessions. Returns the session hashes it dropped.
+_DELETE_USER_LUA = """
+local sessions = redis.call('SMEMBERS', KEYS[5])
+redis.call('DEL', unpack(KEYS))
+return sessions
+"""
+
+
+def _escape(name: str) -> str:
+    return name.translate(_ESCAPES)
+
+
+def _ms(t: float) -> int:
+    return int(t * 1000)
+
+
+def _pack(expires_at: float, payload: bytes) -> bytes:
+    return _EXPIRY.pack(expires_at) + payload
+
+
+def _unpack(value: bytes | str | None, now: float) -> bytes | None:
+    """The payload of a packed value, or None when absent or expired at ``now``."""
+    if not isinstance(value, bytes) or len(value) < _EXPIRY.size:
+        return None
+    (expires_at,) = _EXPIRY.unpack_from(value)
+    return value[_EXPIRY.size :] if expires_at > now else None
+
+
+def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """The one boundary where redis and socket errors become StoreError.
+
+    Only connection-level messages (host, port, errno) are kept; a server reply could in
+    principle echo arguments, so for those only the exception's class is named.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreError(f"redis store: {name} failed: {exc}") from exc
+        except (RedisError, UnicodeError) as exc:
+            raise StoreError(f"redis store: {name} failed ({type(exc).__name__})") from exc
+
+    return wrapper
+
+
+class RedisStore:
+    """:class:`gateway.store.base.Store` on Redis at ``url`` (redis://, rediss:// or unix://).
+
+    ``prefix`` namespaces every key, so several gateways (or test runs) can share a database.
+    """
+
+    def __init__(self, url: str, prefix: str = "gw") -> None:
+        if not _PREFIX_RE.fullmatch(prefix):
+            raise ValueError(f"redis key prefix {prefix!r} may only use letters, digits and _.:-")
+        try:
+            parse_url(url)  # a malformed URL is a configuration error, found before start-up
+        except ValueError as exc:
+            raise ValueError(f"invalid redis URL: {exc}") from None
+        self.url = url
+        self.prefix = prefix
+        self._redis: aioredis.Redis | None = None
+
+    @property
+    def _r(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StoreError("redis store is not open")
+        return self._redis
+
+    def _key(self, name: str, kind: str) -> str:
+        return f"{self.prefix}:{{{_escape(name)}}}:{kind}"
+
+    def _session_key(self, session_hash: str) -> str:
+        return f"{self.prefix}:s:{session_hash}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @_translate_errors
+    async def open(self) -> None:
+        if self._redis is not None:
+            return
+        client = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            health_check_interval=0,
+            # One immediate retry on a fresh connection hides a pooled connection that the
+            # server or a balancer closed while idle; more would turn an outage into a hang.
+            # Timeouts are not retried: a silent server already cost SOCKET_TIMEOUT.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        self._redis = client
+        self._lua_advance_step = client.register_script(_ADVANCE_STEP_LUA)
+        self._lua_replace_secret = client.register_script(_COMPARE_AND_SET_LUA)
+        self._lua_record_failure = client.register_script(_RECORD_FAILURE_LUA)
+        self._lua_index_session = client.register_script(_INDEX_SESSION_LUA)
+        self._lua_delete_user = client.register_script(_DELETE_USER_LUA)
+
+    async def close(self) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):  # closing anyway: nothing to report
+                await client.aclose()
+
+    @_translate_errors
+    async def ping(self) -> None:
+        await self._r.ping()
+
+    # -- secrets ---------------------------------------------------------------------------
+    @_translate_errors
+    async def get_secret(self, user: str) -> bytes | None:
+        value = await self._r.get(self._key(user, "secret"))
+        return value if isinstance(value, bytes) else None
+
+    @_translate_errors
+    async def set_secret(self, user: str, ciphertext: bytes) -> None:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(user, "secret"), ciphertext)
+            pipe.delete(self._key(user, "pending"))
+            await pipe.execute()
+
+    @_translate_errors
+    async def get_pending(self, user: str, now: float) -> bytes | None:
+        return _unpack(await self._r.get(self._key(user, "pending")), now)
+
+    @_translate_errors
+    async def set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None:
+        await self._r.set(self._key(user, "pending"), _pack(expires_at, ciphertext), pxat=_ms(expires_at))
+
+    @_translate_errors
+    async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
+        return bool(await self._lua_replace_secret(keys=[self._key(user, "secret")], args=[old, new]))
+
+    # -- replay guard ----------------------------------------------------------------------
+    @_translate_errors
+    async def advance_step(self, user: str, step: int) -> bool:
+        return bool(await self._lua_advance_step(keys=[self._key(user, "step")], args=[step]))
+
+    # -- failures and lockouts -------------------------------------------------------------
+    @_translate_errors
+    async def record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
+        until = now + lockout
+        locked = await self._lua_record_failure(
+            keys=[self._key(scope, "fail"), self._key(scope, "lock")],
+            args=[repr(now), max_failures, repr(until), _ms(until)],
+        )
+        return until if locked else None
+
+    @_translate_errors
+    async def locked_until(self, scope: str, now: float) -> float | None:
+        value = await self._r.get(self._key(scope, "lock"))
+        if value is None:
+            return None
+        until = float(value)
+        return until if until > now else None
+
+    @_translate_errors
+    async def clear_failures(self, scope: str) -> None:
+        await self._r.delete(self._key(scope, "fail"), self._key(scope, "lock"))
+
+    # -- recovery codes --------------------------------------------------------------------
+    @_translate_errors
+    async def set_recovery_codes(self, user: str, hashes: list[str]) -> None:
+        key = self._key(user, "recovery")
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if hashes:
+                pipe.sadd(key, *hashes)
+            await pipe.execute()
+
+    @_translate_errors
+    async def consume_recovery_code(self, user: str, code_hash: str) -> bool:
+        return bool(await self._r.srem(self._key(user, "recovery"), code_hash))
+
+    # -- sessions --------------------------------------------------------------------------
+    @_translate_errors
+    async def create_session(self, session_hash: str, user: str, expires_at: float) -> None:
+        # Index first: a session must never exist that delete_user cannot find.
+        await self._lua_index_session(keys=[self._key(user, "sessions")], args=[session_hash, _ms(expires_at)])
+        await self._r.set(self._session_key(session_hash), _pack(expires_at, user.encode()), pxat=_ms(expires_at))
+
+    @_translate_errors
+    async def get_session(self, session_hash: str, now: float) -> str | None:
+        user = _unpack(await self._r.get(self._session_key(session_hash)), now)
+        return None if user is None else user.decode()
+
+    @_translate_errors
+    async def revoke_session(self, session_hash: str) -> None:
+        value = await self._r.getdel(self._session_key(session_hash))
+        user = _unpack(value, float("-inf"))
+        if user is not None:
+            await self._r.srem(self._key(user.decode(), "sessions"), session_hash)
+
+    # -- users -----------------------------------------------------------------------------
+    @_translate_errors
+    async def delete_user(self, user: str) -> None:
+        # The user's own keys go in one script (one slot); sessions and the failure scope
+        # live in other slots, so they follow in one pipeline.
+        kinds = ("secret", "pending", "step", "recovery", "sessions")
+        sessions = await self._lua_delete_user(keys=[self._key(user, k) for k in kinds])
+        scope = f"user:{user}"
+        async with self._r.pipeline(transaction=False) as pipe:
+            for session_hash in sessions:
+                pipe.delete(self._session_key(session_hash.decode()))
+            pipe.delete(self._key(scope, "fail"), self._key(scope, "lock"))
+            await pipe.execute()
+
+    @_translate_errors
+    async def list_users(self) -> list[str]:
+        users = {user async for user, _ in self._scan_users("secret")}
+        users.update([user async for user, _ in self._scan_users("pending")])
+        return sorted(users)
+
+    async def _scan_users(self, kind: str) -> AsyncIterator[tuple[str, str]]:
+        """Yield (user, key) for every key ``P:{user}:kind``; SCAN, so it never blocks Redis."""
+        head, tail = f"{self.prefix}:{{", f"}}:{kind}"
+        async for raw in self._r.scan_iter(match=f"{head}*{tail}", count=1000):
+            key = raw.decode()
+            escaped = key[len(head) : -len(tail)]
+            if "}" not in escaped:  # a foreign key that merely matches the pattern
+                yield unquote(escaped), key
+
+    @_translate_errors
+    async def user_state(self, user: str, now: float) -> UserState:
+        scope = f"user:{user}"
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.exists(self._key(user, "secret"))
+            pipe.get(self._key(user, "pending"))
+            pipe.hmget(self._key(scope, "fail"), ["n", "reset_at"])
+            pipe.get(self._key(scope, "lock"))
+            pipe.scard(self._key(user, "recovery"))
+            pipe.smembers(self._key(user, "sessions"))
+            enrolled, pending, (n, reset_at), lock, codes, hashes = await pipe.execute()
+        live = 0
+        if hashes:
+            ordered = sorted(hashes)
+            # One GET each, not MGET: session keys sit in different cluster slots.
+            async with self._r.pipeline(transaction=False) as pipe:
+                for session_hash in ordered:
+                    pipe.get(self._session_key(session_hash.decode()))
+                values = await pipe.execute()
+            live = sum(_unpack(v, now) is not None for v in values)
+            # Lazy purge of the index, only of sessions Redis itself has dropped: ``now`` may
+            # be a caller's clock, and an index entry lost too early would hide a live session.
+            gone = [h for h, v in zip(ordered, values, strict=True) if v is None]
+            if gone:
+                await self._r.srem(self._key(user, "sessions"), *gone)
+        until = None if lock is None else float(lock)
+        return UserState(
+            user=user,
+            enrolled=bool(enrolled),
+            pending=_unpack(pending, now) is not None,
+            locked_until=until if until is not None and until > now else None,
+            failures=int(n) if n is not None and float(reset_at) > now else 0,
+            recovery_codes_left=int(codes),
+            sessions=live,
+        )
+
+    @_translate_errors
+    async def iter_secrets(self) -> list[tuple[str, bytes]]:
+        found = sorted([item async for item in self._scan_users("secret")])
+        if not found:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for _, key in found:
+                pipe.get(key)
+            values = await pipe.execute()
+        return [(user, v) for (user, _), v in zip(found, values, strict=True) if isinstance(v, bytes)]

@@ -1,0 +1,346 @@
+"""The embedded store: one SQLite file, shared safely by several worker processes.
+
+Every blocking sqlite3 call runs on one dedicated thread that owns the only connection of
+this process, so the event loop never waits on disk and the connection is never shared
+across threads. Each public method is exactly one hop to that thread.
+
+Safety across processes comes from SQLite itself: WAL mode lets readers run beside the one
+writer, ``busy_timeout`` makes a writer wait for the lock instead of failing, and every
+read-modify-write is either a single conditional statement (atomic on its own) or wrapped in
+``BEGIN IMMEDIATE`` (takes the write lock before reading, so two processes cannot both read
+the old value).
+
+Expired rows (pending secrets, sessions, failure windows, locks) are ignored by comparing
+with ``now`` and deleted lazily, at most once a minute, from ``create_session`` and
+``record_failure``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from gateway.errors import StoreError
+from gateway.store.base import UserState
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+PURGE_INTERVAL = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS secrets (user TEXT PRIMARY KEY, secret BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (
+    user TEXT PRIMARY KEY, secret BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS steps (user TEXT PRIMARY KEY, step INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures (
+    scope TEXT PRIMARY KEY, count INTEGER NOT NULL, reset_at REAL NOT NULL,
+    locked_until REAL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recovery (
+    user TEXT NOT NULL, code_hash TEXT NOT NULL, PRIMARY KEY (user, code_hash)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
+CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
+"""
+
+
+class SqliteStore:
+    """:class:`gateway.store.base.Store` on a SQLite file at ``path`` (created if missing)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._last_purge = 0.0
+
+    # -- the one boundary to sqlite3 ---------------------------------------------------------
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on the store's thread; sqlite3 and OS errors become StoreError.
+
+        The message names the operation and SQLite's own text, which never includes bound
+        parameters, so no secret, code or session id can leak into it.
+        """
+        if self._executor is None:
+            raise StoreError("sqlite store is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed: {exc}") from exc
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise sqlite3.ProgrammingError("connection is closed")
+        return self._conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A transaction holding the write lock from its start (safe read-modify-write)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            # Also after a failed COMMIT: never leave the one connection inside a transaction.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gw-sqlite")
+        try:
+            await self._run(self._connect)
+        except StoreError:
+            await self.close()
+            raise
+
+    def _connect(self) -> None:
+        # isolation_level=None: autocommit, so single statements are atomic on their own and
+        # transactions are exactly the ones we open. `timeout` is SQLite's busy_timeout: wait
+        # for another process's write lock rather than fail. Made on the store's thread, used
+        # only there.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL survives process crashes; a power cut may lose the last commits.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):  # closing anyway: nothing to report
+                await asyncio.get_running_loop().run_in_executor(executor, self._disconnect)
+        executor.shutdown(wait=False)
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def ping(self) -> None:
+        await self._run(self._ping)
+
+    def _ping(self) -> None:
+        self._db.execute("SELECT 1 FROM secrets LIMIT 1").fetchall()
+
+    # -- secrets ---------------------------------------------------------------------------
+    async def get_secret(self, user: str) -> bytes | None:
+        return await self._run(self._get_secret, user)
+
+    def _get_secret(self, user: str) -> bytes | None:
+        row = self._db.execute("SELECT secret FROM secrets WHERE user = ?", (user,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def set_secret(self, user: str, ciphertext: bytes) -> None:
+        await self._run(self._set_secret, user, ciphertext)
+
+    def _set_secret(self, user: str, ciphertext: bytes) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO secrets (user, secret) VALUES (?, ?)"
+                " ON CONFLICT (user) DO UPDATE SET secret = excluded.secret",
+                (user, ciphertext),
+            )
+            db.execute("DELETE FROM pending WHERE user = ?", (user,))
+
+    async def get_pending(self, user: str, now: float) -> bytes | None:
+        return await self._run(self._get_pending, user, now)
+
+    def _get_pending(self, user: str, now: float) -> bytes | None:
+        row = self._db.execute("SELECT secret FROM pending WHERE user = ? AND expires_at > ?", (user, now)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None:
+        await self._run(self._set_pending, user, ciphertext, expires_at)
+
+    def _set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None:
+        self._db.execute(
+            "INSERT INTO pending (user, secret, expires_at) VALUES (?, ?, ?) ON CONFLICT (user)"
+            " DO UPDATE SET secret = excluded.secret, expires_at = excluded.expires_at",
+            (user, ciphertext, expires_at),
+        )
+
+    async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
+        return await self._run(self._replace_secret, user, old, new)
+
+    def _replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
+        cur = self._db.execute("UPDATE secrets SET secret = ? WHERE user = ? AND secret = ?", (new, user, old))
+        return cur.rowcount == 1
+
+    # -- replay guard ----------------------------------------------------------------------
+    async def advance_step(self, user: str, step: int) -> bool:
+        return await self._run(self._advance_step, user, step)
+
+    def _advance_step(self, user: str, step: int) -> bool:
+        # One conditional UPSERT: atomic without a transaction; no row changes when the step
+        # was already used (RFC 6238 §5.2), so rowcount tells us who won.
+        cur = self._db.execute(
+            "INSERT INTO steps (user, step) VALUES (?, ?) ON CONFLICT (user)"
+            " DO UPDATE SET step = excluded.step WHERE steps.step < excluded.step",
+            (user, step),
+        )
+        return cur.rowcount == 1
+
+    # -- failures and lockouts -------------------------------------------------------------
+    async def record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
+        return await self._run(self._record_failure, scope, max_failures, lockout, now)
+
+    def _record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
+        self._maybe_purge(now)
+        with self._write() as db:
+            row = db.execute("SELECT count, reset_at FROM failures WHERE scope = ?", (scope,)).fetchone()
+            count = 1 if row is None or row[1] <= now else int(row[0]) + 1
+            until = now + lockout
+            locked = count >= max_failures
+            db.execute(
+                "INSERT INTO failures (scope, count, reset_at, locked_until) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (scope) DO UPDATE SET count = excluded.count,"
+                " reset_at = excluded.reset_at,"
+                " locked_until = coalesce(excluded.locked_until, failures.locked_until)",
+                (scope, 0 if locked else count, until, until if locked else None),
+            )
+        return until if locked else None
+
+    async def locked_until(self, scope: str, now: float) -> float | None:
+        return await self._run(self._locked_until, scope, now)
+
+    def _locked_until(self, scope: str, now: float) -> float | None:
+        row = self._db.execute(
+            "SELECT locked_until FROM failures WHERE scope = ? AND locked_until > ?", (scope, now)
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    async def clear_failures(self, scope: str) -> None:
+        await self._run(self._clear_failures, scope)
+
+    def _clear_failures(self, scope: str) -> None:
+        self._db.execute("DELETE FROM failures WHERE scope = ?", (scope,))
+
+    # -- recovery codes --------------------------------------------------------------------
+    async def set_recovery_codes(self, user: str, hashes: list[str]) -> None:
+        await self._run(self._set_recovery_codes, user, hashes)
+
+    def _set_recovery_codes(self, user: str, hashes: list[str]) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM recovery WHERE user = ?", (user,))
+            db.executemany(
+                "INSERT OR IGNORE INTO recovery (user, code_hash) VALUES (?, ?)", [(user, h) for h in hashes]
+            )
+
+    async def consume_recovery_code(self, user: str, code_hash: str) -> bool:
+        return await self._run(self._consume_recovery_code, user, code_hash)
+
+    def _consume_recovery_code(self, user: str, code_hash: str) -> bool:
+        cur = self._db.execute("DELETE FROM recovery WHERE user = ? AND code_hash = ?", (user, code_hash))
+        return cur.rowcount == 1
+
+    # -- sessions --------------------------------------------------------------------------
+    async def create_session(self, session_hash: str, user: str, expires_at: float) -> None:
+        await self._run(self._create_session, session_hash, user, expires_at)
+
+    def _create_session(self, session_hash: str, user: str, expires_at: float) -> None:
+        self._maybe_purge(time.time())
+        self._db.execute(
+            "INSERT INTO sessions (hash, user, expires_at) VALUES (?, ?, ?) ON CONFLICT (hash)"
+            " DO UPDATE SET user = excluded.user, expires_at = excluded.expires_at",
+            (session_hash, user, expires_at),
+        )
+
+    async def get_session(self, session_hash: str, now: float) -> str | None:
+        return await self._run(self._get_session, session_hash, now)
+
+    def _get_session(self, session_hash: str, now: float) -> str | None:
+        row = self._db.execute(
+            "SELECT user FROM sessions WHERE hash = ? AND expires_at > ?", (session_hash, now)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    async def revoke_session(self, session_hash: str) -> None:
+        await self._run(self._revoke_session, session_hash)
+
+    def _revoke_session(self, session_hash: str) -> None:
+        self._db.execute("DELETE FROM sessions WHERE hash = ?", (session_hash,))
+
+    # -- users -----------------------------------------------------------------------------
+    async def delete_user(self, user: str) -> None:
+        await self._run(self._delete_user, user)
+
+    def _delete_user(self, user: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM secrets WHERE user = ?", (user,))
+            db.execute("DELETE FROM pending WHERE user = ?", (user,))
+            db.execute("DELETE FROM steps WHERE user = ?", (user,))
+            db.execute("DELETE FROM recovery WHERE user = ?", (user,))
+            db.execute("DELETE FROM sessions WHERE user = ?", (user,))
+            db.execute("DELETE FROM failures WHERE scope = ?", (f"user:{user}",))
+
+    async def list_users(self) -> list[str]:
+        return await self._run(self._list_users)
+
+    def _list_users(self) -> list[str]:
+        rows = self._db.execute(
+            "SELECT user FROM secrets UNION SELECT user FROM pending WHERE expires_at > ? ORDER BY user",
+            (time.time(),),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def user_state(self, user: str, now: float) -> UserState:
+        return await self._run(self._user_state, user, now)
+
+    def _user_state(self, user: str, now: float) -> UserState:
+        db = self._db
+        row = db.execute(
+            "SELECT"
+            " EXISTS (SELECT 1 FROM secrets WHERE user = :u),"
+            " EXISTS (SELECT 1 FROM pending WHERE user = :u AND expires_at > :now),"
+            " (SELECT count FROM failures WHERE scope = :scope AND reset_at > :now),"
+            " (SELECT locked_until FROM failures WHERE scope = :scope AND locked_until > :now),"
+            " (SELECT count(*) FROM recovery WHERE user = :u),"
+            " (SELECT count(*) FROM sessions WHERE user = :u AND expires_at > :now)",
+            {"u": user, "now": now, "scope": f"user:{user}"},
+        ).fetchone()
+        return UserState(
+            user=user,
+            enrolled=bool(row[0]),
+            pending=bool(row[1]),
+            locked_until=None if row[3] is None else float(row[3]),
+            failures=int(row[2] or 0),
+            recovery_codes_left=int(row[4]),
+            sessions=int(row[5]),
+        )
+
+    async def iter_secrets(self) -> list[tuple[str, bytes]]:
+        return await self._run(self._iter_secrets)
+
+    def _iter_secrets(self) -> list[tuple[str, bytes]]:
+        rows = self._db.execute("SELECT user, secret FROM secrets ORDER BY user")
+        return [(str(u), bytes(s)) for u, s in rows]
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _maybe_purge(self, now: float) -> None:
+        """Delete rows that can no longer matter; at most once per PURGE_INTERVAL."""
+        if now - self._last_purge < PURGE_INTERVAL:
+            return
+        self._last_purge = now
+        with self._write() as db:
+            db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            db.execute("DELETE FROM pending WHERE expires_at <= ?", (now,))
+            db.execute("DELETE FROM failures WHERE reset_at <= ? AND coalesce(locked_until, 0) <= ?", (now, now))

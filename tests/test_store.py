@@ -1,0 +1,459 @@
+"""The store contract (gateway/store/base.py), run against SQLite and a real Redis server.
+
+Every test takes the ``store`` fixture and so runs once per backend. Times are ``now`` values
+near the real clock (Redis expires keys in real time, so they must not lie in the past).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import RedisServer, free_port
+from redis.crc import key_slot
+
+import gateway.store.redis as redis_module
+from gateway.errors import StoreError
+from gateway.store import Store, UserState, open_store_from_url
+from gateway.store.redis import RedisStore
+from gateway.store.sqlite import SqliteStore
+
+# Names that would collide or break the hash tag if the Redis key escaping were wrong.
+AWKWARD_USERS = [
+    "alice",
+    "alice}",
+    "{alice}",
+    "alice:secret",
+    "alice%7D",
+    "alice%",
+    "a:b",
+    "a%3Ab",
+    "user:alice",
+    "}:{",
+    "zoë smith",
+    "",
+]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "sqlite":
+        s = SqliteStore(str(tmp_path / "gateway.db"))
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex}")
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def now() -> float:
+    return time.time()
+
+
+# -- secrets ---------------------------------------------------------------------------------
+async def test_secret_set_get_overwrite(store: Store) -> None:
+    assert await store.get_secret("alice") is None
+    await store.set_secret("alice", b"c1\x00\xff")
+    assert await store.get_secret("alice") == b"c1\x00\xff"
+    await store.set_secret("alice", b"c2")
+    assert await store.get_secret("alice") == b"c2"
+    assert await store.get_secret("bob") is None
+
+
+async def test_pending_expires_at_now(store: Store, now: float) -> None:
+    await store.set_pending("alice", b"p", now + 300)
+    assert await store.get_pending("alice", now) == b"p"
+    assert await store.get_pending("alice", now + 299.5) == b"p"
+    assert await store.get_pending("alice", now + 300) is None
+    assert await store.get_pending("alice", now + 301) is None
+    assert await store.get_secret("alice") is None  # pending is not active
+    await store.set_pending("alice", b"p2", now + 600)  # a new enrolment attempt replaces it
+    assert await store.get_pending("alice", now + 301) == b"p2"
+
+
+async def test_set_secret_drops_pending(store: Store, now: float) -> None:
+    await store.set_pending("alice", b"p", now + 300)
+    await store.set_secret("alice", b"p")
+    assert await store.get_pending("alice", now) is None
+    assert await store.get_secret("alice") == b"p"
+
+
+async def test_replace_secret_is_compare_and_set(store: Store) -> None:
+    await store.set_secret("alice", b"old")
+    assert await store.replace_secret("alice", b"old", b"new") is True
+    assert await store.get_secret("alice") == b"new"
+    assert await store.replace_secret("alice", b"old", b"other") is False
+    assert await store.get_secret("alice") == b"new"
+    assert await store.replace_secret("nobody", b"old", b"new") is False
+    assert await store.get_secret("nobody") is None
+
+
+# -- replay guard ----------------------------------------------------------------------------
+async def test_advance_step_is_monotonic(store: Store) -> None:
+    assert await store.advance_step("alice", 1000) is True
+    assert await store.advance_step("alice", 1000) is False
+    assert await store.advance_step("alice", 999) is False
+    assert await store.advance_step("alice", 1001) is True
+    assert await store.advance_step("bob", 5) is True  # per user
+    assert await store.advance_step("alice", 1001) is False
+
+
+async def test_advance_step_concurrent_has_one_winner(store: Store) -> None:
+    for step in (56_000_000, 56_000_001, 56_000_005):
+        results = await asyncio.gather(*(store.advance_step("alice", step) for _ in range(20)))
+        assert results.count(True) == 1
+
+
+async def test_advance_step_two_sqlite_processes_one_winner(tmp_path: Path) -> None:
+    # Two stores on one file, each with its own connection and thread, like two workers.
+    path = str(tmp_path / "shared.db")
+    a, b = SqliteStore(path), SqliteStore(path)
+    await a.open()
+    await b.open()
+    try:
+        for step in range(100, 110):
+            calls = [s.advance_step("alice", step) for _ in range(10) for s in (a, b)]
+            results = await asyncio.gather(*calls)
+            assert results.count(True) == 1
+        codes = [f"h{i}" for i in range(5)]
+        await a.set_recovery_codes("alice", codes)
+        results = await asyncio.gather(*(s.consume_recovery_code("alice", "h3") for s in (a, b) * 10))
+        assert results.count(True) == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+# -- failures and lockouts -------------------------------------------------------------------
+async def test_record_failure_locks_at_max(store: Store, now: float) -> None:
+    scope = "user:alice"
+    assert await store.record_failure(scope, 3, 60, now) is None
+    assert await store.record_failure(scope, 3, 60, now + 1) is None
+    assert await store.locked_until(scope, now + 1) is None
+    until = await store.record_failure(scope, 3, 60, now + 2)
+    assert until == pytest.approx(now + 62)
+    assert await store.locked_until(scope, now + 3) == until
+    assert await store.locked_until(scope, now + 61.9) == until
+    assert await store.locked_until(scope, now + 62) is None
+    assert await store.locked_until("ip:192.0.2.1", now + 3) is None  # scopes are separate
+    # The counter restarted at the lock: two more failures do not lock again.
+    assert await store.record_failure(scope, 3, 60, now + 63) is None
+    assert await store.record_failure(scope, 3, 60, now + 64) is None
+
+
+async def test_failure_counter_forgets_after_window(store: Store, now: float) -> None:
+    scope = "ip:192.0.2.1"
+    assert await store.record_failure(scope, 3, 60, now) is None
+    assert await store.record_failure(scope, 3, 60, now + 1) is None
+    # 60 s without failures: the two above are forgotten.
+    assert await store.record_failure(scope, 3, 60, now + 61) is None
+    assert await store.record_failure(scope, 3, 60, now + 62) is None
+    assert await store.record_failure(scope, 3, 60, now + 63) == pytest.approx(now + 123)
+
+
+async def test_max_failures_one_locks_at_once(store: Store, now: float) -> None:
+    assert await store.record_failure("user:bob", 1, 30, now) == pytest.approx(now + 30)
+
+
+async def test_clear_failures_forgets_count_and_lock(store: Store, now: float) -> None:
+    scope = "user:alice"
+    await store.record_failure(scope, 3, 60, now)
+    await store.record_failure(scope, 3, 60, now)
+    await store.clear_failures(scope)
+    assert await store.record_failure(scope, 3, 60, now) is None
+    assert await store.record_failure(scope, 3, 60, now) is None
+    assert await store.record_failure(scope, 3, 60, now) is not None
+    assert await store.locked_until(scope, now) is not None
+    await store.clear_failures(scope)
+    assert await store.locked_until(scope, now) is None
+    await store.clear_failures("user:never-failed")  # no error
+
+
+# -- recovery codes --------------------------------------------------------------------------
+async def test_recovery_codes_consume_once_and_replace(store: Store) -> None:
+    await store.set_recovery_codes("alice", ["h1", "h2", "h3"])
+    assert await store.consume_recovery_code("alice", "h1") is True
+    assert await store.consume_recovery_code("alice", "h1") is False
+    assert await store.consume_recovery_code("alice", "nope") is False
+    assert await store.consume_recovery_code("bob", "h2") is False
+    await store.set_recovery_codes("alice", ["h4"])
+    assert await store.consume_recovery_code("alice", "h2") is False  # old set is dead
+    assert await store.consume_recovery_code("alice", "h4") is True
+    await store.set_recovery_codes("alice", ["h5"])
+    await store.set_recovery_codes("alice", [])
+    assert await store.consume_recovery_code("alice", "h5") is False
+
+
+async def test_recovery_code_concurrent_consume_has_one_winner(store: Store) -> None:
+    await store.set_recovery_codes("alice", ["h1", "h2"])
+    results = await asyncio.gather(*(store.consume_recovery_code("alice", "h1") for _ in range(20)))
+    assert results.count(True) == 1
+    assert await store.consume_recovery_code("alice", "h2") is True
+
+
+# -- sessions --------------------------------------------------------------------------------
+async def test_sessions_create_get_expire_revoke(store: Store, now: float) -> None:
+    await store.create_session("s1", "alice", now + 300)
+    await store.create_session("s2", "alice", now + 600)
+    assert await store.get_session("s1", now) == "alice"
+    assert await store.get_session("s1", now + 300) is None
+    assert await store.get_session("s2", now + 300) == "alice"
+    assert await store.get_session("unknown", now) is None
+    await store.revoke_session("s2")
+    assert await store.get_session("s2", now) is None
+    assert await store.get_session("s1", now) == "alice"
+    await store.revoke_session("s2")  # twice: no error
+    await store.revoke_session("never")
+
+
+# -- users -----------------------------------------------------------------------------------
+async def _populate(store: Store, user: str, now: float) -> None:
+    await store.set_secret(user, f"secret-{user}".encode())
+    await store.set_pending(user, b"pending", now + 300)
+    await store.advance_step(user, 100)
+    await store.set_recovery_codes(user, ["h1", "h2"])
+    await store.create_session(f"{user}-s1", user, now + 300)
+    await store.create_session(f"{user}-s2", user, now + 600)
+    await store.record_failure(f"user:{user}", 2, 60, now)
+    await store.record_failure(f"user:{user}", 2, 60, now)  # locked
+
+
+async def test_delete_user_removes_everything(store: Store, now: float) -> None:
+    await _populate(store, "alice", now)
+    await _populate(store, "bob", now)
+    await store.record_failure("ip:192.0.2.1", 1, 60, now)
+    await store.delete_user("alice")
+    assert await store.get_secret("alice") is None
+    assert await store.get_pending("alice", now) is None
+    assert await store.advance_step("alice", 100) is True  # the last step was forgotten
+    assert await store.consume_recovery_code("alice", "h1") is False
+    assert await store.get_session("alice-s1", now) is None
+    assert await store.get_session("alice-s2", now) is None
+    assert await store.locked_until("user:alice", now) is None
+    assert await store.list_users() == ["bob"]
+    # Nobody else is touched, and an IP lock is not the user's.
+    assert await store.get_secret("bob") == b"secret-bob"
+    assert await store.get_session("bob-s1", now) == "bob"
+    assert await store.locked_until("user:bob", now) is not None
+    assert await store.locked_until("ip:192.0.2.1", now) is not None
+    await store.delete_user("nobody")  # no error
+
+
+async def test_list_users_secret_or_live_pending(store: Store, now: float) -> None:
+    assert await store.list_users() == []
+    await store.set_secret("carol", b"c")
+    await store.set_pending("alice", b"p", now + 300)
+    await store.set_secret("bob", b"b")
+    await store.set_pending("bob", b"p", now + 300)
+    await store.set_pending("expired", b"p", now - 10)
+    await store.create_session("s", "dave", now + 300)  # a session alone is not a user
+    assert await store.list_users() == ["alice", "bob", "carol"]
+
+
+async def test_user_state(store: Store, now: float) -> None:
+    assert await store.user_state("alice", now) == UserState("alice", False, False, None, 0, 0, 0)
+    await _populate(store, "alice", now)
+    await store.create_session("old", "alice", now + 10)
+    await store.record_failure("user:alice", 5, 60, now)
+    state = await store.user_state("alice", now + 20)
+    assert state == UserState(
+        user="alice",
+        enrolled=True,
+        pending=True,
+        locked_until=now + 60,  # exact: the store hands back the float it was given
+        failures=1,
+        recovery_codes_left=2,
+        sessions=2,
+    )
+    later = await store.user_state("alice", now + 400)
+    assert (later.pending, later.locked_until, later.failures, later.sessions) == (False, None, 0, 1)
+    # A frozen clock far ahead must not lose track of live sessions (delete_user needs them).
+    await store.user_state("alice", now + 10_000)
+    assert (await store.user_state("alice", now)).sessions == 3
+
+
+async def test_iter_secrets(store: Store, now: float) -> None:
+    assert await store.iter_secrets() == []
+    await store.set_secret("bob", b"b")
+    await store.set_secret("alice", b"a")
+    await store.set_pending("carol", b"c", now + 300)
+    assert sorted(await store.iter_secrets()) == [("alice", b"a"), ("bob", b"b")]
+
+
+async def test_awkward_user_names_do_not_collide(store: Store, now: float) -> None:
+    for i, user in enumerate(AWKWARD_USERS):
+        await store.set_secret(user, f"c{i}".encode())
+        await store.set_recovery_codes(user, [f"h{i}"])
+        assert await store.advance_step(user, 10) is True
+    for i, user in enumerate(AWKWARD_USERS):
+        assert await store.get_secret(user) == f"c{i}".encode()
+    assert await store.list_users() == sorted(AWKWARD_USERS)
+    assert sorted(await store.iter_secrets()) == sorted((u, f"c{i}".encode()) for i, u in enumerate(AWKWARD_USERS))
+    await store.delete_user("alice")
+    remaining = [u for u in AWKWARD_USERS if u != "alice"]
+    assert await store.list_users() == sorted(remaining)
+    for i, user in enumerate(AWKWARD_USERS):
+        if user != "alice":
+            assert await store.consume_recovery_code(user, f"h{i}") is True
+            assert await store.advance_step(user, 10) is False
+
+
+async def test_redis_keys_of_one_user_share_a_cluster_slot(redis_server: RedisServer, now: float) -> None:
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    await store.open()
+    try:
+        for user in ("a{b}:c", "}x{"):
+            await _populate(store, user, now)
+            raw = store._r
+            keys = [k async for k in raw.scan_iter(match=f"{store.prefix}:*")]
+            own = [k for k in keys if b":s:" not in k and b"user%3A" not in k]
+            assert len(own) == 5  # secret, pending, step, recovery, sessions
+            assert len({key_slot(k) for k in own}) == 1
+            await store.delete_user(user)
+            assert [k async for k in raw.scan_iter(match=f"{store.prefix}:*")] == []
+    finally:
+        await store.close()
+
+
+# -- life cycle and failing closed -----------------------------------------------------------
+async def test_ping_and_idempotent_open_close(store: Store) -> None:
+    await store.ping()
+    await store.open()
+    await store.ping()
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.ping()
+    with pytest.raises(StoreError):
+        await store.get_secret("alice")
+    await store.close()
+
+
+async def test_sqlite_persists_across_reopen(tmp_path: Path, now: float) -> None:
+    path = str(tmp_path / "gateway.db")
+    first = SqliteStore(path)
+    await first.open()
+    await _populate(first, "alice", now)
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.get_secret("alice") == b"secret-alice"
+        assert await second.advance_step("alice", 100) is False
+        assert await second.get_session("alice-s2", now) == "alice"
+        state = await second.user_state("alice", now)
+        assert (state.pending, state.recovery_codes_left, state.sessions) == (True, 2, 2)
+        assert state.locked_until is not None
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await second.close()
+
+
+async def test_sqlite_unwritable_path_raises_store_error(tmp_path: Path) -> None:
+    for path in (tmp_path / "missing-dir" / "gateway.db", tmp_path):
+        store = SqliteStore(str(path))
+        with pytest.raises(StoreError, match="sqlite store"):
+            await store.open()
+        with pytest.raises(StoreError):
+            await store.get_secret("alice")
+
+
+async def test_sqlite_error_becomes_store_error_without_values(tmp_path: Path) -> None:
+    path = str(tmp_path / "gateway.db")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        with sqlite3.connect(path) as raw:
+            raw.execute("DROP TABLE secrets")
+        with pytest.raises(StoreError) as caught:
+            await store.set_secret("alice-private-name", b"ciphertext-private")
+        assert "private" not in str(caught.value)
+        await store.advance_step("alice", 1)  # the connection is not left in a transaction
+    finally:
+        await store.close()
+
+
+async def test_redis_nothing_listening_fails_fast() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="redis store: open failed"):
+        await store.open()
+    with pytest.raises(StoreError):
+        await store.get_secret("alice")
+    assert time.monotonic() - started < 2
+
+
+async def test_redis_outage_after_open_raises_store_error(redis_server: RedisServer) -> None:
+    server = RedisServer(redis_server.binary)
+    server.start()
+    store = RedisStore(server.url, prefix="outage")
+    try:
+        await store.open()
+        await store.set_secret("alice", b"x")
+        server.stop()
+        started = time.monotonic()
+        for call in (store.get_secret("alice"), store.advance_step("alice", 1), store.ping()):
+            with pytest.raises(StoreError) as caught:
+                await call
+            assert "alice" not in str(caught.value)
+        assert time.monotonic() - started < 2
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_redis_silent_server_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Accepts TCP connections (the kernel backlog does) but never answers.
+    monkeypatch.setattr(redis_module, "SOCKET_TIMEOUT", 0.3)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        store = RedisStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.open()
+        assert time.monotonic() - started < 1.5
+
+
+def test_redis_prefix_is_validated() -> None:
+    for bad in ("", "gw{x}", "g w", "gw*"):
+        with pytest.raises(ValueError, match="prefix"):
+            RedisStore("redis://127.0.0.1/0", prefix=bad)
+
+
+# -- open_store_from_url ---------------------------------------------------------------------
+def test_open_store_from_url_schemes() -> None:
+    relative = open_store_from_url("sqlite:///data/gw.db", "gw")
+    assert isinstance(relative, SqliteStore) and relative.path == "data/gw.db"
+    absolute = open_store_from_url("sqlite:////var/lib/gw/gw.db", "gw")
+    assert isinstance(absolute, SqliteStore) and absolute.path == "/var/lib/gw/gw.db"
+    for url in ("redis://127.0.0.1:6379/0", "rediss://cache.example:6380/1", "unix:///run/redis.sock"):
+        store = open_store_from_url(url, "pfx")
+        assert isinstance(store, RedisStore) and (store.url, store.prefix) == (url, "pfx")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgres://db/gw", "unknown store URL scheme postgres://"),
+        ("gateway.db", r"unknown store URL scheme \(none\)"),
+        ("", "unknown store URL scheme"),
+        ("sqlite://host/gw.db", "sqlite:///relative.db"),
+        ("sqlite:///", "needs a file path"),
+        ("sqlite:///:memory:", "needs a file path"),
+        ("redis://127.0.0.1:port/0", "invalid redis URL"),
+        ("redis://127.0.0.1/0?socket_timeout=soon", "invalid redis URL"),
+    ],
+)
+def test_open_store_from_url_rejects(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store_from_url(url, "gw")
