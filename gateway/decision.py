@@ -19,7 +19,7 @@ from gateway.config import Config, IPNetwork
 from gateway.errors import ALLOWED, AmbiguousPath, DecryptError, Reason, StoreError
 from gateway.factors import SecondFactor
 from gateway.identity import IdentityReader, read_cookie
-from gateway.paths import Exclusions, canonical_path
+from gateway.paths import Exclusions, canonical_path, encode_path
 
 log = logging.getLogger("gateway.decision")
 
@@ -108,7 +108,12 @@ class Decider:
             path = canonical_path(facts.path)
         except AmbiguousPath:
             return Decision(Reason.BAD_REQUEST)
-        if self.exclusions.matches(method.upper(), path):
+        # An exclusion applies only to a path that arrived already canonical. In forward-auth
+        # mode the front proxy, not the gateway, sends the path upstream, and an upstream that
+        # resolves "/admin/%2e%2e/public/x" differently from RFC 3986 would be fooled; in proxy
+        # mode the same rule keeps both modes deciding alike. Browsers send canonical paths.
+        # Methods are case-sensitive (RFC 9110 §9.1): "get" is not "GET".
+        if self.exclusions.matches(method, path) and (path == facts.path or encode_path(path) == facts.path):
             return Decision(Reason.EXCLUDED, path=path)
 
         identity, why = self.identity.read(facts.headers, facts.peer_trusted)

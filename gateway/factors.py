@@ -197,8 +197,14 @@ class SecondFactor:
         await self.store.set_pending(user, self.box.encrypt(user, secret), now + self.pending_ttl)
         return secret
 
-    async def finish_enrolment(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
-        """Activate the pending secret if ``raw_code`` matches it; the code's step is consumed."""
+    async def finish_enrolment(
+        self, user: str, raw_code: str | None, client: str | None, count_failure: bool = True
+    ) -> Outcome:
+        """Activate the pending secret if ``raw_code`` matches it; the code's step is consumed.
+
+        ``count_failure=False`` is for a re-enrolling user whose code is checked against the
+        active secret next: that check counts the failure, so one wrong code counts once.
+        """
         locked = await self.locked(user, client, cached=False)
         if locked:
             return locked
@@ -208,6 +214,8 @@ class SecondFactor:
         code = totp.parse_code(raw_code, self.params.digits)
         step = None if code is None else totp.matching_step(secret, code, self.clock(), self.params)
         if step is None:
+            if not count_failure:
+                return Outcome(Reason.INVALID_CODE)
             return await self._fail(user, client, Reason.INVALID_CODE)
         await self.store.set_secret(user, self.box.encrypt(user, secret))
         # The step is time, not secret, so the replay history carries over: this code's step
@@ -215,6 +223,10 @@ class SecondFactor:
         await self.store.advance_step(user, step)
         await self.store.clear_failures(f"user:{user}")
         return Outcome(Reason.CODE, step=step)
+
+    async def pending_secret(self, user: str) -> str | None:
+        """The unexpired pending secret, to show its QR code again after a mistyped first code."""
+        return await self._secret(user, pending=True)
 
     def provisioning_uri(self, secret: str, label: str) -> str:
         return totp.provisioning_uri(secret, label.replace(":", "_"), self.issuer, self.params)

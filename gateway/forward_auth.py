@@ -6,18 +6,26 @@ The original request is described by headers, believed only from ``server.truste
 them):
 
 * nginx: ``X-Original-URI`` (``$request_uri``: raw path and query) or ``X-Original-URL``
-  (a full URL), and ``X-Original-Method``;
+  (a full URL), and ``X-Original-Method`` (send it: nginx's subrequest is always a GET, so
+  without it the original method is unknown and method-qualified exclusions never match);
 * Traefik and Caddy: ``X-Forwarded-Uri``, ``X-Forwarded-Method``, ``X-Forwarded-Host``,
   ``X-Forwarded-Proto``, ``X-Forwarded-For``.
 
+When a proxy sends more than one of these headers, they must agree: Caddy and Traefik pass
+the client's own headers to ``/auth``, so a client could add an ``X-Original-URI`` of an
+excluded path next to the ``X-Forwarded-Uri`` Caddy sets. A disagreement is denied.
+
 Answers: 200 allow (with ``Remote-User`` for the proxy to copy upstream); 401 when the user
-or the code is missing or wrong, with ``Location`` pointing at the verify (or setup) page;
-403 when the user may not pass (not enrolled, locked out, an ambiguous path); 503 when the
-store is down. Never a 3xx: nginx turns those into a 500.
+or the code is missing or wrong; 403 when the user may not pass (not enrolled, locked out,
+an ambiguous path); 503 when the store is down. Never a 3xx: nginx turns those into a 500.
+A denial of a browser navigation (original ``GET``/``HEAD`` asking for ``text/html``) that
+the user can fix on the gateway's pages carries a ``Location`` to the verify (or setup) page,
+for the proxy to redirect to, as proxy mode would; an API client gets no ``Location``.
 """
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
 
 _URI_HEADERS = ("x-original-uri", "x-forwarded-uri", "x-original-url")
 _METHOD_HEADERS = ("x-original-method", "x-forwarded-method")
+_UNKNOWN_METHOD = "X-UNKNOWN-METHOD"  # a valid token that no method-qualified exclusion names
 _LOCATION_REASONS = frozenset({Reason.CODE_REQUIRED, Reason.INVALID_CODE, Reason.REPLAYED_CODE, Reason.NOT_ENROLLED})
 
 
@@ -65,13 +74,18 @@ class ForwardAuth:
         if not gw.peer_trusted(peer):
             await self._deny(send, Decision(Reason.UNTRUSTED_PEER), headers, "")
             return
-        target = next((headers[h] for h in _URI_HEADERS if h in headers), None)
-        method = next((headers[h] for h in _METHOD_HEADERS if h in headers), None) or scope["method"]
-        if target is None:
+        targets = {split_target(v) for h in _URI_HEADERS for v in headers.getlist(h)}
+        methods = {v for h in _METHOD_HEADERS for v in headers.getlist(h)}
+        # One original request, described once or consistently: never pick one of two stories.
+        if len(targets) != 1 or len(methods) > 1:
             await self._deny(send, Decision(Reason.BAD_REQUEST), headers, "")
             return
-        path, query = split_target(target)
-        facts, _ = gw.facts(scope, method=method.upper(), path=path)
+        [(path, query)] = targets
+        # Without a method header the original method is unknown: nginx's auth subrequest is a
+        # GET whatever the client sent, so guessing from it would let a POST pass a "GET /x"
+        # exclusion. Unknown matches only the rules for every method.
+        method = methods.pop() if methods else _UNKNOWN_METHOD
+        facts, _ = gw.facts(scope, method=method, path=path)
         decision = await gw.decider.decide(facts)
         if decision.allowed:
             out: list[tuple[bytes, bytes]] = [(b"cache-control", b"no-store")]
@@ -81,7 +95,7 @@ class ForwardAuth:
                 out.append(gw.session_cookie(decision.new_session))
             await send_response(send, 200, out, b"")
             return
-        await self._deny(send, decision, headers, path + ("?" + query if query else ""))
+        await self._deny(send, decision, headers, path + ("?" + query if query else ""), method)
 
     def _origin(self, headers: Headers) -> str:
         if self.public_url:
@@ -92,16 +106,23 @@ class ForwardAuth:
             return ""
         return f"{proto}://{host}"
 
-    async def _deny(self, send: Send, decision: Decision, headers: Headers, target: str) -> None:
+    async def _deny(self, send: Send, decision: Decision, headers: Headers, target: str, method: str = "") -> None:
         reason = decision.reason
         status = FORWARD_AUTH_STATUS.get(reason, DENIALS[reason][0])
-        _, base, body = denial_body(reason, wants_html(headers.get("accept")))
+        browser = wants_html(headers.get("accept"))
+        location = None
+        # As proxy mode does: only a browser navigation is sent to a page; a program gets the
+        # status (and nginx's error_page, Caddy's handle_response redirect only on a Location).
+        if browser and method in ("GET", "HEAD") and reason in _LOCATION_REASONS and decision.path is not None:
+            local = encode_path(decision.path) + (target[target.find("?"):] if "?" in target else "")
+            location = self._origin(headers) + self.gateway.login_location(reason, local)
+        # Traefik shows the denial itself (a browser does not follow a 401's Location): link it.
+        extra = f'<p><a href="{html.escape(location)}">Continue</a></p>' if location else ""
+        _, base, body = denial_body(reason, browser, extra)
         out = list(base)
         if decision.retry_after is not None:
             out.append((b"retry-after", str(decision.retry_after).encode()))
-        if reason in _LOCATION_REASONS and decision.path is not None:
-            local = encode_path(decision.path) + (target[target.find("?"):] if "?" in target else "")
-            location = self._origin(headers) + self.gateway.login_location(reason, local)
+        if location is not None:
             out.append((b"location", location.encode()))
         await send_response(send, status, out, body)
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import RedisServer, free_port
 from redis.crc import key_slot
 
 import gateway.store.redis as redis_module
@@ -23,22 +22,11 @@ from gateway.errors import StoreError
 from gateway.store import Store, UserState, open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
+from tests.conftest import RedisServer, free_port
 
 # Names that would collide or break the hash tag if the Redis key escaping were wrong.
-AWKWARD_USERS = [
-    "alice",
-    "alice}",
-    "{alice}",
-    "alice:secret",
-    "alice%7D",
-    "alice%",
-    "a:b",
-    "a%3Ab",
-    "user:alice",
-    "}:{",
-    "zoë smith",
-    "",
-]
+AWKWARD_USERS = ["alice", "alice}", "{alice}", "alice:secret", "alice%7D", "alice%", "a:b", "a%3Ab"]
+AWKWARD_USERS += ["user:alice", "}:{", "zoë smith", ""]
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -69,7 +57,7 @@ async def test_secret_set_get_overwrite(store: Store) -> None:
     assert await store.get_secret("bob") is None
 
 
-async def test_pending_expires_at_now(store: Store, now: float) -> None:
+async def test_pending_expires_at_now_and_set_secret_drops_it(store: Store, now: float) -> None:
     await store.set_pending("alice", b"p", now + 300)
     assert await store.get_pending("alice", now) == b"p"
     assert await store.get_pending("alice", now + 299.5) == b"p"
@@ -78,13 +66,9 @@ async def test_pending_expires_at_now(store: Store, now: float) -> None:
     assert await store.get_secret("alice") is None  # pending is not active
     await store.set_pending("alice", b"p2", now + 600)  # a new enrolment attempt replaces it
     assert await store.get_pending("alice", now + 301) == b"p2"
-
-
-async def test_set_secret_drops_pending(store: Store, now: float) -> None:
-    await store.set_pending("alice", b"p", now + 300)
-    await store.set_secret("alice", b"p")
+    await store.set_secret("alice", b"p2")  # enrolment done: the pending secret goes
     assert await store.get_pending("alice", now) is None
-    assert await store.get_secret("alice") == b"p"
+    assert await store.get_secret("alice") == b"p2"
 
 
 async def test_replace_secret_is_compare_and_set(store: Store) -> None:
@@ -148,6 +132,7 @@ async def test_record_failure_locks_at_max(store: Store, now: float) -> None:
     # The counter restarted at the lock: two more failures do not lock again.
     assert await store.record_failure(scope, 3, 60, now + 63) is None
     assert await store.record_failure(scope, 3, 60, now + 64) is None
+    assert await store.record_failure("user:bob", 1, 30, now) == pytest.approx(now + 30)  # max 1: at once
 
 
 async def test_failure_counter_forgets_after_window(store: Store, now: float) -> None:
@@ -158,10 +143,6 @@ async def test_failure_counter_forgets_after_window(store: Store, now: float) ->
     assert await store.record_failure(scope, 3, 60, now + 61) is None
     assert await store.record_failure(scope, 3, 60, now + 62) is None
     assert await store.record_failure(scope, 3, 60, now + 63) == pytest.approx(now + 123)
-
-
-async def test_max_failures_one_locks_at_once(store: Store, now: float) -> None:
-    assert await store.record_failure("user:bob", 1, 30, now) == pytest.approx(now + 30)
 
 
 async def test_clear_failures_forgets_count_and_lock(store: Store, now: float) -> None:
@@ -334,7 +315,21 @@ async def test_ping_and_idempotent_open_close(store: Store) -> None:
         await store.ping()
     with pytest.raises(StoreError):
         await store.get_secret("alice")
+    with pytest.raises(StoreError):
+        await store.advance_step("alice", 1)
     await store.close()
+    await store.open()  # a closed store can be opened again
+    await store.set_secret("alice", b"x")
+    assert await store.get_secret("alice") == b"x"
+
+
+async def test_unencodable_user_name_fails_closed(store: Store) -> None:
+    # A JSON claim may carry a lone surrogate; it cannot be stored, so the store refuses.
+    with pytest.raises(StoreError) as caught:
+        await store.set_secret("eve\ud800", b"x")
+    assert "eve" not in str(caught.value)
+    with pytest.raises(StoreError):
+        await store.get_secret("eve\ud800")
 
 
 async def test_sqlite_persists_across_reopen(tmp_path: Path, now: float) -> None:
@@ -356,6 +351,27 @@ async def test_sqlite_persists_across_reopen(tmp_path: Path, now: float) -> None
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         await second.close()
+
+
+async def test_sqlite_purges_expired_rows_lazily(tmp_path: Path, now: float) -> None:
+    path = str(tmp_path / "gateway.db")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.create_session("gone", "alice", now - 10)
+        await store.set_pending("alice", b"p", now - 10)
+        await store.record_failure("ip:192.0.2.1", 5, 1, now - 10)
+        await store.create_session("live", "alice", now + 300)
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("SELECT count(*) FROM sessions").fetchone()[0] == 2  # not yet: once a minute
+        store._last_purge -= 60
+        await store.create_session("live2", "alice", now + 300)
+        with sqlite3.connect(path) as raw:
+            tables = ("sessions", "pending", "failures")
+            counts = [raw.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables]  # noqa: S608
+        assert counts == [2, 0, 0]
+    finally:
+        await store.close()
 
 
 async def test_sqlite_unwritable_path_raises_store_error(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyotp
 import pytest
-from tests.conftest import need_binary
 
 from gateway.totp import (
     RECOVERY_ALPHABET,
@@ -26,6 +25,7 @@ from gateway.totp import (
     parse_code,
     provisioning_uri,
 )
+from tests.conftest import need_binary
 
 
 def b32(seed: bytes) -> str:

@@ -29,7 +29,6 @@ from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -145,19 +144,35 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "gw") -> None:
         if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(f"redis key prefix {prefix!r} may only use letters, digits and _.:-")
-        try:
-            parse_url(url)  # a malformed URL is a configuration error, found before start-up
-        except ValueError as exc:
-            raise ValueError(f"invalid redis URL: {exc}") from None
         self.url = url
         self.prefix = prefix
-        self._redis: aioredis.Redis | None = None
+        try:
+            # Builds the client only: no connection is made before open().
+            self._client = aioredis.Redis.from_url(
+                url,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+                socket_timeout=SOCKET_TIMEOUT,
+                health_check_interval=0,
+                # One immediate retry on a fresh connection hides a pooled connection that the
+                # server or a balancer closed while idle; more would turn an outage into a hang.
+                # Timeouts are not retried: a silent server already cost SOCKET_TIMEOUT.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+        except ValueError as exc:  # a malformed URL is a configuration error, found early
+            raise ValueError(f"invalid redis URL: {exc}") from None
+        self._open = False
+        # EVALSHA with the script's digest, loading it once on NOSCRIPT (also after a restart).
+        self._lua_advance_step = self._client.register_script(_ADVANCE_STEP_LUA)
+        self._lua_replace_secret = self._client.register_script(_COMPARE_AND_SET_LUA)
+        self._lua_record_failure = self._client.register_script(_RECORD_FAILURE_LUA)
+        self._lua_index_session = self._client.register_script(_INDEX_SESSION_LUA)
+        self._lua_delete_user = self._client.register_script(_DELETE_USER_LUA)
 
     @property
     def _r(self) -> aioredis.Redis:
-        if self._redis is None:
+        if not self._open:
             raise StoreError("redis store is not open")
-        return self._redis
+        return self._client
 
     def _key(self, name: str, kind: str) -> str:
         return f"{self.prefix}:{{{_escape(name)}}}:{kind}"
@@ -168,35 +183,20 @@ class RedisStore:
     # -- lifecycle -------------------------------------------------------------------------
     @_translate_errors
     async def open(self) -> None:
-        if self._redis is not None:
+        if self._open:
             return
-        client = aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            socket_timeout=SOCKET_TIMEOUT,
-            health_check_interval=0,
-            # One immediate retry on a fresh connection hides a pooled connection that the
-            # server or a balancer closed while idle; more would turn an outage into a hang.
-            # Timeouts are not retried: a silent server already cost SOCKET_TIMEOUT.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
         try:
-            await client.ping()
+            await self._client.ping()
         except BaseException:
-            await client.aclose()
+            await self._client.aclose()
             raise
-        self._redis = client
-        self._lua_advance_step = client.register_script(_ADVANCE_STEP_LUA)
-        self._lua_replace_secret = client.register_script(_COMPARE_AND_SET_LUA)
-        self._lua_record_failure = client.register_script(_RECORD_FAILURE_LUA)
-        self._lua_index_session = client.register_script(_INDEX_SESSION_LUA)
-        self._lua_delete_user = client.register_script(_DELETE_USER_LUA)
+        self._open = True
 
     async def close(self) -> None:
-        client, self._redis = self._redis, None
-        if client is not None:
+        if self._open:
+            self._open = False
             with contextlib.suppress(RedisError, OSError):  # closing anyway: nothing to report
-                await client.aclose()
+                await self._client.aclose()
 
     @_translate_errors
     async def ping(self) -> None:
@@ -225,18 +225,19 @@ class RedisStore:
 
     @_translate_errors
     async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
-        return bool(await self._lua_replace_secret(keys=[self._key(user, "secret")], args=[old, new]))
+        return bool(await self._lua_replace_secret(client=self._r, keys=[self._key(user, "secret")], args=[old, new]))
 
     # -- replay guard ----------------------------------------------------------------------
     @_translate_errors
     async def advance_step(self, user: str, step: int) -> bool:
-        return bool(await self._lua_advance_step(keys=[self._key(user, "step")], args=[step]))
+        return bool(await self._lua_advance_step(client=self._r, keys=[self._key(user, "step")], args=[step]))
 
     # -- failures and lockouts -------------------------------------------------------------
     @_translate_errors
     async def record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
         until = now + lockout
         locked = await self._lua_record_failure(
+            client=self._r,
             keys=[self._key(scope, "fail"), self._key(scope, "lock")],
             args=[repr(now), max_failures, repr(until), _ms(until)],
         )
@@ -272,7 +273,9 @@ class RedisStore:
     @_translate_errors
     async def create_session(self, session_hash: str, user: str, expires_at: float) -> None:
         # Index first: a session must never exist that delete_user cannot find.
-        await self._lua_index_session(keys=[self._key(user, "sessions")], args=[session_hash, _ms(expires_at)])
+        await self._lua_index_session(
+            client=self._r, keys=[self._key(user, "sessions")], args=[session_hash, _ms(expires_at)]
+        )
         await self._r.set(self._session_key(session_hash), _pack(expires_at, user.encode()), pxat=_ms(expires_at))
 
     @_translate_errors
@@ -293,7 +296,7 @@ class RedisStore:
         # The user's own keys go in one script (one slot); sessions and the failure scope
         # live in other slots, so they follow in one pipeline.
         kinds = ("secret", "pending", "step", "recovery", "sessions")
-        sessions = await self._lua_delete_user(keys=[self._key(user, k) for k in kinds])
+        sessions = await self._lua_delete_user(client=self._r, keys=[self._key(user, k) for k in kinds])
         scope = f"user:{user}"
         async with self._r.pipeline(transaction=False) as pipe:
             for session_hash in sessions:

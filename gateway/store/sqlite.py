@@ -61,7 +61,7 @@ class SqliteStore:
 
     # -- the one boundary to sqlite3 ---------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on the store's thread; sqlite3 and OS errors become StoreError.
+        """Run ``fn(*args)`` on the store's thread; sqlite3, OS and encoding errors become StoreError.
 
         The message names the operation and SQLite's own text, which never includes bound
         parameters, so no secret, code or session id can leak into it.
@@ -72,6 +72,8 @@ class SqliteStore:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed: {exc}") from exc
+        except UnicodeError as exc:  # a name with a lone surrogate; its text would quote it
+            raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed ({type(exc).__name__})") from exc
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -204,7 +206,7 @@ class SqliteStore:
         return await self._run(self._record_failure, scope, max_failures, lockout, now)
 
     def _record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
-        self._maybe_purge(now)
+        self._maybe_purge(time.time())  # the wall clock: a caller's `now` may be a test's
         with self._write() as db:
             row = db.execute("SELECT count, reset_at FROM failures WHERE scope = ?", (scope,)).fetchone()
             count = 1 if row is None or row[1] <= now else int(row[0]) + 1

@@ -80,15 +80,16 @@ def test_keys() -> dict[str, str]:
     }
 
 
-def make_config(tmp_path: Path, upstream: str | None = None, **tables: dict[str, Any]) -> Config:
-    """A valid config for tests: sqlite store in tmp_path, plain-http sessions, overrides merged."""
+def make_config(tmp_path: Path, upstream: str | dict[str, Any] | None = None, **tables: dict[str, Any]) -> Config:
+    """A valid config for tests: sqlite store in tmp_path, plain-http sessions, overrides merged.
+    ``upstream`` is the upstream URL, or the whole ``[upstream]`` table."""
     data: dict[str, dict[str, Any]] = {
         "store": {"url": f"sqlite:///{tmp_path}/gateway.db"},
         "session": {"secure": False},
         "paths": {"exclude": ["/public/*", "/healthz", "GET /api/public/*"]},
     }
     if upstream:
-        data["upstream"] = {"url": upstream}
+        data["upstream"] = {"url": upstream} if isinstance(upstream, str) else dict(upstream)
     env = test_keys()
     for name, table in tables.items():
         if name == "env":

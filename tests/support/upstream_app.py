@@ -1,6 +1,6 @@
 """A real upstream for the tests, served by uvicorn in its own process.
 
-Routes (anything else echoes):
+Routes (anything else echoes; each also answers under /public and /api/public):
   /echo...          JSON of what arrived: method, raw path, query, headers (as a list), body sha256 and size
   /bytes/N          N bytes streamed in 64 KiB chunks, deterministic content, Content-Length set
   /stream/N         N bytes streamed chunked (no Content-Length)
@@ -42,7 +42,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "websocket":
         await websocket(scope, receive, send)
         return
+    # Routes answer under excluded prefixes too ("/public/gzip" is "/gzip"), so tests can reach
+    # them without a code.
     path: str = scope["path"]
+    for prefix in ("/api/public", "/public"):
+        if path.startswith(prefix + "/"):
+            path = path[len(prefix):]
+            break
     if path.startswith("/bytes/") or path.startswith("/stream/"):
         n = int(path.rsplit("/", 1)[1])
         headers = [(b"content-type", b"application/octet-stream")]
@@ -52,8 +58,19 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         STATE["open_streams"] += 1
         block = pattern(65536)
         sent = 0
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
         try:
             while sent < n:
+                if gone.is_set():  # uvicorn drops sends to a closed connection silently
+                    STATE["cancelled_streams"] += 1
+                    return
                 chunk = block[: min(65536, n - sent)]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sent += len(chunk)
@@ -64,6 +81,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             STATE["cancelled_streams"] += 1
             raise
         finally:
+            watcher.cancel()
             STATE["open_streams"] -= 1
         return
     if path == "/stats":
@@ -98,7 +116,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     body = {
         "method": scope["method"],
         "raw_path": scope.get("raw_path", b"").decode("latin-1"),
-        "path": path,
+        "path": scope["path"],
         "query": scope["query_string"].decode("latin-1"),
         "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
         "body_sha256": digest.hexdigest(),

@@ -1,0 +1,163 @@
+"""What the gateway's own routes read from a request: the body's fields, the preferred
+media type, and the return target after verification.
+
+Each is judged here once, strictly: a body that is not the JSON object or form expected is
+refused whole (``BadInput``, a 400), and a return target that is not provably a path on this
+site becomes ``"/"``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope
+
+from gateway.errors import AmbiguousPath
+from gateway.paths import canonical_path, encode_path
+
+MAX_BODY = 16 * 1024
+_MAX_FIELD = 4096
+_FIELDS = ("code", "recovery_code", "next")
+_TARGET_MAX = 2048
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
+class BadInput(Exception):
+    """The body cannot be read as the fields we expect (400 invalid_input)."""
+
+
+def safe_target(raw: str | None, refused: Collection[str] = ()) -> str:
+    """``raw`` if it is a path on this site to return to after verification, else ``"/"``.
+
+    A return target taken from a URL is an open redirect unless it is provably local. Only a
+    single ``/`` followed by visible ASCII passes: ``//host`` and ``/\\host`` are other hosts to
+    a browser (WHATWG URL reads ``\\`` as ``/``), schemes and whitespace are refused, and so is
+    anything whose percent-decoded form holds a backslash, ``//`` at the start, whitespace or a
+    control character. The path must be canonical-able (``paths.canonical_path``) and is
+    returned re-encoded; the gateway's own ``refused`` routes fall back to ``"/"`` (no loops).
+    """
+    if not raw or len(raw) > _TARGET_MAX or not _VISIBLE_ASCII.fullmatch(raw) or "\\" in raw:
+        return "/"
+    if not raw.startswith("/") or raw.startswith("//"):
+        return "/"
+    decoded = unquote(raw)
+    if "\\" in decoded or decoded.startswith("//") or any(c.isspace() or not c.isprintable() for c in decoded):
+        return "/"
+    path, sep, query = raw.split("#", 1)[0].partition("?")
+    try:
+        path = canonical_path(path)
+    except AmbiguousPath:
+        return "/"
+    if path in refused:
+        return "/"
+    return encode_path(path) + sep + query
+
+
+def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
+    """The offer the client prefers (RFC 9110 §12.5.1: most specific range, then ``q``); the
+    first offer when there is no ``Accept``, on a tie, or when nothing matches."""
+    if not accept:
+        return offers[0]
+    ranges: list[tuple[str, float]] = []
+    for item in accept.split(",")[:32]:
+        media, *params = item.split(";")
+        q = 1.0
+        for param in params:
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+                q = q if 0.0 <= q <= 1.0 else 0.0  # also drops nan
+        ranges.append((media.strip().lower(), q))
+    best, best_q = offers[0], 0.0
+    for offer in offers:
+        kind = offer.split("/")[0]
+        specific = [
+            (3 if m == offer else 2 if m == f"{kind}/*" else 1, q)
+            for m, q in ranges
+            if m in (offer, f"{kind}/*", "*/*")
+        ]
+        q = max(specific)[1] if specific else 0.0
+        if q > best_q:
+            best, best_q = offer, q
+    return best
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadInput("the client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadInput("the body is too large")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def read_fields(scope: Scope, receive: Receive, headers: Headers) -> dict[str, str]:
+    """The known fields of a JSON or form body, each a string; BadInput otherwise."""
+    body = await _read_body(receive)
+    content_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+    data: Any
+    if content_type == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadInput("not JSON") from None
+        if not isinstance(data, dict):
+            raise BadInput("not a JSON object")
+    elif content_type == "application/x-www-form-urlencoded":
+        try:
+            data = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20, errors="strict"))
+        except (UnicodeDecodeError, ValueError):
+            raise BadInput("not a form") from None
+    elif content_type == "multipart/form-data":
+        data = await _multipart(scope, body)
+    elif not body.strip():
+        data = {}
+    else:
+        raise BadInput("unsupported content type")
+    fields: dict[str, str] = {}
+    for name in _FIELDS:
+        value = data.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > _MAX_FIELD:
+            raise BadInput(f"{name} is not a string")
+        if value.strip():
+            fields[name] = value
+    return fields
+
+
+async def _multipart(scope: Scope, body: bytes) -> dict[str, Any]:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    request = Request(scope, replay)
+    try:
+        form = await request.form(max_files=0, max_fields=20)
+    except Exception:  # python-multipart's and Starlette's parse errors: all one answer
+        raise BadInput("not a multipart form") from None
+    try:
+        return {key: value for key, value in form.items()}
+    finally:
+        await form.close()

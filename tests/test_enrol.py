@@ -1,0 +1,486 @@
+"""gateway/enrol.py against a real gateway (uvicorn) in front of a real upstream process.
+
+Codes come from an independent generator, ``oathtool``; the QR PNG is read back by ``zbarimg``.
+The gateway's clock is a test clock, so pending expiry and time steps need no sleeping.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from gateway.errors import StoreError
+from gateway.inputs import negotiate, safe_target
+from gateway.store.sqlite import SqliteStore
+from tests.conftest import need_binary
+from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
+
+USER = "alice"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = float(int(time.time()) // 30 * 30 + 5)  # early in a step: no step turns over mid-test
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, upstream: UpstreamProcess, clock: Clock) -> Iterator[GatewayServer]:
+    server = GatewayServer(make_config(tmp_path, upstream=upstream.url), clock=clock).start()
+    yield server
+    server.stop()
+
+
+def client(server: GatewayServer, user: str | None = USER, **kwargs: Any) -> httpx.Client:
+    """A client that keeps no cookies: each test says which session cookie a request carries."""
+    kwargs.setdefault("headers", {"Remote-User": user} if user else {})
+    no_jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.Client(base_url=server.url, timeout=10, cookies=no_jar, **kwargs)
+
+
+def cookie(session: str) -> dict[str, str]:
+    return {"Cookie": f"gateway_session={session}"}
+
+
+def oathtool(secret: str, at: float) -> str:
+    """The code at time ``at`` from OATH Toolkit: an implementation independent of pyotp."""
+    binary = need_binary("oathtool")
+    return subprocess.check_output([binary, "--totp", "-b", secret, "--now", f"@{int(at)}"], text=True).strip()
+
+
+def secret_of(uri: str) -> str:
+    return parse_qs(urlsplit(uri).query)["secret"][0]
+
+
+def start_setup(c: httpx.Client) -> dict[str, Any]:
+    r = c.post("/setup-2fa", headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def enrol_by_api(c: httpx.Client, clock: Clock) -> tuple[str, list[str], str]:
+    """Setup then verify: (secret, recovery codes, session id)."""
+    secret = secret_of(start_setup(c)["otpauth_uri"])
+    r = c.post("/verify-2fa", json={"code": oathtool(secret, clock.now)})
+    assert r.status_code == 200, r.text
+    return secret, r.json()["recovery_codes"], r.cookies["gateway_session"]
+
+
+def decode_qr(png: bytes, tmp_path: Path) -> str:
+    path = tmp_path / "qr.png"
+    path.write_bytes(png)
+    out = subprocess.run([need_binary("zbarimg"), "--raw", "-q", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+# -- the API-only flow -------------------------------------------------------------------------
+
+
+def test_api_flow_setup_oathtool_verify_then_protected_request(
+    gateway: GatewayServer, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen: list[httpx.Response] = []
+    with client(gateway, event_hooks={"response": [seen.append]}) as c:
+        assert c.get("/echo/private").json()["error"] == "2fa_not_enrolled"
+
+        setup = start_setup(c)
+        uri = setup["otpauth_uri"]
+        assert set(setup) == {"otpauth_uri", "qr_png", "expires_in"}
+        assert setup["expires_in"] == 600
+        assert re.fullmatch(r"otpauth://totp/Gateway:alice\?secret=[A-Z2-7]{32}&issuer=Gateway", uri)
+        secret = secret_of(uri)
+
+        code = oathtool(secret, clock.now)
+        r = c.post("/verify-2fa", json={"code": code})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["status"] == "enrolled"
+        codes = body["recovery_codes"]
+        assert len(codes) == 10 and len(set(codes)) == 10
+        assert all(re.fullmatch(r"([0-9A-Z]{4}-){5}[0-9A-Z]{4}", code) for code in codes)  # 24 x 5 bits
+        assert r.headers["cache-control"] == "no-store"
+        session = r.cookies["gateway_session"]
+
+        r = c.get("/echo/private", headers=cookie(session))
+        assert r.status_code == 200
+        echoed = dict((k.lower(), v) for k, v in r.json()["headers"])
+        assert echoed["remote-user"] == USER
+        assert "gateway_session" not in echoed.get("cookie", "")
+
+        # The code was used: the same one again is a replay, on any route.
+        assert c.post("/verify-2fa", json={"code": code}).json()["error"] == "2fa_replayed"
+
+    for response in seen:  # never a secret, URI or recovery code in a header
+        headers = " ".join(f"{k}: {v}" for k, v in response.headers.multi_items())
+        assert secret not in headers and "otpauth" not in headers
+        assert not any(rc in headers for rc in codes)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("gateway"))
+    for sensitive in (secret, code, *codes, session):
+        assert sensitive not in logged
+    assert "enrolment finished user='alice'" in logged
+
+
+def test_png_decodes_to_the_same_uri_as_the_json(gateway: GatewayServer, clock: Clock, tmp_path: Path) -> None:
+    with client(gateway) as c:
+        setup = start_setup(c)
+        prefix = "data:image/png;base64,"
+        assert setup["qr_png"].startswith(prefix)
+        assert decode_qr(base64.b64decode(setup["qr_png"][len(prefix) :]), tmp_path) == setup["otpauth_uri"]
+
+        r = c.post("/setup-2fa", headers={"Accept": "image/png"})
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "image/png" and r.headers["cache-control"] == "no-store"
+        uri = decode_qr(r.content, tmp_path)
+        assert uri.startswith("otpauth://totp/Gateway:alice?secret=") and uri != setup["otpauth_uri"]
+        # The newest pending secret is the one that counts.
+        r = c.post("/verify-2fa", json={"code": oathtool(secret_of(uri), clock.now)})
+        assert r.json()["status"] == "enrolled"
+
+
+# -- recovery codes ----------------------------------------------------------------------------
+
+
+def test_recovery_code_works_once_and_dies_on_regeneration(gateway: GatewayServer, clock: Clock) -> None:
+    with client(gateway) as c:
+        secret, codes, _ = enrol_by_api(c, clock)
+
+        r = c.post("/verify-2fa", json={"recovery_code": codes[0].lower()})  # case and dashes are forgiven
+        assert r.status_code == 200
+        assert r.json() == {"status": "verified", "expires_in": 43200, "recovery_codes_left": 9}
+        assert c.get("/echo/x", headers=cookie(r.cookies["gateway_session"])).status_code == 200
+        assert c.post("/verify-2fa", json={"recovery_code": codes[0]}).status_code == 401
+
+        assert c.post("/recovery-codes", json={}).status_code == 400
+        assert c.post("/recovery-codes", json={"code": "000000"}).status_code == 401
+        clock.advance(30)
+        r = c.post("/recovery-codes", json={"code": oathtool(secret, clock.now)})
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+        assert r.json()["status"] == "regenerated"
+        fresh = r.json()["recovery_codes"]
+        assert len(fresh) == 10 and not set(fresh) & set(codes)
+
+        assert c.post("/verify-2fa", json={"recovery_code": codes[1]}).json()["error"] == "2fa_invalid"
+        assert c.post("/verify-2fa", json={"recovery_code": fresh[0]}).json()["status"] == "verified"
+
+
+# -- re-enrolment and pending secrets ----------------------------------------------------------
+
+
+def test_reenrolment_needs_a_code_and_never_replaces_the_active_secret_early(
+    gateway: GatewayServer, clock: Clock
+) -> None:
+    old = enrol(gateway.config, USER)
+    with client(gateway) as c:
+        r = c.post("/setup-2fa", headers={"Accept": "application/json"})
+        assert r.status_code == 403 and r.json()["error"] == "2fa_already_enrolled"
+        assert c.post("/setup-2fa", json={"code": "123456"}).status_code == 403
+
+        r = c.post("/setup-2fa", json={"code": oathtool(old, clock.now)})
+        assert r.status_code == 200
+        new = secret_of(r.json()["otpauth_uri"])
+
+        # Until the new secret is verified, the old one is the active one.
+        clock.advance(30)
+        assert c.get("/echo/x", headers={"X-2FA-Code": oathtool(old, clock.now)}).status_code == 200
+        clock.advance(30)
+        r = c.post("/verify-2fa", json={"code": oathtool(new, clock.now)})
+        assert r.json()["status"] == "enrolled"
+        clock.advance(30)
+        assert c.get("/echo/x", headers={"X-2FA-Code": oathtool(old, clock.now)}).status_code == 401
+        assert c.get("/echo/x", headers={"X-2FA-Code": oathtool(new, clock.now)}).status_code == 200
+
+
+def test_reenrolment_with_a_recovery_code(gateway: GatewayServer, clock: Clock) -> None:
+    with client(gateway) as c:
+        _, codes, _ = enrol_by_api(c, clock)
+        r = c.post("/setup-2fa", data={"recovery_code": codes[3]}, headers={"Accept": "application/json"})
+        assert r.status_code == 200 and "otpauth_uri" in r.json()
+        assert c.post("/setup-2fa", json={"recovery_code": codes[3]}).status_code == 403  # used up
+
+
+def test_pending_enrolment_expires(gateway: GatewayServer, clock: Clock) -> None:
+    with client(gateway) as c:
+        secret = secret_of(start_setup(c)["otpauth_uri"])
+        clock.advance(601)
+        r = c.post("/verify-2fa", json={"code": oathtool(secret, clock.now)})
+        assert r.status_code == 403
+        assert r.json()["error"] == "2fa_not_enrolled" and r.json()["setup"] == "/setup-2fa"
+
+
+def test_a_wrong_first_code_shows_the_same_qr_code_again(gateway: GatewayServer, clock: Clock) -> None:
+    with client(gateway, headers={"Remote-User": USER, "Accept": "text/html"}) as c:
+        page = c.post("/setup-2fa", data={"next": "/echo/back"}).text
+        secret = re.search(r'id="secret"[^>]*>([A-Z2-7 ]+)<', page)
+        assert secret is not None
+        again = c.post("/verify-2fa", data={"code": "000000", "next": "/echo/back"})
+        assert again.status_code == 401 and 'role="alert"' in again.text
+        assert secret.group(1) in again.text
+        r = c.post("/verify-2fa", data={"code": oathtool(secret.group(1).replace(" ", ""), clock.now)})
+        assert r.status_code == 200 and "recovery-codes" in r.text
+
+
+# -- lockout, identity, bodies, store ----------------------------------------------------------
+
+
+def test_five_wrong_codes_lock_the_user_out(gateway: GatewayServer, clock: Clock) -> None:
+    secret = enrol(gateway.config, USER)
+    with client(gateway) as c:
+        for _ in range(5):
+            assert c.post("/verify-2fa", json={"code": "000000"}).status_code == 401
+        r = c.post("/verify-2fa", json={"code": oathtool(secret, clock.now)})
+        assert r.status_code == 429 and r.json()["error"] == "2fa_locked"
+        assert 0 < int(r.headers["retry-after"]) <= 900
+        assert c.post("/recovery-codes", json={"code": oathtool(secret, clock.now)}).status_code == 429
+        clock.advance(901)
+        assert c.post("/verify-2fa", json={"code": oathtool(secret, clock.now)}).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/setup-2fa", "/verify-2fa", "/recovery-codes", "/logout-2fa"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_every_route_needs_an_identity(gateway: GatewayServer, route: str, method: str) -> None:
+    with client(gateway, user=None) as c:
+        r = c.request(method, route, json={"code": "123456"} if method == "POST" else None)
+        assert r.status_code == 401 and r.json()["error"] == "identity_required"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b"[1, 2]"),
+        ("application/json", b"{not json"),
+        ("application/json", b'{"code": 123456}'),
+        ("application/json", b"[" * 5000 + b"]" * 5000),
+        ("text/plain", b"code=123456"),
+        ("application/x-www-form-urlencoded", b"code=%ff%fe"),
+        ("multipart/form-data; boundary=x", b"--x\r\nnot a part"),
+        ("application/json", b'{"code": "' + b"1" * 20000 + b'"}'),
+    ],
+)
+def test_malformed_bodies_are_400(gateway: GatewayServer, content_type: str, body: bytes) -> None:
+    with client(gateway) as c:
+        r = c.post("/verify-2fa", content=body, headers={"Content-Type": content_type})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_input"
+
+
+def test_forms_urlencoded_and_multipart(gateway: GatewayServer, clock: Clock) -> None:
+    secret = enrol(gateway.config, USER)
+    with client(gateway) as c:
+        assert c.post("/verify-2fa", data={"code": oathtool(secret, clock.now)}).status_code == 200
+        clock.advance(30)
+        r = c.post("/verify-2fa", files={"code": (None, oathtool(secret, clock.now))})
+        assert r.status_code == 200 and r.json()["status"] == "verified"
+
+
+class FlakyStore(SqliteStore):
+    broken = False
+
+    async def get_secret(self, user: str) -> bytes | None:
+        if self.broken:
+            raise StoreError("the disk is gone")
+        return await super().get_secret(user)
+
+
+def test_store_outage_is_503_never_500(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    store = FlakyStore(str(tmp_path / "flaky.db"))
+    server = GatewayServer(make_config(tmp_path, upstream=upstream.url), store=store).start()
+    try:
+        store.broken = True
+        with client(server) as c:
+            for route in ("/setup-2fa", "/verify-2fa", "/recovery-codes"):
+                r = c.post(route, json={"code": "123456"})
+                assert r.status_code == 503 and r.json()["error"] == "store_unavailable"
+            assert c.get("/setup-2fa", headers={"Accept": "text/html"}).status_code == 503
+    finally:
+        server.stop()
+
+
+def test_other_methods_are_405(gateway: GatewayServer) -> None:
+    with client(gateway) as c:
+        r = c.put("/verify-2fa", json={})
+        assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+
+def test_logout_revokes_the_session_and_clears_the_cookie(gateway: GatewayServer, clock: Clock) -> None:
+    with client(gateway) as c:
+        _, _, session = enrol_by_api(c, clock)
+        jar = cookie(session)
+        assert c.get("/echo/x", headers=jar).status_code == 200
+        r = c.post("/logout-2fa", json={}, headers=jar)
+        assert r.status_code == 200 and r.json() == {"status": "signed_out"}
+        assert "Max-Age=0" in r.headers["set-cookie"]
+        assert c.get("/echo/x", headers=jar).status_code == 401
+
+
+def test_a_new_session_revokes_the_one_the_browser_held(gateway: GatewayServer, clock: Clock) -> None:
+    with client(gateway) as c:
+        secret, _, first = enrol_by_api(c, clock)
+        clock.advance(30)
+        r = c.post("/verify-2fa", json={"code": oathtool(secret, clock.now)}, headers=cookie(first))
+        assert r.cookies["gateway_session"] != first
+        assert c.get("/echo/x", headers=cookie(first)).status_code == 401
+
+
+# -- browsers ----------------------------------------------------------------------------------
+
+
+def test_browser_flow_with_plain_forms(gateway: GatewayServer, clock: Clock) -> None:
+    """What Chromium does in tests/integration, as plain HTTP: redirects, forms, cookie."""
+    html = {"Remote-User": USER, "Accept": "text/html"}
+    with client(gateway, headers=html) as c:
+        r = c.get("/echo/deep?q=1")
+        assert r.status_code == 302 and r.headers["location"] == "/setup-2fa?next=/echo/deep%3Fq%3D1"
+        page = c.get(r.headers["location"])
+        assert page.status_code == 200 and 'name="next" value="/echo/deep?q=1"' in page.text
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+        assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"
+        assert "http://" not in page.text and "https://" not in page.text  # no external assets
+
+        qr = c.post("/setup-2fa", data={"next": "/echo/deep?q=1"})
+        match = re.search(r'id="secret"[^>]*>([A-Z2-7 ]+)<', qr.text)
+        assert qr.status_code == 200 and match and 'src="data:image/png;base64,' in qr.text
+        secret = match.group(1).replace(" ", "")
+        done = c.post("/verify-2fa", data={"code": oathtool(secret, clock.now), "next": "/echo/deep?q=1"})
+        assert done.status_code == 200 and done.text.count("<li><code>") == 10
+        assert 'href="/echo/deep?q=1"' in done.text
+        jar = {**html, **cookie(done.cookies["gateway_session"])}
+        assert c.get("/echo/deep?q=1", headers=jar).json()["query"] == "q=1"
+
+        clock.advance(30)
+        assert c.get("/verify-2fa?next=//evil.example").status_code == 200
+        r = c.post("/verify-2fa", data={"code": oathtool(secret, clock.now), "next": "//evil.example"})
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        assert "gateway_session=" in r.headers["set-cookie"]
+
+
+def test_verify_page_sends_an_unenrolled_user_to_setup(gateway: GatewayServer) -> None:
+    with client(gateway, headers={"Remote-User": USER, "Accept": "text/html"}) as c:
+        r = c.get("/verify-2fa?next=/a/b")
+        assert r.status_code == 303 and r.headers["location"] == "/setup-2fa?next=/a/b"
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({"Origin": "http://evil.example"}, False),
+        ({"Origin": "null"}, False),
+        ({"Sec-Fetch-Site": "cross-site"}, False),
+        ({"Sec-Fetch-Site": "same-site"}, False),
+        ({"Sec-Fetch-Site": "cross-site", "Origin": "{self}"}, False),
+        ({"Sec-Fetch-Site": "same-origin", "Origin": "{self}"}, True),
+        ({"Sec-Fetch-Site": "none"}, True),
+        ({"Origin": "{self}"}, True),
+        ({}, True),  # not a browser: curl, scripts
+    ],
+)
+def test_cross_origin_posts_are_refused(gateway: GatewayServer, headers: dict[str, str], allowed: bool) -> None:
+    headers = {k: v.replace("{self}", gateway.url) for k, v in headers.items()}
+    with client(gateway) as c:
+        for route in ("/setup-2fa", "/verify-2fa", "/recovery-codes", "/logout-2fa"):
+            r = c.post(route, data={"code": "123456"}, headers=headers)
+            assert (r.status_code != 403 or r.json()["error"] != "csrf_failed") is allowed, (route, r.text)
+
+
+def test_public_url_origin_is_accepted(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    config = make_config(tmp_path, upstream=upstream.url, server={"public_url": "https://2fa.example.org"})
+    server = GatewayServer(config).start()
+    try:
+        with client(server) as c:
+            r = c.post("/logout-2fa", json={}, headers={"Origin": "https://2fa.example.org"})
+            assert r.status_code == 200
+            r = c.post("/logout-2fa", json={}, headers={"Origin": "https://evil.example.org"})
+            assert r.status_code == 403
+    finally:
+        server.stop()
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "target"),
+    [
+        ("/", "/"),
+        ("/admin", "/admin"),
+        ("/admin/?tab=2&x=%2F", "/admin/?tab=2&x=%2F"),
+        ("/a/./b/../c", "/a/c"),
+        ("/caf%C3%A9", "/caf%C3%A9"),
+        ("/a#frag", "/a"),
+        (None, "/"),
+        ("", "/"),
+        ("//evil.com", "/"),
+        ("///evil.com", "/"),
+        ("/\\evil.com", "/"),
+        ("\\\\evil.com", "/"),
+        ("/%5Cevil.com", "/"),
+        ("/%5cevil.com", "/"),
+        ("/%2F%2Fevil.com", "/"),
+        ("/%2f/evil.com", "/"),
+        ("https://evil.com/", "/"),
+        ("http:/evil.com", "/"),
+        ("javascript:alert(1)", "/"),
+        ("evil.com", "/"),
+        (" /admin", "/"),
+        ("/ad min", "/"),
+        ("/admin\r\nSet-Cookie: x=1", "/"),
+        ("/%0d%0aSet-Cookie:x=1", "/"),
+        ("/%09/evil.com", "/"),
+        ("/%20/evil.com", "/"),
+        ("/x?next=%0a", "/"),
+        ("/%00", "/"),
+        ("/é", "/"),
+        ("/..", "/"),
+        ("/a/..;/b", "/"),
+        ("/%252e%252e/", "/"),
+        ("/" + "a" * 3000, "/"),
+        ("/verify-2fa", "/"),
+        ("/setup-2fa", "/"),
+    ],
+)
+def test_safe_target(raw: str | None, target: str) -> None:
+    assert safe_target(raw, {"/verify-2fa", "/setup-2fa"}) == target
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        (None, "application/json"),
+        ("*/*", "application/json"),
+        ("image/png", "image/png"),
+        ("image/*", "image/png"),
+        ("text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8", "text/html"),
+        ("application/json, text/html;q=0.5", "application/json"),
+        ("text/html;q=0.1, image/png;q=0.2", "image/png"),
+        ("text/plain", "application/json"),
+        ("image/png;q=nan, text/html;q=2", "application/json"),
+    ],
+)
+def test_negotiate(accept: str | None, chosen: str) -> None:
+    assert negotiate(accept, ("application/json", "image/png", "text/html")) == chosen

@@ -1,0 +1,395 @@
+"""The forwarder and the proxy-mode decision, against a real upstream process and a real
+uvicorn serving the gateway."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyotp
+import pytest
+
+from tests.conftest import need_binary
+from tests.support.servers import GatewayServer, UpstreamProcess, enrol, free_port, make_config
+from tests.support.upstream_app import GZIP_BODY, pattern
+
+USER = {"Remote-User": "alice"}
+
+
+@pytest.fixture(scope="module")
+def gw(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    tmp = tmp_path_factory.mktemp("proxy")
+    # The replay guard works on time steps: a window of 0 and distinct users per test keep
+    # tests independent of each other's codes.
+    server = GatewayServer(make_config(tmp, upstream=upstream.url, totp={"window": 1})).start()
+    yield server
+    server.stop()
+
+
+_users = iter(range(1_000_000))
+
+
+def new_user(gw: GatewayServer) -> tuple[str, str]:
+    user = f"user{next(_users)}"
+    return user, enrol(gw.config, user)
+
+
+def session_for(gw: GatewayServer) -> tuple[dict[str, str], dict[str, str]]:
+    """(headers, cookies) of a fresh enrolled user with an open 2FA session."""
+    user, secret = new_user(gw)
+    r = httpx.get(gw.url + "/echo", headers={"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()})
+    assert r.status_code == 200, r.text
+    return {"Remote-User": user}, {gw.config.session.cookie: r.cookies[gw.config.session.cookie]}
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, bytes]:
+    """Send bytes exactly as given (no client-side normalisation) and read one response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return status, rest
+
+
+def get_raw(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    lines = [f"GET {target} HTTP/1.1", "Host: app.test", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+
+# -- the decision in proxy mode -----------------------------------------------------------------
+
+
+def test_protected_path_needs_identity_then_code(gw: GatewayServer) -> None:
+    r = httpx.get(gw.url + "/admin")
+    assert r.status_code == 401
+    assert r.json()["error"] == "identity_required"
+    user, _ = new_user(gw)
+    r = httpx.get(gw.url + "/admin", headers={"Remote-User": user})
+    assert r.status_code == 401
+    assert r.json() == {"error": "2fa_required", "detail": r.json()["detail"]}
+
+
+def test_code_from_oathtool_passes_byte_identical_and_replay_is_refused(gw: GatewayServer) -> None:
+    oathtool = need_binary("oathtool")
+    user, secret = new_user(gw)
+    code = subprocess.run([oathtool, "--totp", "-b", secret], capture_output=True, text=True, check=True).stdout.strip()
+    direct = httpx.get(f"{gw.config.upstream.url}/bytes/100000")
+    r = httpx.get(gw.url + "/bytes/100000", headers={"Remote-User": user, "X-2FA-Code": code})
+    assert r.status_code == 200
+    assert r.content == direct.content == pattern(100000)
+    # the same code again, without the session cookie: single use per step (RFC 6238 §5.2)
+    r = httpx.get(gw.url + "/bytes/10", headers={"Remote-User": user, "X-2FA-Code": code})
+    assert r.status_code == 401
+    assert r.json()["error"] == "2fa_replayed"
+
+
+def test_session_cookie_opens_the_way_and_belongs_to_its_user(gw: GatewayServer) -> None:
+    headers, cookies = session_for(gw)
+    assert httpx.get(gw.url + "/echo", headers=headers, cookies=cookies).status_code == 200
+    other, _ = new_user(gw)
+    r = httpx.get(gw.url + "/echo", headers={"Remote-User": other}, cookies=cookies)
+    assert r.status_code == 401
+
+
+def test_session_cookie_attributes(gw: GatewayServer) -> None:
+    user, secret = new_user(gw)
+    r = httpx.get(gw.url + "/echo", headers={"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()})
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    assert "Secure" not in cookie  # session.secure = false in the test config
+
+
+def test_not_enrolled_is_denied_never_passed(gw: GatewayServer) -> None:
+    r = httpx.get(gw.url + "/echo", headers={"Remote-User": "nobody-enrolled", "X-2FA-Code": "123456"})
+    assert r.status_code == 403
+    assert r.json()["error"] == "2fa_not_enrolled"
+    assert r.json()["setup"] == "/setup-2fa"
+
+
+def test_bad_codes_lock_out_with_retry_after(gw: GatewayServer) -> None:
+    user, secret = new_user(gw)
+    for _ in range(gw.config.limits.max_failures):
+        r = httpx.get(gw.url + "/echo", headers={"Remote-User": user, "X-2FA-Code": "000000"})
+        assert r.status_code in (401, 429)
+    r = httpx.get(gw.url + "/echo", headers={"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()})
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) > 0
+
+
+@pytest.mark.parametrize("code", ["１２３４５６", "12345", "1234567", "12 456", "abcdef", "1" * 10000, "12345\x00"])
+def test_malformed_codes_are_refused_not_500(gw: GatewayServer, code: str) -> None:
+    user, _ = new_user(gw)
+    status, _ = get_raw(gw.port, "/echo", {"Remote-User": user, "X-2FA-Code": code.encode().decode("latin-1")})
+    assert status in (400, 401)
+
+
+def test_excluded_paths_need_nothing(gw: GatewayServer) -> None:
+    assert httpx.get(gw.url + "/public/a.css").status_code == 200
+    assert httpx.get(gw.url + "/healthz").status_code == 200
+    assert httpx.get(gw.url + "/api/public/x").status_code == 200
+    assert httpx.post(gw.url + "/api/public/x").status_code == 401  # rule is GET only
+
+
+def test_html_clients_are_sent_to_the_verify_page(gw: GatewayServer) -> None:
+    user, _ = new_user(gw)
+    r = httpx.get(gw.url + "/app/page?x=1", headers={"Remote-User": user, "Accept": "text/html"})
+    assert r.status_code == 302
+    assert r.headers["location"] == "/verify-2fa?next=/app/page%3Fx%3D1"
+    r = httpx.get(gw.url + "/app/page", headers={"Remote-User": "not-enrolled-html", "Accept": "text/html"})
+    assert r.headers["location"].startswith("/setup-2fa?next=")
+
+
+BYPASS = [
+    "/public/../admin", "/public/%2e%2e/admin", "/public/%2E%2E/admin", "//admin", "/public/..;/admin",
+    "/public;/../admin", "/public/%2e%2e%2fadmin", "/public/..%2fadmin", "/public/..%5cadmin",
+    "/public\\..\\admin", "/public/%252e%252e/admin", "/public/%c0%ae%c0%ae/admin", "/public/..%00/admin",
+    "/Public/x", "/healthz/", "/healthz/../admin", "/public", "/public-admin", "/./public/../admin",
+    "/public/./../admin", "/%2fadmin", "/admin%23/public", "/admin%3f/public", "/admin?x=/public",
+    "/admin#/public", "/public/%61dmin/../../admin", "/PUBLIC/../admin", "/public/%2e%2e;/admin",
+]
+
+
+@pytest.mark.parametrize("target", BYPASS)
+def test_bypass_corpus_never_reaches_a_protected_path(gw: GatewayServer, target: str) -> None:
+    status, body = get_raw(gw.port, target)
+    assert status in (400, 401), (target, status, body[:200])
+    with_user = get_raw(gw.port, target, {"Remote-User": "alice"})[0]
+    assert with_user in (400, 401, 403)
+
+
+def test_forwarded_path_is_the_checked_one(gw: GatewayServer) -> None:
+    # a non-canonical spelling of an excluded path is not excluded: it needs the second factor
+    assert get_raw(gw.port, "/public/./sub//x%20y.css")[0] == 401
+    headers, cookies = session_for(gw)
+    cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    status, body = get_raw(gw.port, "/public/./sub//x%20y.css?q=%2e%2e&x=1", {**headers, "Cookie": cookie})
+    assert status == 200
+    seen = json.loads(body)
+    assert seen["raw_path"] == "/public/sub/x%20y.css"
+    assert seen["query"] == "q=%2e%2e&x=1"  # the query string is byte-exact
+
+
+# -- the forwarder ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"])
+def test_all_methods_and_bodies(gw: GatewayServer, method: str) -> None:
+    headers, cookies = session_for(gw)
+    body = b"x" * 100_000 if method not in ("GET", "OPTIONS") else b""
+    r = httpx.request(method, gw.url + "/echo/m?a=1&a=2&b=%ZZ", content=body, headers=headers, cookies=cookies)
+    assert r.status_code == 200
+    seen = r.json()
+    assert seen["method"] == method
+    assert seen["query"] == "a=1&a=2&b=%ZZ"
+    assert seen["body_size"] == len(body)
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_chunked_upload_is_streamed(gw: GatewayServer) -> None:
+    headers, cookies = session_for(gw)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):
+            yield b"y" * 65536
+
+    r = httpx.post(gw.url + "/echo", content=chunks(), headers=headers, cookies=cookies)
+    assert r.json()["body_size"] == 64 * 65536
+
+
+def test_head_request(gw: GatewayServer) -> None:
+    r = httpx.head(gw.url + "/public/bytes")
+    assert r.status_code == 200
+    assert r.content == b""
+
+
+def test_headers_stripped_and_set(gw: GatewayServer) -> None:
+    headers, cookies = session_for(gw)
+    cookie_header = f"a=1; {gw.config.session.cookie}={cookies[gw.config.session.cookie]}; b=2"
+    status, body = get_raw(gw.port, "/echo", {
+        **headers,
+        "Cookie": cookie_header,
+        "X-2FA-Code": "123456",
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "hop",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic eA==",
+        "X-Forwarded-For": "198.51.100.7",
+        "X-Custom": "kept",
+    })
+    assert status == 200
+    seen = {k: v for k, v in json.loads(body)["headers"]}
+    names = [k for k, _ in json.loads(body)["headers"]]
+    assert seen["remote-user"] == headers["Remote-User"]
+    assert names.count("remote-user") == 1
+    assert seen["cookie"] == "a=1; b=2"  # the gateway's session cookie never reaches the app
+    for gone in ("x-2fa-code", "x-drop-me", "keep-alive", "te", "proxy-authorization"):
+        assert gone not in seen
+    assert seen["x-custom"] == "kept"
+    # 127.0.0.1 is a trusted proxy by default: its X-Forwarded-For is appended to.
+    assert seen["x-forwarded-for"] == "198.51.100.7, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == "app.test"
+    # none of httpx's default headers are added
+    assert "user-agent" not in seen and "accept-encoding" not in seen and "accept" not in seen
+
+
+def test_untrusted_peer_cannot_forge_identity_or_forwarding(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream=upstream.url, server={"trusted_proxies": ["192.0.2.1/32"]})
+    server = GatewayServer(config).start()
+    try:
+        secret = enrol(config, "alice")
+        r = httpx.get(server.url + "/echo", headers={"Remote-User": "alice", "X-2FA-Code": pyotp.TOTP(secret).now()})
+        assert r.status_code == 401
+        assert r.json()["error"] == "identity_required"
+        status, body = get_raw(server.port, "/public/x", {"X-Forwarded-For": "203.0.113.9", "Remote-User": "alice",
+                                                           "X-Forwarded-Proto": "https", "Forwarded": "for=1.2.3.4"})
+        seen = {k: v for k, v in json.loads(body)["headers"]}
+        assert seen["x-forwarded-for"] == "127.0.0.1"
+        assert seen["x-forwarded-proto"] == "http"
+        assert "remote-user" not in seen and "forwarded" not in seen
+    finally:
+        server.stop()
+
+
+def test_response_headers_raw_bytes_and_cookies(gw: GatewayServer) -> None:
+    r = httpx.get(gw.url + "/public/../public/x")  # warm-up through an excluded path
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("GET", "/public/gzip", headers={"Accept-Encoding": "gzip"})
+    resp = conn.getresponse()
+    raw = resp.read()
+    assert resp.getheader("content-encoding") == "gzip"
+    assert int(resp.getheader("content-length") or 0) == len(GZIP_BODY)
+    assert raw == GZIP_BODY  # relayed, never decoded
+    assert gzip.decompress(raw).startswith(b"hello compressed")
+    conn.request("GET", "/public/cookies")
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.headers.get_all("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    conn.request("GET", "/public/hop")
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.getheader("x-private") is None and resp.getheader("keep-alive") is None
+    assert resp.getheader("x-kept") == "yes"
+    conn.close()
+    assert r.status_code in (400, 200)
+
+
+def test_no_cookie_jar_between_users(gw: GatewayServer) -> None:
+    assert httpx.get(gw.url + "/public/cookies").status_code == 200
+    r = httpx.get(gw.url + "/public/echo")
+    seen = {k: v for k, v in r.json()["headers"]}
+    assert "cookie" not in seen
+
+
+def test_redirects_are_not_followed_and_location_is_rewritten(gw: GatewayServer) -> None:
+    status, _ = get_raw(gw.port, "/public/redirect")
+    assert status == 302
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("GET", "/public/redirect", headers={"Host": "app.example"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.getheader("location") == "http://app.example/echo/after?x=1"
+
+
+def test_upstream_refused_is_502(tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream=f"http://127.0.0.1:{free_port()}")
+    server = GatewayServer(config).start()
+    try:
+        r = httpx.get(server.url + "/public/x")
+        assert r.status_code == 502
+        assert r.json()["error"] == "upstream_unreachable"
+    finally:
+        server.stop()
+
+
+def test_upstream_timeout_is_504_and_pool_exhaustion_503(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream={"url": upstream.url, "read_timeout": 0.5, "max_connections": 1,
+                                             "pool_timeout": 0.2})
+    server = GatewayServer(config).start()
+    try:
+        assert httpx.get(server.url + "/public/slow?s=2").status_code == 504
+        results: dict[str, int] = {}
+
+        def hold() -> None:
+            results["slow"] = httpx.get(server.url + "/public/slow?s=0.45", timeout=10).status_code
+
+        t = threading.Thread(target=hold)
+        t.start()
+        time.sleep(0.1)
+        r = httpx.get(server.url + "/public/x")
+        t.join()
+        assert r.status_code == 503
+        assert r.json()["error"] == "upstream_busy"
+        assert results["slow"] == 200
+    finally:
+        server.stop()
+
+
+def _stats(upstream: UpstreamProcess) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(upstream.url + "/stats").json()
+    return stats
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream_response(gw: GatewayServer, upstream: UpstreamProcess) -> None:
+    before = _stats(upstream)
+    for path in ("/public/bytes/2000000000", "/public/stream/2000000000"):
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            got = 0
+            while got < 1_000_000:
+                got += len(s.recv(65536))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _stats(upstream)["open_streams"] > before["open_streams"]:
+            time.sleep(0.05)
+    after = _stats(upstream)
+    assert after["open_streams"] == before["open_streams"]
+    assert after["cancelled_streams"] >= before["cancelled_streams"] + 2
+    # the pool is still healthy afterwards
+    assert httpx.get(gw.url + "/public/x").status_code == 200
+
+
+def test_large_streams_both_ways(gw: GatewayServer) -> None:
+    headers, cookies = session_for(gw)
+    size = 64 * 1024 * 1024
+    digest = hashlib.sha256()
+    with httpx.stream("GET", gw.url + f"/stream/{size}", headers=headers, cookies=cookies) as r:
+        for chunk in r.iter_raw():
+            digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(pattern(size)).hexdigest()
+
+    def chunks() -> Iterator[bytes]:
+        block = pattern(1 << 20)
+        for _ in range(size >> 20):
+            yield block
+
+    r = httpx.post(gw.url + "/echo", content=chunks(), headers=headers, cookies=cookies, timeout=60)
+    assert r.json()["body_size"] == size
