@@ -7,6 +7,7 @@ baseline A and the gateway differ only in the application.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -122,10 +123,8 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def uvicorn_argv(python: str, app: str, port: int, factory: bool = False) -> list[str]:

@@ -41,6 +41,10 @@ def _ratio_at_least(key: str, minimum: float) -> Callable[[dict[str, Row]], bool
     return lambda rows: None if rows[key].ratio is None else rows[key].ratio >= minimum  # type: ignore[operator]
 
 
+def _ratio_at_most(key: str, maximum: float) -> Callable[[dict[str, Row]], bool | None]:
+    return lambda rows: None if rows[key].ratio is None else rows[key].ratio <= maximum  # type: ignore[operator]
+
+
 def _p99_at_most(key: str, ms: float) -> Callable[[dict[str, Row]], bool | None]:
     return lambda rows: None if rows[key].p99_ms is None else rows[key].p99_ms <= ms  # type: ignore[operator]
 
@@ -53,22 +57,21 @@ def _rss_at_most(key: str, mib: float) -> Callable[[dict[str, Row]], bool | None
     return lambda rows: None if rows[key].rss_mib is None else rows[key].rss_mib <= mib  # type: ignore[operator]
 
 TARGETS: dict[str, list[Target]] = {
-    "1": [Target("≥ 0.8× A", _ratio_at_least("1", 0.8)), Target("p99 ≤ 5 ms", _p99_at_most("1", 5.0))],
-    "2-lockout": [Target("≥ 0.6× A", _ratio_at_least("2-lockout", 0.6))],
-    "2-full": [Target("≥ 0.6× A", _ratio_at_least("2-full", 0.6))],
-    "4": [Target("≥ 0.5× B", _ratio_at_least("4", 0.5))],
+    "1": [Target("≥ 0.8x A", _ratio_at_least("1", 0.8)), Target("p99 ≤ 5 ms", _p99_at_most("1", 5.0))],
+    "2-lockout": [Target("≥ 0.6x A", _ratio_at_least("2-lockout", 0.6))],
+    "2-full": [Target("≥ 0.6x A", _ratio_at_least("2-full", 0.6))],
+    "4": [Target("≥ 0.5x B", _ratio_at_least("4", 0.5))],
     "5-c64": [
-        Target("≥ 0.2× B", _ratio_at_least("5-c64", 0.2)),
+        Target("≥ 0.2x B", _ratio_at_least("5-c64", 0.2)),
         Target("p99 ≤ 25 ms", _p99_at_most("5-c64", 25.0)),
-        Target(f"≥ 10× naive ({10 * NAIVE_PROXY_RPS:,.0f} req/s)", _rps_at_least("5-c64", 10 * NAIVE_PROXY_RPS)),
+        Target(f"≥ 10x naive ({10 * NAIVE_PROXY_RPS:,.0f} req/s)", _rps_at_least("5-c64", 10 * NAIVE_PROXY_RPS)),
     ],
-    "6-down": [Target("≥ 0.5× nginx", _ratio_at_least("6-down", 0.5)),
+    "6-down": [Target("≥ 0.5x nginx", _ratio_at_least("6-down", 0.5)),
                Target("RSS +≤ 32 MiB", _rss_at_most("6-down", 32.0))],
-    "6-up": [Target("≥ 0.5× nginx", _ratio_at_least("6-up", 0.5)),
+    "6-up": [Target("≥ 0.5x nginx", _ratio_at_least("6-up", 0.5)),
              Target("RSS +≤ 32 MiB", _rss_at_most("6-up", 32.0))],
-    "7": [Target("gateway (5, c32) ≥ 3× this", _ratio_at_least("7", 3.0))],
-    "8-large": [Target("p50 ≤ 1.10× 1k users", lambda rows: None if rows["8-large"].ratio is None
-                       else rows["8-large"].ratio <= 1.10)],  # type: ignore[operator]
+    "7": [Target("gateway (5, c32) ≥ 3x this", _ratio_at_least("7", 3.0))],
+    "8-large": [Target("p50 ≤ 1.10x 1k users", _ratio_at_most("8-large", 1.10))],
 }
 
 
@@ -109,7 +112,7 @@ def table(rows: list[Row]) -> str:
     ]
     for row in rows:
         rate = row.throughput or (f"{row.rps:,.0f}" if row.rps is not None else "—")
-        ratio = f"{row.ratio:.2f}× {row.baseline}".strip() if row.ratio is not None else "—"
+        ratio = f"{row.ratio:.2f}x {row.baseline}".strip() if row.ratio is not None else "—"
         notes = "; ".join(row.notes).replace("|", "\\|")
         lines.append(f"| {row.label} | {rate} | {_ms(row.p50_ms, row.micro)} | {_ms(row.p99_ms, row.micro)} | "
                      f"{ratio} | {row.target} | {_met(row)} | {notes} |")
@@ -127,13 +130,13 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def _command_version(argv: list[str]) -> str:
+def _command_version(argv: list[str], words: int = 3) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except OSError:
-        return "absent"
+        return f"{argv[0]} absent"
     text = (done.stdout + done.stderr).strip().splitlines()
-    return text[0] if text else "?"
+    return " ".join(text[0].split()[:words]) if text else f"{argv[0]} ?"
 
 
 def cpu_model() -> str:
@@ -154,6 +157,6 @@ def machine(original_versions: str | None) -> list[str]:
         f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         f"- Python {platform.python_version()}: " + ", ".join(f"{p} {_version(p)}" for p in _PACKAGES),
         f"- {_command_version(['nginx', '-v'])}; {_command_version(['redis-server', '--version'])}; "
-        f"{_command_version(['wrk', '-v'])}; {_command_version(['curl', '--version'])}",
+        f"{_command_version(['wrk', '-v'], 2)}; {_command_version(['curl', '--version'], 2)}",
         f"- original app's venv: {original_versions or 'not used in this run'}",
     ]

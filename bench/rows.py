@@ -30,7 +30,8 @@ from bench.procs import ROOT, free_port, progress, uvicorn_argv
 from bench.report import NAIVE_PROXY_RPS, Row
 
 ORIGINAL_VENV = ROOT / "bench" / ".venv-original"
-ORIGINAL_PACKAGES = ("fastapi", "two-fast-auth", "uvicorn[standard]")
+# two-fast-auth imports cryptography's Fernet without declaring it.
+ORIGINAL_PACKAGES = ("fastapi", "two-fast-auth", "uvicorn[standard]", "cryptography")
 
 
 def _redis_per_request(bench: Bench, result: wrk.WrkResult, row: Row) -> None:
@@ -184,7 +185,7 @@ def proxy_mode(bench: Bench) -> None:
             baseline = "B" if connections == 32 else f"B-c{connections}"
             ratio(row, bench.rows.get(baseline), baseline)
             if row.rps is not None:
-                row.notes.append(f"{row.rps / NAIVE_PROXY_RPS:.1f}× the naive proxy (0.42k)")
+                row.notes.append(f"{row.rps / NAIVE_PROXY_RPS:.1f}x the naive proxy (0.42k)")
     finally:
         bench.stop_gateway(gateway)
 
@@ -279,7 +280,7 @@ def _original_python() -> tuple[str | None, str]:
     """The original app's interpreter, installing its venv on first use; (None, why) if not."""
     python = python_of(ORIGINAL_VENV)
     marker = ORIGINAL_VENV / ".installed"
-    if not marker.exists():
+    if not marker.exists() or marker.read_text().split() != list(ORIGINAL_PACKAGES):
         progress(f"creating {ORIGINAL_VENV} with {', '.join(ORIGINAL_PACKAGES)} (first use only)")
         try:
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(ORIGINAL_VENV)], check=True,
@@ -290,7 +291,7 @@ def _original_python() -> tuple[str | None, str]:
             return None, f"cannot install {' '.join(ORIGINAL_PACKAGES)}: {(exc.stderr or '')[-300:]}"
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"cannot install {' '.join(ORIGINAL_PACKAGES)}: {exc}"
-        marker.write_text("ok\n")
+        marker.write_text(" ".join(ORIGINAL_PACKAGES) + "\n")
     return python, ""
 
 

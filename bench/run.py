@@ -23,7 +23,12 @@ from bench.rows import GROUPS, original_versions
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 QUICK = Settings(duration=1.0, warmup=0.3, stream_bytes=64 << 20, scale_users=10_000, verifications=200)
 FULL = Settings()
-_TOOLS = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server", "redis-cli": "redis-tools", "curl": "curl"}
+_PACKAGE_OF = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server", "redis-cli": "redis-tools",
+               "curl": "curl"}
+_REDIS = ("redis-server", "redis-cli")
+_TOOLS_OF = {"A": ("wrk",), "B": ("wrk", "nginx"), "1": ("wrk", *_REDIS), "2": ("wrk", *_REDIS), "3": _REDIS,
+             "4": ("wrk", "nginx", *_REDIS), "5": ("wrk", "nginx", *_REDIS), "6": ("curl", "nginx", *_REDIS),
+             "7": ("wrk",), "8": ("wrk", *_REDIS)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,8 +55,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _missing_prerequisites() -> list[str]:
-    missing = [f"{tool} (apt-get install {package})" for tool, package in _TOOLS.items() if not shutil.which(tool)]
+def _missing_prerequisites(groups: list[str]) -> list[str]:
+    tools = sorted({tool for group in groups for tool in _TOOLS_OF[group]})
+    missing = [f"{tool} (apt-get install {_PACKAGE_OF[tool]})" for tool in tools if not shutil.which(tool)]
     missing += [f"the Python module {m} (pip install 'uvicorn[standard]')"
                 for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is None]
     return missing
@@ -69,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: unknown row group(s) {', '.join(unknown) or '(none)'}; choose from {','.join(GROUPS)}",
               file=sys.stderr)
         return 2
-    missing = _missing_prerequisites()
+    missing = _missing_prerequisites(groups)
     if missing:
         print("bench: missing " + "; ".join(missing), file=sys.stderr)
         return 2
@@ -88,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:
                 traceback.print_exc()
                 errors.append(group)
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                bench.add(Row(f"{group}-error", f"{group}. (failed)", notes=[first], failed=True))
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                note = lines[0] + (f" … {lines[-1].strip()}" if len(lines) > 1 else "")
+                bench.add(Row(f"{group}-error", f"{group}. (failed)", notes=[note], failed=True))
     except KeyboardInterrupt:
         print("bench: interrupted; stopping every server", file=sys.stderr)
         return 130

@@ -1,0 +1,151 @@
+"""Config loading: the example is valid, and every mistake is named by its key."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from gateway import config
+from gateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = Fernet.generate_key().decode()
+PEPPER = Fernet.generate_key().decode()
+ENV = {config.ENV_KEYS: KEY, config.ENV_PEPPER: PEPPER}
+
+
+def problems(data: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.parse(data, env=ENV if env is None else env)
+    return info.value.problems
+
+
+def test_example_file_is_valid_and_documents_defaults() -> None:
+    cfg = config.load(ROOT / "gateway.example.toml", env=ENV)
+    assert cfg.upstream.url == "http://127.0.0.1:8000"
+    assert cfg.totp.digits == 6 and cfg.totp.period == 30 and cfg.totp.window == 1
+    assert cfg.limits.max_failures == 5 and cfg.limits.lockout == 900
+    assert cfg.server.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    assert cfg.session.secure is True
+    # every dataclass default is what the example says
+    assert cfg.store == config.StoreConfig()
+    assert cfg.routes == config.RoutesConfig()
+    assert cfg.session == config.SessionConfig()
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", **ENV}
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(ROOT / "gateway.example.toml")],
+                        capture_output=True, text=True, env=env, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok: ")
+    assert KEY not in ok.stdout and PEPPER not in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nport = "eighty"\nbogus = 1\n[store]\nurl = "mysql://x"\n')
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(bad)],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 1
+    assert "server.port: expected an integer, got str" in out.stderr
+    assert "server.bogus: unknown key" in out.stderr
+    assert 'store.url: scheme "mysql"' in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_minimal_config_has_safe_defaults() -> None:
+    cfg = config.parse({}, env=ENV)
+    assert cfg.upstream.url is None  # forward-auth only until told otherwise
+    assert cfg.identity.mode == "header"
+    assert cfg.paths.exclude == ()  # nothing is open by default
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"server": {"port": True}}, "server.port: expected an integer, got a boolean"),
+        ({"server": {"port": 70000}}, "server.port: 70000 is outside 0..65535"),
+        ({"server": {"trusted_proxies": ["10.0.0.1/8"]}}, "server.trusted_proxies[0]:"),
+        ({"server": {"trusted_proxies": ["not-an-ip"]}}, "server.trusted_proxies[0]:"),
+        ({"upstream": {"url": "ftp://x"}}, "upstream.url:"),
+        ({"upstream": {"url": "http://"}}, "upstream.url:"),
+        ({"upstream": {"url": "http://x:99999"}}, "upstream.url:"),
+        ({"upstream": {"user_header": "Bad Header"}}, "upstream.user_header:"),
+        ({"store": {"url": "sqlite://relative.db"}}, "store.url:"),
+        ({"store": {"cache_ttl": 5}}, "store.cache_ttl: 5.0 is outside 0..1"),
+        ({"identity": {"mode": "magic"}}, 'identity.mode: "magic" is not one of header, jwt'),
+        ({"totp": {"digits": 10}}, "totp.digits:"),
+        ({"totp": {"algorithm": "MD5"}}, "totp.algorithm:"),
+        ({"totp": {"issuer": "a:b"}}, "totp.issuer:"),
+        ({"paths": {"exclude": ["GET/api"]}}, "paths.exclude[0]:"),
+        ({"paths": {"exclude": ["/ok", 3]}}, "paths.exclude[1]: expected a string"),
+        ({"routes": {"verify": "relative"}}, "routes.verify:"),
+        ({"routes": {"verify": "/auth"}}, "routes: two routes share one path"),
+        ({"limits": {"max_failures": 0}}, "limits.max_failures:"),
+        ({"nonsense": {}}, "nonsense: unknown table or key"),
+        ({"session": {"secure": "yes"}}, "session.secure: expected a boolean, got str"),
+    ],
+)
+def test_bad_values_are_named_by_key(data: dict[str, Any], expected: str) -> None:
+    found = problems(data)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems({"server": {"port": "x", "host": 1}, "totp": {"digits": 3}})
+    assert len(found) == 3
+
+
+def test_keys_are_required_and_validated_without_echoing_them() -> None:
+    assert any("no encryption key" in p for p in problems({}, env={config.ENV_PEPPER: PEPPER}))
+    found = problems({}, env={config.ENV_KEYS: "not-a-key-at-all", config.ENV_PEPPER: PEPPER})
+    assert any(p.startswith("encryption.keys: key 1") for p in found)
+    assert not any("not-a-key-at-all" in p for p in found)
+    assert any(p.startswith("encryption.recovery_pepper: missing") for p in problems({}, env={config.ENV_KEYS: KEY}))
+    short = problems({}, env={config.ENV_KEYS: KEY, config.ENV_PEPPER: "short"})
+    assert any("at least 32" in p for p in short)
+
+
+def test_secrets_from_files_and_conflicts(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    new = Fernet.generate_key().decode()
+    keys.write_text(f"# newest first\n{new}\n{KEY}\n")
+    pepper = tmp_path / "pepper"
+    pepper.write_text(PEPPER + "\n")
+    cfg = config.parse({"encryption": {"keys_file": str(keys), "recovery_pepper_file": str(pepper)}}, env={})
+    assert cfg.encryption.keys == (new, KEY)
+    assert cfg.encryption.recovery_pepper == PEPPER.encode()
+    assert KEY not in repr(cfg)
+    both = problems({"encryption": {"keys_file": str(keys)}})
+    assert any("given more than once" in p for p in both)
+    missing = problems({"encryption": {"keys_file": str(tmp_path / "nope")}}, env={config.ENV_PEPPER: PEPPER})
+    assert any(p.startswith("encryption.keys_file: cannot read") for p in missing)
+
+
+def test_jwt_settings() -> None:
+    env = {**ENV, config.ENV_JWT_SECRET: "s" * 40}
+    cfg = config.parse({"identity": {"mode": "jwt", "jwt": {"audience": "fastapi-users:auth", "cookie": "auth"}}},
+                       env=env)
+    assert cfg.identity.jwt is not None
+    assert cfg.identity.jwt.audience == ("fastapi-users:auth",)
+    mixed = problems({"identity": {"mode": "jwt", "jwt": {"algorithms": ["HS256", "RS256"]}}}, env=env)
+    assert any("do not mix" in p for p in mixed)
+    none = problems({"identity": {"mode": "jwt", "jwt": {"algorithms": ["none"]}}}, env=env)
+    assert any("not a supported algorithm" in p for p in none)
+    no_secret = problems({"identity": {"mode": "jwt"}})
+    assert any(p.startswith("identity.jwt.secret:") for p in no_secret)
+    stray = problems({"identity": {"jwt": {}}})
+    assert any(p.startswith("identity.jwt: only used with") for p in stray)
+
+
+def test_unreadable_or_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "missing.toml", env=ENV)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(broken, env=ENV)

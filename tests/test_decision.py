@@ -1,0 +1,244 @@
+"""The one decision: order, fail-closed paths, replay under concurrency, cache bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyotp
+import pytest
+from cryptography.fernet import Fernet
+from starlette.datastructures import Headers
+
+from gateway import config as config_module
+from gateway.config import Config
+from gateway.crypto import SecretBox
+from gateway.decision import Decider, Facts, client_address
+from gateway.errors import Reason
+from gateway.factors import SecondFactor
+from gateway.store import open_store_from_url
+from gateway.store.redis import RedisStore
+from gateway.totp import new_secret
+from tests.conftest import RedisServer, need_binary
+from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def facts(path: str = "/admin", user: str | None = "alice", code: str | None = None, cookie: str | None = None,
+          method: str = "GET", trusted: bool = True) -> Facts:
+    raw: list[tuple[bytes, bytes]] = []
+    if user is not None:
+        raw.append((b"remote-user", user.encode()))
+    if code is not None:
+        raw.append((b"x-2fa-code", code.encode()))
+    if cookie is not None:
+        raw.append((b"cookie", cookie.encode()))
+    return Facts(method=method, path=path, client="192.0.2.10", peer_trusted=trusted, headers=Headers(raw=raw))
+
+
+async def setup(tmp_path: Path, clock: Clock, **tables: Any) -> tuple[Config, Decider, SecondFactor]:
+    cfg = make_config(tmp_path, **tables)
+    store = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    await store.open()
+    factors = SecondFactor(cfg, store, clock)
+    return cfg, Decider(cfg, factors), factors
+
+
+async def enrol_direct(cfg: Config, factors: SecondFactor, user: str) -> str:
+    secret = new_secret()
+    await factors.store.set_secret(user, SecretBox(cfg.encryption.keys).encrypt(user, secret))
+    return secret
+
+
+async def test_order_of_the_decision(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock)
+    assert (await decider.decide(facts("/public/../admin", user=None))).reason is Reason.IDENTITY_REQUIRED
+    assert (await decider.decide(facts("/a/..;/b"))).reason is Reason.BAD_REQUEST
+    assert (await decider.decide(facts("/public/x", user=None))).reason is Reason.EXCLUDED
+    assert (await decider.decide(facts("/admin", trusted=False))).reason is Reason.IDENTITY_REQUIRED
+    assert (await decider.decide(facts("/admin"))).reason is Reason.NOT_ENROLLED
+    secret = await enrol_direct(cfg, factors, "alice")
+    assert (await decider.decide(facts("/admin"))).reason is Reason.CODE_REQUIRED
+    assert (await decider.decide(facts("/admin", code="000000"))).reason is Reason.INVALID_CODE
+    ok = await decider.decide(facts("/admin", code=pyotp.TOTP(secret).at(clock.now)))
+    assert ok.allowed and ok.reason is Reason.CODE and ok.user == "alice" and ok.new_session
+    assert (await decider.decide(facts("/admin", code=pyotp.TOTP(secret).at(clock.now)))).reason is Reason.REPLAYED_CODE
+    with_session = await decider.decide(facts("/admin", cookie=f"{cfg.session.cookie}={ok.new_session}"))
+    assert with_session.reason is Reason.SESSION
+    assert (await decider.decide(facts("/admin", method="G E T"))).reason is Reason.BAD_REQUEST
+    # methods are case-sensitive: "get" is not the GET of "GET /api/public/*"
+    assert (await decider.decide(facts("/api/public/x", user=None, method="get"))).reason is Reason.IDENTITY_REQUIRED
+    await factors.store.close()
+
+
+async def test_concurrent_requests_with_one_code_give_exactly_one_success(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock)
+    secret = await enrol_direct(cfg, factors, "alice")
+    code = pyotp.TOTP(secret).at(clock.now)
+    results = await asyncio.gather(*(decider.decide(facts(code=code)) for _ in range(20)))
+    assert sum(d.allowed for d in results) == 1
+    assert {d.reason for d in results if not d.allowed} == {Reason.REPLAYED_CODE}
+    await factors.store.close()
+
+
+async def test_lockout_refuses_even_a_correct_code(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock, limits={"max_failures": 3, "lockout": 60})
+    secret = await enrol_direct(cfg, factors, "alice")
+    for _ in range(3):
+        await decider.decide(facts(code="000000"))
+    locked = await decider.decide(facts(code=pyotp.TOTP(secret).at(clock.now)))
+    assert locked.reason is Reason.LOCKED and locked.retry_after is not None and 0 < locked.retry_after <= 60
+    clock.now += 61
+    assert (await decider.decide(facts(code=pyotp.TOTP(secret).at(clock.now)))).allowed
+    await factors.store.close()
+
+
+async def test_client_address_lockout(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock, limits={"ip_max_failures": 4, "max_failures": 100})
+    for user in ("u1", "u2", "u3", "u4", "u5"):
+        await enrol_direct(cfg, factors, user)
+    for user in ("u1", "u2", "u3", "u4"):
+        await decider.decide(facts(user=user, code="000000"))
+    assert (await decider.decide(facts(user="u5", code="000000"))).reason is Reason.LOCKED
+    await factors.store.close()
+
+
+async def test_a_key_rotated_away_denies_and_leaves_the_record(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock)
+    secret = await enrol_direct(cfg, factors, "alice")
+    before = await factors.store.get_secret("alice")
+    other = make_config(tmp_path, env={config_module.ENV_KEYS: Fernet.generate_key().decode()})
+    stranger = Decider(other, SecondFactor(other, factors.store, clock))
+    result = await stranger.decide(facts(code=pyotp.TOTP(secret).at(clock.now)))
+    assert not result.allowed and result.reason is Reason.INTERNAL
+    assert await factors.store.get_secret("alice") == before
+    await factors.store.close()
+
+
+async def test_a_secret_copied_to_another_user_does_not_work(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock)
+    secret = await enrol_direct(cfg, factors, "alice")
+    token = await factors.store.get_secret("alice")
+    assert token is not None
+    await factors.store.set_secret("mallory", token)
+    result = await decider.decide(facts(user="mallory", code=pyotp.TOTP(secret).at(clock.now)))
+    assert not result.allowed
+    await factors.store.close()
+
+
+class ExplodingStore:
+    """A store whose every call raises something unexpected."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        async def boom(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("unexpected")
+
+        return boom
+
+
+async def test_unexpected_exceptions_deny(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    decider = Decider(cfg, SecondFactor(cfg, ExplodingStore(None)))  # type: ignore[arg-type]
+    result = await decider.decide(facts(code="123456"))
+    assert result.reason is Reason.INTERNAL and not result.allowed
+
+
+def test_store_outage_denies_with_503(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    redis = RedisServer(need_binary("redis-server"))
+    redis.start()
+    try:
+        cfg = make_config(tmp_path, upstream=upstream.url, store={"url": redis.url})
+        server = GatewayServer(cfg).start()
+        try:
+            secret = enrol(cfg, "alice")
+            r = httpx.get(server.url + "/echo", headers={"Remote-User": "alice", "X-2FA-Code": pyotp.TOTP(secret).now()})
+            assert r.status_code == 200
+            cookies = {cfg.session.cookie: r.cookies[cfg.session.cookie]}
+            redis.stop()
+            time.sleep(1.1)  # past store.cache_ttl: the session must be looked up again
+            r = httpx.get(server.url + "/echo", headers={"Remote-User": "alice"}, cookies=cookies)
+            assert r.status_code == 503
+            assert r.json()["error"] == "store_unavailable"
+            r = httpx.get(server.url + "/echo", headers={"Remote-User": "alice", "X-2FA-Code": "123456"})
+            assert r.status_code == 503
+            assert httpx.get(server.url + cfg.routes.ready).status_code == 503
+            assert httpx.get(server.url + "/public/x").status_code == 200  # excluded paths need no store
+        finally:
+            server.stop()
+    finally:
+        redis.stop()
+
+
+async def test_revocation_reaches_other_workers_within_cache_ttl(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider_a, factors_a = await setup(tmp_path, clock)
+    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    await store_b.open()
+    factors_b = SecondFactor(cfg, store_b, clock)
+    decider_b = Decider(cfg, factors_b)
+    await enrol_direct(cfg, factors_a, "alice")
+    session = await factors_a.open_session("alice")
+    cookie = f"{cfg.session.cookie}={session}"
+    assert (await decider_b.decide(facts(cookie=cookie))).reason is Reason.SESSION  # b caches it now
+    await factors_a.revoke_session(session)
+    assert not (await decider_a.decide(facts(cookie=cookie))).allowed  # at once where it was revoked
+    clock.now += cfg.store.cache_ttl + 0.001
+    assert not (await decider_b.decide(facts(cookie=cookie))).allowed  # elsewhere within cache_ttl
+    # a reset user: the same bound
+    session = await factors_a.open_session("alice")
+    cookie = f"{cfg.session.cookie}={session}"
+    assert (await decider_b.decide(facts(cookie=cookie))).allowed
+    await factors_a.reset_user("alice")
+    clock.now += cfg.store.cache_ttl + 0.001
+    assert (await decider_b.decide(facts(cookie=cookie))).reason is Reason.NOT_ENROLLED
+    await factors_a.store.close()
+    await store_b.close()
+
+
+async def test_redis_replay_guard_under_concurrency(redis_server: RedisServer, tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = make_config(tmp_path, store={"url": redis_server.url, "prefix": "decision-test"})
+    store = RedisStore(redis_server.url, "decision-test")
+    await store.open()
+    factors = SecondFactor(cfg, store, clock)
+    decider = Decider(cfg, factors)
+    secret = await enrol_direct(cfg, factors, "zed")
+    code = pyotp.TOTP(secret).at(clock.now)
+    results = await asyncio.gather(*(decider.decide(facts(user="zed", code=code)) for _ in range(20)))
+    assert sum(d.allowed for d in results) == 1
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        ("127.0.0.1", "203.0.113.5", "203.0.113.5"),
+        ("127.0.0.1", "198.51.100.1, 203.0.113.5", "203.0.113.5"),
+        ("127.0.0.1", "203.0.113.5, 127.0.0.1", "203.0.113.5"),
+        ("127.0.0.1", "garbage", "127.0.0.1"),
+        ("198.51.100.9", "203.0.113.5", "198.51.100.9"),  # untrusted peer: XFF ignored
+        ("127.0.0.1", None, "127.0.0.1"),
+    ],
+)
+def test_client_address(peer: str, xff: str | None, expected: str) -> None:
+    cfg = make_config(Path("/tmp"))
+    assert client_address(peer, xff, cfg.server.trusted_proxies) == expected

@@ -1,0 +1,122 @@
+"""The first factor: trusted header and verified JWT."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pyotp
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.datastructures import Headers
+
+from gateway import config as config_module
+from gateway.config import IdentityConfig, JwtConfig
+from gateway.errors import Reason
+from gateway.identity import IdentityReader, read_cookie, valid_user
+from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
+
+SECRET = "s3cret-" * 6
+AUD = "fastapi-users:auth"
+
+
+def hs_reader(**kw: Any) -> IdentityReader:
+    cfg = JwtConfig(secret=SECRET, algorithms=("HS256",), audience=(AUD,), cookie="auth", label_claim="email", **kw)
+    return IdentityReader(IdentityConfig(mode="jwt", jwt=cfg))
+
+
+def token(claims: dict[str, Any], key: str = SECRET, alg: str = "HS256") -> str:
+    base = {"sub": "user-1", "aud": AUD, "exp": int(time.time()) + 60, "email": "ann@example.com"}
+    base.update(claims)
+    return jwt.encode({k: v for k, v in base.items() if v is not None}, key, algorithm=alg)
+
+
+def read(reader: IdentityReader, headers: dict[str, str], trusted: bool = True) -> tuple[Any, Reason]:
+    return reader.read(Headers(headers), trusted)
+
+
+def test_header_mode_believes_only_trusted_peers() -> None:
+    reader = IdentityReader(IdentityConfig())
+    identity, _ = read(reader, {"Remote-User": "alice"})
+    assert identity is not None and identity.user == "alice"
+    assert read(reader, {"Remote-User": "alice"}, trusted=False) == (None, Reason.IDENTITY_REQUIRED)
+    assert read(reader, {}) == (None, Reason.IDENTITY_REQUIRED)
+    assert read(reader, {"Remote-User": " padded"})[1] is Reason.INVALID_IDENTITY
+    assert read(reader, {"Remote-User": "x" * 300})[1] is Reason.INVALID_IDENTITY
+
+
+def test_jwt_bearer_and_cookie() -> None:
+    reader = hs_reader()
+    identity, _ = read(reader, {"Authorization": f"Bearer {token({})}"})
+    assert identity is not None and identity.user == "user-1" and identity.label == "ann@example.com"
+    identity, _ = read(reader, {"Cookie": f"other=1; auth={token({'sub': 'user-2'})}"})
+    assert identity is not None and identity.user == "user-2"
+    # a cached token is still rejected once expired
+    assert read(reader, {"Authorization": f"Bearer {token({'exp': int(time.time()) - 1})}"})[0] is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"exp": None},  # exp is required
+        {"exp": 1},  # expired
+        {"aud": "someone-else"},
+        {"sub": None},
+        {"sub": "bad\nuser"},
+    ],
+)
+def test_jwt_rejections(bad: dict[str, Any]) -> None:
+    assert read(hs_reader(), {"Authorization": f"Bearer {token(bad)}"}) == (None, Reason.INVALID_IDENTITY)
+
+
+def test_jwt_wrong_key_alg_none_and_garbage() -> None:
+    reader = hs_reader()
+    assert read(reader, {"Authorization": f"Bearer {token({}, key='other-key-' * 4)}"})[0] is None
+    unsigned = jwt.encode({"sub": "x", "aud": AUD, "exp": int(time.time()) + 60}, None, algorithm="none")
+    assert read(reader, {"Authorization": f"Bearer {unsigned}"})[0] is None
+    assert read(reader, {"Authorization": "Bearer not.a.jwt"})[1] is Reason.INVALID_IDENTITY
+    assert read(reader, {"Authorization": "Basic dXNlcjpwdw=="})[1] is Reason.IDENTITY_REQUIRED
+
+
+def test_jwt_public_key() -> None:
+    private = ec.generate_private_key(ec.SECP256R1())
+    public = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    reader = IdentityReader(IdentityConfig(mode="jwt", jwt=JwtConfig(public_key=public.decode(), algorithms=("ES256",))))
+    good = jwt.encode({"sub": "es-user", "exp": int(time.time()) + 60}, private, algorithm="ES256")
+    assert read(reader, {"Authorization": f"Bearer {good}"})[0].user == "es-user"
+    # an HS256 token "signed" with the public key must not pass (algorithm confusion)
+    forged = jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, "k" * 40, algorithm="HS256")
+    assert read(reader, {"Authorization": f"Bearer {forged}"})[0] is None
+
+
+def test_helpers() -> None:
+    assert read_cookie("a=1; b=2", "b") == "2"
+    assert read_cookie("ab=1", "b") is None
+    assert read_cookie(None, "b") is None
+    assert valid_user("alice@example.com")
+    assert not valid_user("") and not valid_user("a\x00b") and not valid_user(3)
+
+
+def test_jwt_mode_end_to_end(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """An app whose own login issues JWTs (FastAPI Users style) behind the gateway."""
+    cfg = make_config(
+        tmp_path, upstream=upstream.url,
+        identity={"mode": "jwt", "jwt": {"audience": AUD, "cookie": "auth"}},
+        env={config_module.ENV_JWT_SECRET: SECRET},
+    )
+    server = GatewayServer(cfg).start()
+    try:
+        secret = enrol(cfg, "user-1")
+        bearer = {"Authorization": f"Bearer {token({})}"}
+        assert httpx.get(server.url + "/echo", headers=bearer).status_code == 401
+        r = httpx.get(server.url + "/echo", headers={**bearer, "X-2FA-Code": pyotp.TOTP(secret).now()})
+        assert r.status_code == 200
+        seen = dict(r.json()["headers"])
+        assert seen["remote-user"] == "user-1"
+        assert seen["authorization"] == bearer["Authorization"]  # the app still gets its own token
+    finally:
+        server.stop()
