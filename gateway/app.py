@@ -153,9 +153,13 @@ class Gateway:
             extra = [self.session_cookie(decision.new_session)] if decision.new_session else None
             try:
                 await self.forwarder.forward(
-                    scope, receive, send, encode_path(decision.path),
+                    scope,
+                    receive,
+                    send,
+                    encode_path(decision.path),
                     decision.user if decision.reason is not Reason.EXCLUDED else None,
-                    facts.peer_trusted, extra,
+                    facts.peer_trusted,
+                    extra,
                 )
             except Exception:
                 # After the response has started there is nothing left to say but to close.

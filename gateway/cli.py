@@ -123,14 +123,17 @@ async def _users(config: Config, args: argparse.Namespace) -> str:
         user: str = args.user
         state = await store.user_state(user, time.time())
         if args.users_command == "show":
-            return "\n".join([
-                f"user: {user}",
-                f"enrolled: {'yes' if state.enrolled else 'no'}" + (" (enrolment pending)" if state.pending else ""),
-                f"locked: {_fmt_time(state.locked_until)}",
-                f"recent failures: {state.failures}",
-                f"recovery codes left: {state.recovery_codes_left}",
-                f"sessions: {state.sessions}",
-            ])
+            return "\n".join(
+                [
+                    f"user: {user}",
+                    f"enrolled: {'yes' if state.enrolled else 'no'}"
+                    + (" (enrolment pending)" if state.pending else ""),
+                    f"locked: {_fmt_time(state.locked_until)}",
+                    f"recent failures: {state.failures}",
+                    f"recovery codes left: {state.recovery_codes_left}",
+                    f"sessions: {state.sessions}",
+                ]
+            )
         if not (state.enrolled or state.pending or state.sessions or state.locked_until or state.failures):
             raise CommandError(f"no such user: {user}")
         if args.users_command == "reset":
@@ -147,8 +150,9 @@ async def _import(config: Config, path: str, source_key: str, force: bool) -> tu
     from gateway import totp
 
     box = SecretBox(config.encryption.keys)
-    params = totp.TotpParams(digits=config.totp.digits, period=config.totp.period,
-                             algorithm=config.totp.algorithm, window=config.totp.window)
+    params = totp.TotpParams(
+        digits=config.totp.digits, period=config.totp.period, algorithm=config.totp.algorithm, window=config.totp.window
+    )
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(enumerate(csv.reader(f), start=1))

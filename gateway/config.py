@@ -259,8 +259,7 @@ class _Table:
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
-             dict: "a table"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "a table"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -399,8 +398,10 @@ def _encryption(data: Any, env: Mapping[str, str], problems: list[str]) -> Encry
         t.problem("recovery_pepper", "must be at least 32 characters (`gateway keygen` makes one)")
         pepper = None
     if pepper is None and not any(p.startswith("encryption.recovery_pepper") for p in problems):
-        t.problem("recovery_pepper", f"missing: set {ENV_PEPPER} or encryption.recovery_pepper_file "
-                                     "(`gateway keygen` makes one)")
+        t.problem(
+            "recovery_pepper",
+            f"missing: set {ENV_PEPPER} or encryption.recovery_pepper_file (`gateway keygen` makes one)",
+        )
     t.finish()
     return EncryptionConfig(keys=tuple(keys), recovery_pepper=(pepper or "").encode())
 
@@ -529,8 +530,7 @@ def _routes(data: Any, problems: list[str]) -> RoutesConfig:
     return cfg
 
 
-SECTIONS = ("server", "upstream", "store", "encryption", "identity", "totp", "session", "limits", "paths",
-            "routes")
+SECTIONS = ("server", "upstream", "store", "encryption", "identity", "totp", "session", "limits", "paths", "routes")
 
 
 def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:

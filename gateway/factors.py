@@ -114,9 +114,7 @@ class SecondFactor:
 
     async def _fail(self, user: str, client: str | None, reason: Reason) -> Outcome:
         now = self.clock()
-        until = await self.store.record_failure(
-            f"user:{user}", self.limits.max_failures, self.limits.lockout, now
-        )
+        until = await self.store.record_failure(f"user:{user}", self.limits.max_failures, self.limits.lockout, now)
         if until is not None:
             self._locks.put(f"user:{user}", until, until)
             log.warning("lockout user=%r for %ss", user, self.limits.lockout)
@@ -136,9 +134,7 @@ class SecondFactor:
     # -- codes ---------------------------------------------------------------------------------
 
     async def _secret(self, user: str, pending: bool = False) -> str | None:
-        token = (
-            await self.store.get_pending(user, self.clock()) if pending else await self.store.get_secret(user)
-        )
+        token = await self.store.get_pending(user, self.clock()) if pending else await self.store.get_secret(user)
         if token is None:
             return None
         try:
@@ -233,9 +229,7 @@ class SecondFactor:
 
     async def new_recovery_codes(self, user: str) -> list[str]:
         codes = totp.new_recovery_codes()
-        hashes = [
-            totp.hash_recovery_code(self.pepper, user, totp.normalize_recovery_code(c) or c) for c in codes
-        ]
+        hashes = [totp.hash_recovery_code(self.pepper, user, totp.normalize_recovery_code(c) or c) for c in codes]
         await self.store.set_recovery_codes(user, hashes)
         return codes
 

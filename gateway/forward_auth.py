@@ -114,7 +114,7 @@ class ForwardAuth:
         # As proxy mode does: only a browser navigation is sent to a page; a program gets the
         # status (and nginx's error_page, Caddy's handle_response redirect only on a Location).
         if browser and method in ("GET", "HEAD") and reason in _LOCATION_REASONS and decision.path is not None:
-            local = encode_path(decision.path) + (target[target.find("?"):] if "?" in target else "")
+            local = encode_path(decision.path) + (target[target.find("?") :] if "?" in target else "")
             location = self._origin(headers) + self.gateway.login_location(reason, local)
         # Traefik shows the denial itself (a browser does not follow a 401's Location): link it.
         extra = f'<p><a href="{html.escape(location)}">Continue</a></p>' if location else ""
@@ -125,4 +125,3 @@ class ForwardAuth:
         if location is not None:
             out.append((b"location", location.encode()))
         await send_response(send, status, out, body)
-

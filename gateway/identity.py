@@ -34,12 +34,7 @@ class Identity:
 
 
 def valid_user(user: object) -> bool:
-    return (
-        isinstance(user, str)
-        and 0 < len(user) <= MAX_USER_LENGTH
-        and user.isprintable()
-        and user == user.strip()
-    )
+    return isinstance(user, str) and 0 < len(user) <= MAX_USER_LENGTH and user.isprintable() and user == user.strip()
 
 
 def read_cookie(cookie_header: str | None, name: str) -> str | None:

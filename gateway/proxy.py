@@ -37,11 +37,21 @@ log = logging.getLogger("gateway.proxy")
 
 # RFC 9110 §7.6.1 (and RFC 2616 §13.5.1 for the older names still seen in the wild).
 HOP_BY_HOP_HEADERS = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade", b"trailer",
-     b"proxy-authenticate", b"proxy-authorization"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
 )
-_FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
-                                 b"x-real-ip"})
+_FORWARDING_HEADERS = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
 # A response at most this large (by Content-Length) is relayed without a disconnect watcher.
 _SMALL_RESPONSE = 256 * 1024
 
@@ -86,8 +96,12 @@ class Forwarder:
         self.public_url = config.server.public_url.encode() if config.server.public_url else None
         self.transport = transport if transport is not None else default_transport(config)
         up = config.upstream
-        self.timeout = {"connect": up.connect_timeout, "read": up.read_timeout, "write": up.write_timeout,
-                        "pool": up.pool_timeout}
+        self.timeout = {
+            "connect": up.connect_timeout,
+            "read": up.read_timeout,
+            "write": up.write_timeout,
+            "pool": up.pool_timeout,
+        }
         self.networks = config.server.trusted_proxies
         self.user_header = config.upstream.user_header.lower().encode()
         # Headers a client must never get to the upstream: the code, and anything claiming
@@ -178,8 +192,7 @@ class Forwarder:
         content: bytes | AsyncIterator[bytes] = b""
         if (length is not None and length != b"0") or chunked:
             content = self._body(receive)
-        request = httpx.Request(method, url, headers=headers, content=content,
-                                extensions={"timeout": self.timeout})
+        request = httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": self.timeout})
         try:
             response = await self.transport.handle_async_request(request)
         except ClientDisconnected:
@@ -228,7 +241,7 @@ class Forwarder:
             if name in drop:
                 continue
             if name == b"location" and value.startswith(self.origin):
-                rest = value[len(self.origin):]
+                rest = value[len(self.origin) :]
                 if rest[:1] in (b"", b"/", b"?", b"#"):
                     value = self.public_origin(scope, scope["headers"], trusted) + rest
             elif name == b"content-length":

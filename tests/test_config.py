@@ -41,15 +41,25 @@ def test_example_file_is_valid_and_documents_defaults() -> None:
 
 def test_check_config_command(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", **ENV}
-    ok = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(ROOT / "gateway.example.toml")],
-                        capture_output=True, text=True, env=env, cwd=ROOT)
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(ROOT / "gateway.example.toml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: ")
     assert KEY not in ok.stdout and PEPPER not in ok.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\nport = "eighty"\nbogus = 1\n[store]\nurl = "mysql://x"\n')
-    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(bad)],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert out.returncode == 1
     assert "server.port: expected an integer, got str" in out.stderr
     assert "server.bogus: unknown key" in out.stderr
@@ -128,8 +138,9 @@ def test_secrets_from_files_and_conflicts(tmp_path: Path) -> None:
 
 def test_jwt_settings() -> None:
     env = {**ENV, config.ENV_JWT_SECRET: "s" * 40}
-    cfg = config.parse({"identity": {"mode": "jwt", "jwt": {"audience": "fastapi-users:auth", "cookie": "auth"}}},
-                       env=env)
+    cfg = config.parse(
+        {"identity": {"mode": "jwt", "jwt": {"audience": "fastapi-users:auth", "cookie": "auth"}}}, env=env
+    )
     assert cfg.identity.jwt is not None
     assert cfg.identity.jwt.audience == ("fastapi-users:auth",)
     mixed = problems({"identity": {"mode": "jwt", "jwt": {"algorithms": ["HS256", "RS256"]}}}, env=env)

@@ -34,8 +34,14 @@ class Clock:
         return self.now
 
 
-def facts(path: str = "/admin", user: str | None = "alice", code: str | None = None, cookie: str | None = None,
-          method: str = "GET", trusted: bool = True) -> Facts:
+def facts(
+    path: str = "/admin",
+    user: str | None = "alice",
+    code: str | None = None,
+    cookie: str | None = None,
+    method: str = "GET",
+    trusted: bool = True,
+) -> Facts:
     raw: list[tuple[bytes, bytes]] = []
     if user is not None:
         raw.append((b"remote-user", user.encode()))
@@ -119,7 +125,7 @@ async def test_client_address_lockout(tmp_path: Path) -> None:
 
 async def test_a_key_rotated_away_denies_and_leaves_the_record(tmp_path: Path) -> None:
     clock = Clock()
-    cfg, decider, factors = await setup(tmp_path, clock)
+    cfg, _, factors = await setup(tmp_path, clock)
     secret = await enrol_direct(cfg, factors, "alice")
     before = await factors.store.get_secret("alice")
     other = make_config(tmp_path, env={config_module.ENV_KEYS: Fernet.generate_key().decode()})
@@ -170,7 +176,9 @@ def test_store_outage_denies_with_503(upstream: UpstreamProcess, tmp_path: Path)
         server = GatewayServer(cfg).start()
         try:
             secret = enrol(cfg, "alice")
-            r = httpx.get(server.url + "/echo", headers={"Remote-User": "alice", "X-2FA-Code": pyotp.TOTP(secret).now()})
+            r = httpx.get(
+                server.url + "/echo", headers={"Remote-User": "alice", "X-2FA-Code": pyotp.TOTP(secret).now()}
+            )
             assert r.status_code == 200
             cookies = {cfg.session.cookie: r.cookies[cfg.session.cookie]}
             redis.stop()

@@ -84,8 +84,12 @@ def test_jwt_wrong_key_alg_none_and_garbage() -> None:
 
 def test_jwt_public_key() -> None:
     private = ec.generate_private_key(ec.SECP256R1())
-    public = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    reader = IdentityReader(IdentityConfig(mode="jwt", jwt=JwtConfig(public_key=public.decode(), algorithms=("ES256",))))
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    reader = IdentityReader(
+        IdentityConfig(mode="jwt", jwt=JwtConfig(public_key=public.decode(), algorithms=("ES256",)))
+    )
     good = jwt.encode({"sub": "es-user", "exp": int(time.time()) + 60}, private, algorithm="ES256")
     assert read(reader, {"Authorization": f"Bearer {good}"})[0].user == "es-user"
     # an HS256 token "signed" with the public key must not pass (algorithm confusion)
@@ -104,7 +108,8 @@ def test_helpers() -> None:
 def test_jwt_mode_end_to_end(upstream: UpstreamProcess, tmp_path: Path) -> None:
     """An app whose own login issues JWTs (FastAPI Users style) behind the gateway."""
     cfg = make_config(
-        tmp_path, upstream=upstream.url,
+        tmp_path,
+        upstream=upstream.url,
         identity={"mode": "jwt", "jwt": {"audience": AUD, "cookie": "auth"}},
         env={config_module.ENV_JWT_SECRET: SECRET},
     )

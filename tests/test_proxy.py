@@ -170,12 +170,34 @@ def test_html_clients_are_sent_to_the_verify_page(gw: GatewayServer) -> None:
 
 
 BYPASS = [
-    "/public/../admin", "/public/%2e%2e/admin", "/public/%2E%2E/admin", "//admin", "/public/..;/admin",
-    "/public;/../admin", "/public/%2e%2e%2fadmin", "/public/..%2fadmin", "/public/..%5cadmin",
-    "/public\\..\\admin", "/public/%252e%252e/admin", "/public/%c0%ae%c0%ae/admin", "/public/..%00/admin",
-    "/Public/x", "/healthz/", "/healthz/../admin", "/public", "/public-admin", "/./public/../admin",
-    "/public/./../admin", "/%2fadmin", "/admin%23/public", "/admin%3f/public", "/admin?x=/public",
-    "/admin#/public", "/public/%61dmin/../../admin", "/PUBLIC/../admin", "/public/%2e%2e;/admin",
+    "/public/../admin",
+    "/public/%2e%2e/admin",
+    "/public/%2E%2E/admin",
+    "//admin",
+    "/public/..;/admin",
+    "/public;/../admin",
+    "/public/%2e%2e%2fadmin",
+    "/public/..%2fadmin",
+    "/public/..%5cadmin",
+    "/public\\..\\admin",
+    "/public/%252e%252e/admin",
+    "/public/%c0%ae%c0%ae/admin",
+    "/public/..%00/admin",
+    "/Public/x",
+    "/healthz/",
+    "/healthz/../admin",
+    "/public",
+    "/public-admin",
+    "/./public/../admin",
+    "/public/./../admin",
+    "/%2fadmin",
+    "/admin%23/public",
+    "/admin%3f/public",
+    "/admin?x=/public",
+    "/admin#/public",
+    "/public/%61dmin/../../admin",
+    "/PUBLIC/../admin",
+    "/public/%2e%2e;/admin",
 ]
 
 
@@ -235,18 +257,22 @@ def test_head_request(gw: GatewayServer) -> None:
 def test_headers_stripped_and_set(gw: GatewayServer) -> None:
     headers, cookies = session_for(gw)
     cookie_header = f"a=1; {gw.config.session.cookie}={cookies[gw.config.session.cookie]}; b=2"
-    status, body = get_raw(gw.port, "/echo", {
-        **headers,
-        "Cookie": cookie_header,
-        "X-2FA-Code": "123456",
-        "Connection": "keep-alive, X-Drop-Me",
-        "X-Drop-Me": "hop",
-        "Keep-Alive": "timeout=5",
-        "TE": "trailers",
-        "Proxy-Authorization": "Basic eA==",
-        "X-Forwarded-For": "198.51.100.7",
-        "X-Custom": "kept",
-    })
+    status, body = get_raw(
+        gw.port,
+        "/echo",
+        {
+            **headers,
+            "Cookie": cookie_header,
+            "X-2FA-Code": "123456",
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "hop",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic eA==",
+            "X-Forwarded-For": "198.51.100.7",
+            "X-Custom": "kept",
+        },
+    )
     assert status == 200
     seen = {k: v for k, v in json.loads(body)["headers"]}
     names = [k for k, _ in json.loads(body)["headers"]]
@@ -272,8 +298,16 @@ def test_untrusted_peer_cannot_forge_identity_or_forwarding(upstream: UpstreamPr
         r = httpx.get(server.url + "/echo", headers={"Remote-User": "alice", "X-2FA-Code": pyotp.TOTP(secret).now()})
         assert r.status_code == 401
         assert r.json()["error"] == "identity_required"
-        _, body = get_raw(server.port, "/public/x", {"X-Forwarded-For": "203.0.113.9", "Remote-User": "alice",
-                                                           "X-Forwarded-Proto": "https", "Forwarded": "for=1.2.3.4"})
+        _, body = get_raw(
+            server.port,
+            "/public/x",
+            {
+                "X-Forwarded-For": "203.0.113.9",
+                "Remote-User": "alice",
+                "X-Forwarded-Proto": "https",
+                "Forwarded": "for=1.2.3.4",
+            },
+        )
         seen = {k: v for k, v in json.loads(body)["headers"]}
         assert seen["x-forwarded-for"] == "127.0.0.1"
         assert seen["x-forwarded-proto"] == "http"
@@ -335,8 +369,9 @@ def test_upstream_refused_is_502(tmp_path: Path) -> None:
 
 
 def test_upstream_timeout_is_504_and_pool_exhaustion_503(upstream: UpstreamProcess, tmp_path: Path) -> None:
-    config = make_config(tmp_path, upstream={"url": upstream.url, "read_timeout": 0.5, "max_connections": 1,
-                                             "pool_timeout": 0.2})
+    config = make_config(
+        tmp_path, upstream={"url": upstream.url, "read_timeout": 0.5, "max_connections": 1, "pool_timeout": 0.2}
+    )
     server = GatewayServer(config).start()
     try:
         assert httpx.get(server.url + "/public/slow?s=2").status_code == 504

@@ -64,9 +64,16 @@ class NginxFront:
         """Write an htpasswd file (APR1-MD5 hashes, as ``openssl passwd -apr1`` makes them)."""
         lines = []
         for user, password in users.items():
-            hashed = subprocess.run(
-                ["openssl", "passwd", "-apr1", "-stdin"], input=password.encode(), capture_output=True, check=True,
-            ).stdout.decode().strip()
+            hashed = (
+                subprocess.run(
+                    ["openssl", "passwd", "-apr1", "-stdin"],
+                    input=password.encode(),
+                    capture_output=True,
+                    check=True,
+                )
+                .stdout.decode()
+                .strip()
+            )
             lines.append(f"{user}:{hashed}\n")
         path = self.dir / "htpasswd"
         path.write_text("".join(lines))
@@ -137,14 +144,21 @@ class CaddyFront:
 
     def hash_password(self, password: str) -> str:
         return subprocess.run(
-            [self.binary, "hash-password", "--plaintext", password], capture_output=True, text=True, check=True,
+            [self.binary, "hash-password", "--plaintext", password],
+            capture_output=True,
+            text=True,
+            check=True,
             env=self._env(),
         ).stdout.strip()
 
     def _env(self) -> dict[str, str]:
         # Caddy keeps certificates and autosaved config under $HOME / XDG dirs: keep them here.
-        return {**os.environ, "HOME": str(self.dir), "XDG_DATA_HOME": str(self.dir / "data"),
-                "XDG_CONFIG_HOME": str(self.dir / "config")}
+        return {
+            **os.environ,
+            "HOME": str(self.dir),
+            "XDG_DATA_HOME": str(self.dir / "data"),
+            "XDG_CONFIG_HOME": str(self.dir / "config"),
+        }
 
     def start(self) -> CaddyFront:
         text = substitute(self.source.read_text(), self.replacements, str(self.source))
@@ -153,7 +167,10 @@ class CaddyFront:
         self.log = (self.dir / "caddy.log").open("wb")
         self.proc = subprocess.Popen(
             [self.binary, "run", "--config", str(path), "--adapter", "caddyfile"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self._env(), cwd=self.dir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+            cwd=self.dir,
         )
         try:
             wait_for_port(self.port)
@@ -179,8 +196,9 @@ class CaddyFront:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def raw_request(port: int, target: str, headers: dict[str, str] | None = None,
-                method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+def raw_request(
+    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
     """Send ``target`` exactly as given (no client-side normalisation): ``(status, headers, body)``.
     Header names in the answer are lower case; repeated ones are joined with ``", "``."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -206,5 +224,6 @@ def totp_now(secret: str) -> str:
         import pyotp
 
         return str(pyotp.TOTP(secret).now())
-    return subprocess.run(["oathtool", "--totp", "-b", secret], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["oathtool", "--totp", "-b", secret], capture_output=True, text=True, check=True
+    ).stdout.strip()

@@ -60,8 +60,17 @@ class UpstreamProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.support.upstream_app:app", "--port", str(self.port),
-             "--log-level", "warning", "--no-access-log"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.support.upstream_app:app",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
             cwd=ROOT,
         )
         wait_for_port(self.port)
@@ -106,10 +115,17 @@ class GatewayServer:
         self.config = config
         self.port = free_port()
         self.app = create_app(config, **app_kwargs)
-        self.server = uvicorn.Server(uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-            proxy_headers=False, access_log=False,
-        ))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on",
+                proxy_headers=False,
+                access_log=False,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -154,7 +170,8 @@ def gateway_process(config_path: Path, env: dict[str, str], port: int) -> subpro
     """``gateway run --config PATH`` as a real process; waits until it listens."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
-        env={**os.environ, **env}, cwd=ROOT,
+        env={**os.environ, **env},
+        cwd=ROOT,
     )
     try:
         wait_for_port(port)

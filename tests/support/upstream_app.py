@@ -47,7 +47,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path: str = scope["path"]
     for prefix in ("/api/public", "/public"):
         if path.startswith(prefix + "/"):
-            path = path[len(prefix):]
+            path = path[len(prefix) :]
             break
     if path.startswith("/bytes/") or path.startswith("/stream/"):
         n = int(path.rsplit("/", 1)[1])
@@ -94,8 +94,17 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         host = dict(scope["headers"]).get(b"host", b"")
         return await respond(send, 302, b"", [(b"location", b"http://" + host + b"/echo/after?x=1")])
     if path == "/hop":
-        return await respond(send, 200, b"hop", [(b"connection", b"x-private"), (b"x-private", b"secret-hop"),
-                                                 (b"keep-alive", b"timeout=5"), (b"x-kept", b"yes")])
+        return await respond(
+            send,
+            200,
+            b"hop",
+            [
+                (b"connection", b"x-private"),
+                (b"x-private", b"secret-hop"),
+                (b"keep-alive", b"timeout=5"),
+                (b"x-kept", b"yes"),
+            ],
+        )
     if path == "/slow":
         seconds = float(scope["query_string"].decode().partition("=")[2] or "1")
         await asyncio.sleep(seconds)
