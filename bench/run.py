@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     workdir.chmod(0o755)  # nginx workers read the sparse file under it
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with it ignored
     bench = Bench(settings, workdir)
     errors: list[str] = []
     try:
@@ -103,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         bench.procs.stop_all()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         if args.keep or errors:
             print(f"bench: work directory kept: {workdir}", file=sys.stderr)
         else:

@@ -122,6 +122,8 @@ async def _users(config: Config, args: argparse.Namespace) -> str:
             return "\n".join(users) if users else "(no users)"
         user: str = args.user
         state = await store.user_state(user, time.time())
+        if not (state.enrolled or state.pending or state.sessions or state.locked_until or state.failures):
+            raise CommandError(f"no such user: {user}")
         if args.users_command == "show":
             return "\n".join(
                 [
@@ -134,8 +136,6 @@ async def _users(config: Config, args: argparse.Namespace) -> str:
                     f"sessions: {state.sessions}",
                 ]
             )
-        if not (state.enrolled or state.pending or state.sessions or state.locked_until or state.failures):
-            raise CommandError(f"no such user: {user}")
         if args.users_command == "reset":
             await factors.reset_user(user)
             return f"reset {user}: secret, sessions and recovery codes removed; the user must enrol again"
@@ -238,8 +238,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="A two-factor authentication gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", "-c", help="TOML file (default: $GATEWAY_CONFIG, then ./gateway.toml)")
+    def with_config(p: argparse.ArgumentParser, leaf: bool = False) -> argparse.ArgumentParser:
+        # On a sub-subcommand too (`gateway users list --config X`), where SUPPRESS keeps its
+        # absent default from overwriting a --config given before the subcommand.
+        default = argparse.SUPPRESS if leaf else None
+        p.add_argument(
+            "--config", "-c", default=default, help="TOML file (default: $GATEWAY_CONFIG, then ./gateway.toml)"
+        )
         return p
 
     with_config(sub.add_parser("run", help="serve"))
@@ -252,17 +257,24 @@ def _parser() -> argparse.ArgumentParser:
 
     users = with_config(sub.add_parser("users", help="manage users"))
     users_sub = users.add_subparsers(dest="users_command", required=True)
-    users_sub.add_parser("list")
-    for name in ("show", "reset", "unlock"):
-        users_sub.add_parser(name).add_argument("user")
-    imp = users_sub.add_parser("import", help="import two_fast_auth users from a CSV of user_id,encrypted_secret")
+    with_config(users_sub.add_parser("list", help="every enrolled or enrolling user"), leaf=True)
+    for name, text in (
+        ("show", "a user's state (never the secret)"),
+        ("reset", "remove a user's secret, sessions and recovery codes"),
+        ("unlock", "lift a user's lockout"),
+    ):
+        with_config(users_sub.add_parser(name, help=text), leaf=True).add_argument("user")
+    imp = with_config(
+        users_sub.add_parser("import", help="import two_fast_auth users from a CSV of user_id,encrypted_secret"),
+        leaf=True,
+    )
     imp.add_argument("file")
     imp.add_argument("--source-key", required=True, help="the Fernet key the old app encrypted with")
     imp.add_argument("--force", action="store_true", help="replace a different secret a user already has")
 
     keys = with_config(sub.add_parser("keys", help="manage encryption keys"))
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    keys_sub.add_parser("rotate", help="re-encrypt every secret under the newest key")
+    with_config(keys_sub.add_parser("rotate", help="re-encrypt every secret under the newest key"), leaf=True)
     return parser
 
 

@@ -32,7 +32,7 @@ input{{font:inherit;padding:.5rem .6rem;border:2px solid #5f6672;border-radius:.
 button{{font:inherit;font-weight:600;padding:.6rem 1.1rem;border:0;border-radius:.375rem;background:#0b57d0;color:#fff;
 cursor:pointer;margin:.5rem .5rem 0 0}} button.secondary{{background:#fff;color:#0b57d0;border:2px solid #0b57d0}}
 form.inline{{display:inline}} a{{color:#0b57d0}} .you{{font-size:1.25rem}}
-input:focus,button:focus,a:focus{{outline:3px solid #f59e0b;outline-offset:2px}}
+input:focus,button:focus,a:focus{{outline:3px solid #b45309;outline-offset:2px}}
 </style></head><body><p class="banner">DEMO ONLY: any name logs in, no password. Never use this in production.</p>
 <main><h1>{title}</h1>{body}</main></body></html>"""
 

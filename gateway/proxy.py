@@ -52,6 +52,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 _FORWARDING_HEADERS = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )
+# X-Forwarded-Proto names the HTTP scheme, also for a WebSocket handshake.
+_HTTP_SCHEME = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
 # A response at most this large (by Content-Length) is relayed without a disconnect watcher.
 _SMALL_RESPONSE = 256 * 1024
 
@@ -145,7 +147,7 @@ class Forwarder:
         client = scope.get("client")
         peer = client[0].encode() if client else b"unknown"
         out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
-        out.append((b"x-forwarded-proto", proto or scope.get("scheme", "http").encode()))
+        out.append((b"x-forwarded-proto", proto or _HTTP_SCHEME.get(scope.get("scheme", "http"), b"http")))
         out.append((b"x-forwarded-host", fwd_host or host))
         if user is not None:
             out.append((self.user_header, user.encode()))
@@ -162,7 +164,7 @@ class Forwarder:
                 proto = value
             elif trusted and name == b"x-forwarded-host":
                 host = value
-        return (proto or scope.get("scheme", "http").encode()) + b"://" + (host or b"localhost")
+        return (proto or _HTTP_SCHEME.get(scope.get("scheme", "http"), b"http")) + b"://" + (host or b"localhost")
 
     async def forward(
         self,
