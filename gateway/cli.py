@@ -154,6 +154,12 @@ async def _import(config: Config, path: str, source_key: str, force: bool) -> tu
         digits=config.totp.digits, period=config.totp.period, algorithm=config.totp.algorithm, window=config.totp.window
     )
     try:
+        decrypt_legacy(b"", source_key)  # a bad key is one error, not one per row
+    except ValueError as exc:
+        raise CommandError(f"--source-key: {exc}") from None
+    except DecryptError:
+        pass  # the key is valid; the empty token is not
+    try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(enumerate(csv.reader(f), start=1))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -202,6 +208,16 @@ async def _import(config: Config, path: str, source_key: str, force: bool) -> tu
         return "\n".join(lines), (1 if problems else 0)
 
     return await _with_store(config, work)
+
+
+def _source_key(args: argparse.Namespace) -> str:
+    if args.source_key is not None:
+        return str(args.source_key)
+    try:
+        with open(args.source_key_file, encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"cannot read --source-key-file {args.source_key_file}: {exc}") from None
 
 
 async def _rotate(config: Config) -> str:
@@ -269,7 +285,9 @@ def _parser() -> argparse.ArgumentParser:
         leaf=True,
     )
     imp.add_argument("file")
-    imp.add_argument("--source-key", required=True, help="the Fernet key the old app encrypted with")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--source-key", help="the Fernet key the old app encrypted with")
+    source.add_argument("--source-key-file", help="a file holding it (keeps the key out of `ps` and shell history)")
     imp.add_argument("--force", action="store_true", help="replace a different secret a user already has")
 
     keys = with_config(sub.add_parser("keys", help="manage encryption keys"))
@@ -301,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(config, path)
         if args.command == "users":
             if args.users_command == "import":
-                message, code = asyncio.run(_import(config, args.file, args.source_key, args.force))
+                message, code = asyncio.run(_import(config, args.file, _source_key(args), args.force))
                 print(message)
                 return code
             print(asyncio.run(_users(config, args)))

@@ -57,6 +57,7 @@ class UpstreamConfig:
     pool_timeout: float = 5.0
     max_connections: int = 256
     user_header: str = "Remote-User"
+    client: str = "httptools"
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +336,7 @@ def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
         pool_timeout=t.number("pool_timeout", d.pool_timeout, 0.001, 3600),
         max_connections=t.number("max_connections", d.max_connections, 1, 100_000),
         user_header=_header_name(t, "user_header", d.user_header),
+        client=t.choice("client", d.client, ("httptools", "httpcore")),
     )
     t.finish()
     return cfg

@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.config import Config
 from gateway.errors import Reason
 from gateway.responses import send_denial
+from gateway.transport import HttpToolsTransport
 
 log = logging.getLogger("gateway.proxy")
 
@@ -62,6 +63,11 @@ class ClientDisconnected(Exception):
     """The client went away while its request body was being streamed upstream."""
 
 
+def _without(scope: Scope, names: frozenset[bytes]) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k not in names and k != b"connection"]
+    return {**scope, "headers": headers}
+
+
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """The header names listed in ``Connection``: hop-by-hop too (RFC 9110 §7.6.1)."""
     names: set[bytes] = set()
@@ -80,12 +86,16 @@ def strip_cookie(value: bytes, name: bytes) -> bytes:
 
 
 def default_transport(config: Config) -> httpx.AsyncBaseTransport:
-    limits = httpx.Limits(
-        max_connections=config.upstream.max_connections,
-        max_keepalive_connections=config.upstream.max_connections,
-        keepalive_expiry=30.0,
-    )
-    return httpx.AsyncHTTPTransport(limits=limits, retries=0)
+    """``upstream.client``: "httptools" (gateway/transport.py, the default) or "httpcore"
+    (httpx's own transport; slower under concurrency, kept to compare and as a fallback)."""
+    if config.upstream.client == "httpcore":
+        limits = httpx.Limits(
+            max_connections=config.upstream.max_connections,
+            max_keepalive_connections=config.upstream.max_connections,
+            keepalive_expiry=30.0,
+        )
+        return httpx.AsyncHTTPTransport(limits=limits, retries=0)
+    return HttpToolsTransport(max_connections=config.upstream.max_connections, keepalive_expiry=30.0)
 
 
 class Forwarder:
@@ -112,23 +122,30 @@ class Forwarder:
             {config.totp.header.lower().encode(), self.user_header, config.identity.header.lower().encode()}
         )
         self.session_cookie = config.session.cookie.encode()
+        self._drop_trusted = HOP_BY_HOP_HEADERS | self.stripped
+        self._drop_untrusted = self._drop_trusted | _FORWARDING_HEADERS
 
     async def aclose(self) -> None:
         await self.transport.aclose()
 
     def request_headers(self, scope: Scope, user: str | None, trusted: bool) -> list[tuple[bytes, bytes]]:
+        """The headers to send upstream. Names arrive lower-cased from the ASGI server."""
         incoming: list[tuple[bytes, bytes]] = scope["headers"]
-        drop = HOP_BY_HOP_HEADERS | self.stripped | connection_tokens(incoming) | {b"host"}
-        if not trusted:
-            drop = drop | _FORWARDING_HEADERS
+        drop = self._drop_trusted if trusted else self._drop_untrusted
         out: list[tuple[bytes, bytes]] = [(b"host", self.host)]
         forwarded_for = proto = fwd_host = None
         host = b""
         for name, value in incoming:
-            name = name.lower()
             if name == b"host":
                 host = value
+                continue
             if name in drop:
+                if name == b"connection":
+                    # RFC 9110 §7.6.1: what Connection names is hop-by-hop too; rare, so the
+                    # headers are filtered again only when it names something.
+                    named = connection_tokens(incoming) - HOP_BY_HOP_HEADERS
+                    if named:
+                        return self.request_headers(_without(scope, named), user, trusted)
                 continue
             if name == b"cookie":
                 value = strip_cookie(value, self.session_cookie)
@@ -181,20 +198,21 @@ class Forwarder:
         headers = self.request_headers(scope, user, trusted)
         query: bytes = scope.get("query_string", b"")
         target = self.base_path + path.encode("ascii") + (b"?" + query if query else b"")
-        url = self.upstream.copy_with(raw_path=target)
-
-        length = None
-        chunked = False
-        for name, value in headers:
-            if name == b"content-length":
-                length = value
-        for name, _ in scope["headers"]:
-            if name.lower() == b"transfer-encoding":
-                chunked = True
         content: bytes | AsyncIterator[bytes] = b""
-        if (length is not None and length != b"0") or chunked:
-            content = self._body(receive)
-        request = httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": self.timeout})
+        for name, value in scope["headers"]:
+            if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+                content = self._body(receive)
+                break
+        # The URL is the constant upstream origin; the request line's target goes in the
+        # "target" extension (honoured by httpcore and by gateway.transport), which spares
+        # parsing a URL per request.
+        request = httpx.Request(
+            method,
+            self.upstream,
+            headers=headers,
+            content=content,
+            extensions={"timeout": self.timeout, "target": target},
+        )
         try:
             response = await self.transport.handle_async_request(request)
         except ClientDisconnected:

@@ -26,12 +26,17 @@ from tests.support.upstream_app import GZIP_BODY, pattern
 USER = {"Remote-User": "alice"}
 
 
+@pytest.fixture(scope="module", params=["httptools", "httpcore"])
+def client(request: pytest.FixtureRequest) -> str:
+    """Every forwarder test runs over both transports under httpx (upstream.client)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def gw(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+def gw(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory, client: str) -> Iterator[GatewayServer]:
     tmp = tmp_path_factory.mktemp("proxy")
-    # The replay guard works on time steps: a window of 0 and distinct users per test keep
-    # tests independent of each other's codes.
-    server = GatewayServer(make_config(tmp, upstream=upstream.url, totp={"window": 1})).start()
+    # Each test enrols users of its own, so codes and lockouts never cross tests.
+    server = GatewayServer(make_config(tmp, upstream={"url": upstream.url, "client": client})).start()
     yield server
     server.stop()
 
@@ -357,8 +362,8 @@ def test_redirects_are_not_followed_and_location_is_rewritten(gw: GatewayServer)
     assert resp.getheader("location") == "http://app.example/echo/after?x=1"
 
 
-def test_upstream_refused_is_502(tmp_path: Path) -> None:
-    config = make_config(tmp_path, upstream=f"http://127.0.0.1:{free_port()}")
+def test_upstream_refused_is_502(tmp_path: Path, client: str) -> None:
+    config = make_config(tmp_path, upstream={"url": f"http://127.0.0.1:{free_port()}", "client": client})
     server = GatewayServer(config).start()
     try:
         r = httpx.get(server.url + "/public/x")
@@ -368,9 +373,10 @@ def test_upstream_refused_is_502(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_upstream_timeout_is_504_and_pool_exhaustion_503(upstream: UpstreamProcess, tmp_path: Path) -> None:
+def test_upstream_timeout_is_504_and_pool_exhaustion_503(upstream: UpstreamProcess, tmp_path: Path, client: str) -> None:
     config = make_config(
-        tmp_path, upstream={"url": upstream.url, "read_timeout": 0.5, "max_connections": 1, "pool_timeout": 0.2}
+        tmp_path,
+        upstream={"url": upstream.url, "read_timeout": 0.5, "max_connections": 1, "pool_timeout": 0.2, "client": client},
     )
     server = GatewayServer(config).start()
     try:

@@ -197,7 +197,7 @@ class CaddyFront:
 
 
 def raw_request(
-    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET", body: bytes = b""
 ) -> tuple[int, dict[str, str], bytes]:
     """Send ``target`` exactly as given (no client-side normalisation): ``(status, headers, body)``.
     Header names in the answer are lower case; repeated ones are joined with ``", "``."""
@@ -207,7 +207,7 @@ def raw_request(
         conn.putheader("Host", f"127.0.0.1:{port}")
         for name, value in (headers or {}).items():
             conn.putheader(name, value)
-        conn.endheaders()
+        conn.endheaders(body or None)
         response = conn.getresponse()
         body = response.read()
         got: dict[str, str] = {}

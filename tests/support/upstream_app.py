@@ -22,7 +22,7 @@ import json
 from typing import Any
 
 STATE = {"open_streams": 0, "finished_streams": 0, "cancelled_streams": 0}
-GZIP_BODY = gzip.compress(b"hello compressed world\n" * 100)
+GZIP_BODY = gzip.compress(b"hello compressed world\n" * 100, mtime=0)
 
 
 def pattern(n: int) -> bytes:
