@@ -21,6 +21,7 @@ from gateway.config import Config
 from gateway.decision import Decider, Decision, Facts, client_address, is_trusted
 from gateway.errors import Reason, StoreError
 from gateway.factors import SecondFactor
+from gateway.metrics import Metrics
 from gateway.paths import encode_path
 from gateway.proxy import Forwarder
 from gateway.responses import send_denial, send_json, send_response, wants_html
@@ -50,9 +51,11 @@ class Gateway:
         self.networks = config.server.trusted_proxies
         self._trust: dict[str, bool] = {}
         routes = config.routes
+        self.metrics = Metrics()
         self.routes: dict[str, Handler] = {
             routes.health: self.health,
             routes.ready: self.ready,
+            routes.metrics: self.serve_metrics,
         }
         from gateway.forward_auth import ForwardAuth
 
@@ -123,6 +126,12 @@ class Gateway:
         elif kind == "lifespan":
             await self.lifespan(receive, send)
 
+    async def decide(self, facts: Facts, mode: str) -> Decision:
+        """The one decision, counted for the metrics; ``mode`` is "proxy" or "auth"."""
+        decision = await self.decider.decide(facts)
+        self.metrics.count(mode, decision.reason)
+        return decision
+
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -147,7 +156,7 @@ class Gateway:
             await send_denial(send, Reason.NOT_FOUND, _header(scope, b"accept"))
             return
         facts, headers = self.facts(scope)
-        decision = await self.decider.decide(facts)
+        decision = await self.decide(facts, "proxy")
         if decision.allowed:
             assert decision.path is not None
             extra = [self.session_cookie(decision.new_session)] if decision.new_session else None
@@ -194,9 +203,18 @@ class Gateway:
         try:
             await self.store.ping()
         except StoreError:
+            self.metrics.ready.set(0)
             await send_json(send, 503, {"status": "unavailable", "detail": "the store does not answer"})
             return
+        self.metrics.ready.set(1)
         await send_json(send, 200, {"status": "ready"})
+
+    async def serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if not self.peer_trusted(client[0] if client else None):
+            await send_denial(send, Reason.UNTRUSTED_PEER, _header(scope, b"accept"))
+            return
+        await self.metrics.serve(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

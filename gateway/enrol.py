@@ -61,11 +61,6 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _JSON, _HTML, _PNG = "application/json", "text/html", "image/png"
 
-# Re-enrolment refused (no errors.Reason yet; see the report for the proposed entry).
-_ALREADY_ENROLLED = (
-    "2fa_already_enrolled",
-    "Already enrolled: setting up a new authenticator needs a current code or a recovery code in the same request.",
-)
 
 
 @dataclass
@@ -245,7 +240,7 @@ class Enrolment:
             code, recovery = call.fields.get("code"), call.fields.get("recovery_code")
             if not code and not recovery:
                 audit.info("re-enrolment refused user=%r client=%s: no code", user, call.client)
-                await self._refuse_reenrol(call, send, _ALREADY_ENROLLED[1])
+                await self._refuse_reenrol(call, send, DENIALS[Reason.ALREADY_ENROLLED][1])
                 return
             outcome = await (
                 self.factors.check_code(user, code, call.client)
@@ -303,7 +298,7 @@ class Enrolment:
                 error=detail,
             )
         else:
-            error = reason.value if reason else _ALREADY_ENROLLED[0]
+            error = (reason or Reason.ALREADY_ENROLLED).value
             await send_json(send, 403, {"error": error, "detail": detail})
 
     # -- /verify-2fa -----------------------------------------------------------------------------

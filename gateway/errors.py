@@ -74,6 +74,7 @@ class Reason(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CSRF = "csrf_failed"
     INVALID_INPUT = "invalid_input"
+    ALREADY_ENROLLED = "2fa_already_enrolled"
 
 
 ALLOWED = frozenset({Reason.EXCLUDED, Reason.SESSION, Reason.CODE})
@@ -99,6 +100,10 @@ DENIALS: dict[Reason, tuple[int, str]] = {
     Reason.METHOD_NOT_ALLOWED: (405, "This method is not allowed here."),
     Reason.CSRF: (403, "The request did not come from the gateway's own page (CSRF check failed)."),
     Reason.INVALID_INPUT: (400, "The request body is malformed."),
+    Reason.ALREADY_ENROLLED: (
+        403,
+        "Already enrolled: setting up a new authenticator needs a current code or a recovery code in the same request.",
+    ),
 }
 
 # Forward-auth answers nginx, Caddy and Traefik, not a person. nginx's auth_request turns any

@@ -86,7 +86,7 @@ class ForwardAuth:
         # exclusion. Unknown matches only the rules for every method.
         method = methods.pop() if methods else _UNKNOWN_METHOD
         facts, _ = gw.facts(scope, method=method, path=path)
-        decision = await gw.decider.decide(facts)
+        decision = await gw.decide(facts, "auth")
         if decision.allowed:
             out: list[tuple[bytes, bytes]] = [(b"cache-control", b"no-store")]
             if decision.user is not None and decision.reason is not Reason.EXCLUDED:
@@ -102,7 +102,7 @@ class ForwardAuth:
             return self.public_url
         host = headers.get("x-forwarded-host") or headers.get("host")
         proto = headers.get("x-forwarded-proto") or "http"
-        if not host or proto not in ("http", "https") or any(c in host for c in "/\\@ \t"):
+        if not host or proto not in ("http", "https") or any(c in host for c in "/\\@?# \t"):
             return ""
         return f"{proto}://{host}"
 

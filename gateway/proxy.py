@@ -253,7 +253,8 @@ class Forwarder:
         extra_headers: list[tuple[bytes, bytes]] | None,
     ) -> None:
         raw = response.headers.raw
-        drop = HOP_BY_HOP_HEADERS | connection_tokens(raw)
+        # The ASGI server adds its own Date; two would be a malformed response (RFC 9110 §6.6.1).
+        drop = HOP_BY_HOP_HEADERS | connection_tokens(raw) | {b"date"}
         out: list[tuple[bytes, bytes]] = []
         small = False
         for name, value in raw:

@@ -41,7 +41,7 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
         return
     forwarder = gateway.forwarder
     facts, _ = gateway.facts({**scope, "method": "GET"})
-    decision = await gateway.decider.decide(facts)
+    decision = await gateway.decide(facts, "proxy")
     if not decision.allowed or forwarder is None or decision.path is None:
         log.info("websocket handshake denied: %s", decision.reason.value)
         await send({"type": "websocket.close", "code": _POLICY_VIOLATION})

@@ -380,6 +380,17 @@ def test_browser_flow_with_plain_forms(gateway: GatewayServer, clock: Clock) -> 
         assert "gateway_session=" in r.headers["set-cookie"]
 
 
+def test_reenrolment_pages(gateway: GatewayServer, clock: Clock) -> None:
+    secret = enrol(gateway.config, USER)
+    with client(gateway, headers={"Remote-User": USER, "Accept": "text/html"}) as c:
+        page = c.get("/setup-2fa")
+        assert page.status_code == 200 and "already on" in page.text and 'name="recovery_code"' in page.text
+        refused = c.post("/setup-2fa", data={"code": "000000"})
+        assert refused.status_code == 403 and 'role="alert"' in refused.text and 'id="secret"' not in refused.text
+        allowed = c.post("/setup-2fa", data={"code": oathtool(secret, clock.now)})
+        assert allowed.status_code == 200 and 'id="secret"' in allowed.text
+
+
 def test_verify_page_sends_an_unenrolled_user_to_setup(gateway: GatewayServer) -> None:
     with client(gateway, headers={"Remote-User": USER, "Accept": "text/html"}) as c:
         r = c.get("/verify-2fa?next=/a/b")

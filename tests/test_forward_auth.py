@@ -61,8 +61,15 @@ def secret(gw: GatewayServer) -> str:
     return enrol(gw.config, "alice")
 
 
-def ask(gw: GatewayServer, target: str | None = None, method: str | None = None, user: str | None = None,
-        code: str | None = None, style: str = NGINX_STYLE, **headers: str) -> httpx.Response:
+def ask(
+    gw: GatewayServer,
+    target: str | None = None,
+    method: str | None = None,
+    user: str | None = None,
+    code: str | None = None,
+    style: str = NGINX_STYLE,
+    **headers: str,
+) -> httpx.Response:
     """One /auth subrequest, without a cookie jar: each call carries exactly these headers."""
     sent = {k.replace("_", "-"): v for k, v in headers.items()}
     if target is not None:
@@ -80,8 +87,9 @@ def oathtool(secret: str) -> str:
     """A code from an independent implementation (RFC 6238), when oathtool is installed."""
     if shutil.which("oathtool") is None:
         return pyotp.TOTP(secret).now()
-    return subprocess.run(["oathtool", "--totp", "-b", secret], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["oathtool", "--totp", "-b", secret], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 # -- the answers ---------------------------------------------------------------------------------
@@ -106,11 +114,23 @@ def test_no_code_sends_a_browser_to_the_verify_page(gw: GatewayServer, secret: s
 
 
 def test_location_uses_the_forwarded_origin(gw: GatewayServer, secret: str) -> None:
-    r = ask(gw, "/admin", "GET", user="alice", style="X-Forwarded-Uri", X_Forwarded_Host="app.example.com",
-            X_Forwarded_Proto="https", **HTML)
+    r = ask(
+        gw,
+        "/admin",
+        "GET",
+        user="alice",
+        style="X-Forwarded-Uri",
+        X_Forwarded_Host="app.example.com",
+        X_Forwarded_Proto="https",
+        **HTML,
+    )
     assert r.status_code == 401
     assert r.headers["location"] == "https://app.example.com/verify-2fa?next=/admin"
     assert 'href="https://app.example.com/verify-2fa?next=/admin"' in r.text  # Traefik shows this page
+    # A forwarded host that is not a host gives a local Location, not a broken absolute one.
+    for bad in ("evil.example?x", "a/b", "user@evil.example", "x#y"):
+        r = ask(gw, "/admin", "GET", user="alice", X_Forwarded_Host=bad, **HTML)
+        assert r.headers["location"] == "/verify-2fa?next=/admin", bad
 
 
 def test_api_client_gets_a_plain_401(gw: GatewayServer, secret: str) -> None:
@@ -223,10 +243,10 @@ def test_disagreeing_descriptions_are_refused(gw: GatewayServer, secret: str) ->
 
 
 def test_absolute_original_url(gw: GatewayServer) -> None:
-    assert httpx.get(gw.url + "/auth", headers={"X-Original-URL": "https://app.example.com/public/x?y"}
-                     ).status_code == 200
-    assert httpx.get(gw.url + "/auth", headers={"X-Original-URL": "https://app.example.com/admin"}
-                     ).status_code == 401
+    assert (
+        httpx.get(gw.url + "/auth", headers={"X-Original-URL": "https://app.example.com/public/x?y"}).status_code == 200
+    )
+    assert httpx.get(gw.url + "/auth", headers={"X-Original-URL": "https://app.example.com/admin"}).status_code == 401
 
 
 def test_untrusted_peer_is_refused_even_for_an_excluded_path(tmp_path: Path) -> None:

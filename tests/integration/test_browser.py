@@ -69,6 +69,8 @@ def test_a_newcomer_enrols_in_chromium_and_reaches_the_protected_page(demo: tupl
         page.set_default_timeout(15_000)
         requests: list[str] = []
         page.on("request", lambda request: requests.append(request.url))
+        refused: list[str] = []  # CSP violations ("Refused to apply inline style ...") are logged here
+        page.on("console", lambda message: refused.append(message.text) if "Refused to" in message.text else None)
 
         def shot(name: str) -> None:
             page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -83,6 +85,8 @@ def test_a_newcomer_enrols_in_chromium_and_reaches_the_protected_page(demo: tupl
             # The protected page sent the browser to setup, with the way back.
             expect(page).to_have_url(re.compile(r"/setup-2fa\?next=/protected$"))
             expect(page.get_by_role("heading", level=1)).to_have_text("Set up two-factor authentication")
+            # The stylesheet applied: its CSP hash matches.
+            expect(page.locator("header")).to_have_css("background-color", "rgb(31, 41, 55)")
             shot("02-setup-start")
             page.get_by_role("button", name="Show my QR code").click()
 
@@ -124,5 +128,6 @@ def test_a_newcomer_enrols_in_chromium_and_reaches_the_protected_page(demo: tupl
         finally:
             browser.close()
 
+    assert not refused, refused
     # No page asked for anything outside the gateway: no CDN, no fonts, no scripts.
     assert requests and all(url.startswith(base) or url.startswith("data:") for url in requests), requests

@@ -7,7 +7,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
@@ -18,8 +18,10 @@ from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_co
 pytestmark = pytest.mark.integration
 
 EXAMPLE_HASH = "$2a$14$1bc0Yf8WIEjgFeiwVmnb1eDexb5nunQFlGiuP/jMPnIObPgzNjmeG"
-ALICE = {"Authorization": basic_auth("alice", "alice-pw")}  # enrolled
-BOB = {"Authorization": basic_auth("bob", "bob-pw")}  # has a password, not enrolled
+PASSWORD = "first-factor"  # one password for all: bcrypt is slow on purpose, hash it once
+ALICE = {"Authorization": basic_auth("alice", PASSWORD)}  # enrolled
+BOB = {"Authorization": basic_auth("bob", PASSWORD)}  # has a password, not enrolled
+CAROL = {"Authorization": basic_auth("carol", PASSWORD)}  # enrolled by the test that uses her
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 BYPASSES = [
     "/public/../admin",
@@ -48,21 +50,25 @@ def caddy_binary() -> str:
 
 @pytest.fixture(scope="module")
 def users(caddy_binary: str) -> str:
-    """The basicauth accounts, hashed once (bcrypt is slow on purpose)."""
+    """The basicauth accounts, as lines for the Caddyfile."""
     hasher = CaddyFront(caddy_binary, {})
     try:
-        return "\n\t\t".join(f"{user} {hasher.hash_password(f'{user}-pw')}" for user in ("alice", "bob"))
+        hashed = hasher.hash_password(PASSWORD)
     finally:
         hasher.stop()
+    return "\n\t\t".join(f"{user} {hashed}" for user in ("alice", "bob", "carol"))
 
 
 def start_caddy(binary: str, users: str, gateway: GatewayServer, upstream: UpstreamProcess) -> CaddyFront:
-    front = CaddyFront(binary, {
-        "admin localhost:2019": "admin off",
-        "127.0.0.1:8080": f"127.0.0.1:{gateway.port}",
-        "127.0.0.1:3000": f"127.0.0.1:{upstream.port}",
-        f"alice {EXAMPLE_HASH}": users,
-    })
+    front = CaddyFront(
+        binary,
+        {
+            "admin localhost:2019": "admin off",
+            "127.0.0.1:8080": f"127.0.0.1:{gateway.port}",
+            "127.0.0.1:3000": f"127.0.0.1:{upstream.port}",
+            f"alice {EXAMPLE_HASH}": users,
+        },
+    )
     try:
         return front.start()
     except RuntimeError as exc:
@@ -90,8 +96,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayS
 
 
 @pytest.fixture(scope="module")
-def caddy(caddy_binary: str, users: str, gateway: tuple[GatewayServer, str],
-          upstream: UpstreamProcess) -> Iterator[CaddyFront]:
+def caddy(
+    caddy_binary: str, users: str, gateway: tuple[GatewayServer, str], upstream: UpstreamProcess
+) -> Iterator[CaddyFront]:
     front = start_caddy(caddy_binary, users, gateway[0], upstream)
     yield front
     front.stop()
@@ -129,8 +136,9 @@ def test_api_client_gets_the_gateway_answer(caddy: CaddyFront) -> None:
 
 def test_valid_code_reaches_the_app_and_opens_a_session(caddy: CaddyFront, gateway: tuple[GatewayServer, str]) -> None:
     code = totp_now(gateway[1])
-    status, headers, body = raw_request(caddy.port, "/echo/x?q=1", {**ALICE, "X-2FA-Code": code,
-                                                                     "Remote-User": "mallory"})
+    status, headers, body = raw_request(
+        caddy.port, "/echo/x?q=1", {**ALICE, "X-2FA-Code": code, "Remote-User": "mallory"}
+    )
     assert status == 200
     seen = echoed(body)
     assert seen["raw_path"] == "/echo/x" and seen["query"] == "q=1"
@@ -177,8 +185,11 @@ def test_bypass_shapes_are_denied(caddy: CaddyFront) -> None:
 def test_client_cannot_describe_another_request(caddy: CaddyFront) -> None:
     # Caddy passes the client's headers to /auth: an X-Original-URI of an excluded path next
     # to the X-Forwarded-Uri Caddy sets must not make the gateway judge the wrong request.
-    for spoof in ({"X-Original-URI": "/public/x"}, {"X-Original-URL": "http://x/public/x"},
-                  {"X-Original-Method": "GET", "X-Original-URI": "/api/public/x"}):
+    for spoof in (
+        {"X-Original-URI": "/public/x"},
+        {"X-Original-URL": "http://x/public/x"},
+        {"X-Original-Method": "GET", "X-Original-URI": "/api/public/x"},
+    ):
         status, _, body = raw_request(caddy.port, "/echo/secret", {**ALICE, **spoof})
         assert_denied(status, body, spoof)
     status, _, body = raw_request(caddy.port, "/api/public/x", {**ALICE, "X-Original-Method": "GET"}, method="POST")
@@ -191,6 +202,36 @@ def test_gateway_pages_are_reachable(caddy: CaddyFront) -> None:
     assert headers["content-type"].startswith("text/html")
     assert b"raw_path" not in body
     assert raw_request(caddy.port, "/verify-2fa", HTML)[0] == 401
+
+
+def test_browser_verify_flow(caddy: CaddyFront, gateway: tuple[GatewayServer, str]) -> None:
+    """The redirect, the verify form posted back through the proxy, then the page with the session."""
+    front = caddy
+    carol = enrol(gateway[0].config, "carol")
+    status, headers, _ = raw_request(front.port, "/echo/page?a=1", {**CAROL, **HTML})
+    assert status == 302
+    verify = urlsplit(headers["location"])
+    form = urlencode({"code": totp_now(carol), "next": parse_qs(verify.query)["next"][0]})
+    # An older browser: Origin but no Sec-Fetch-Site, so the gateway compares Origin with Host.
+    status, headers, body = raw_request(
+        front.port,
+        f"{verify.path}?{verify.query}",
+        {
+            **CAROL,
+            **HTML,
+            "Origin": f"http://127.0.0.1:{front.port}",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Content-Length": str(len(form)),
+        },
+        method="POST",
+        body=form.encode(),
+    )
+    assert status == 303, body[:300]
+    assert headers["location"] == "/echo/page?a=1"
+    session = {"Cookie": headers["set-cookie"].split(";", 1)[0]}
+    status, _, body = raw_request(front.port, "/echo/page?a=1", {**CAROL, **HTML, **session})
+    assert status == 200
+    assert echoed(body)["headers"]["remote-user"] == "carol"  # type: ignore[index]
 
 
 def test_redis_stopped_denies(tmp_path: Path, caddy_binary: str, users: str, upstream: UpstreamProcess) -> None:

@@ -12,7 +12,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 ALICE = {"Authorization": basic_auth("alice", "alice-pw")}  # enrolled
 BOB = {"Authorization": basic_auth("bob", "bob-pw")}  # has a password, not enrolled
+CAROL = {"Authorization": basic_auth("carol", "carol-pw")}  # enrolled by the test that uses her
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 BYPASSES = [
     "/public/../admin",
@@ -51,7 +52,9 @@ def start_nginx(site: str, gateway: GatewayServer, upstream: UpstreamProcess | N
     if upstream is not None:
         replacements["server 127.0.0.1:3000;"] = f"server 127.0.0.1:{upstream.port};"
     front = NginxFront(need_binary("nginx"), site, replacements)
-    front.replacements["/etc/nginx/gateway.htpasswd"] = front.htpasswd({"alice": "alice-pw", "bob": "bob-pw"})
+    front.replacements["/etc/nginx/gateway.htpasswd"] = front.htpasswd(
+        {user: f"{user}-pw" for user in ("alice", "bob", "carol")}
+    )
     return front.start()
 
 
@@ -124,8 +127,9 @@ def test_valid_code_reaches_the_app_with_the_user_and_a_session(
     nginx: NginxFront, secret: tuple[GatewayServer, str]
 ) -> None:
     code = totp_now(secret[1])
-    status, headers, body = raw_request(nginx.port, "/echo/x?q=1", {**ALICE, "X-2FA-Code": code,
-                                                                     "Remote-User": "mallory"})
+    status, headers, body = raw_request(
+        nginx.port, "/echo/x?q=1", {**ALICE, "X-2FA-Code": code, "Remote-User": "mallory"}
+    )
     assert status == 200
     seen = echoed(body)
     assert seen["raw_path"] == "/echo/x" and seen["query"] == "q=1"
@@ -169,8 +173,11 @@ def test_bypass_shapes_are_denied(nginx: NginxFront) -> None:
 def test_client_cannot_describe_another_request(nginx: NginxFront) -> None:
     # nginx replaces X-Original-URI; a client's X-Forwarded-Uri of an excluded path then
     # disagrees with it, and the gateway refuses the pair.
-    for spoof in ({"X-Forwarded-Uri": "/public/x"}, {"X-Original-URL": "http://x/public/x"},
-                  {"X-Original-URI": "/public/x", "X-Original-Method": "GET"}):
+    for spoof in (
+        {"X-Forwarded-Uri": "/public/x"},
+        {"X-Original-URL": "http://x/public/x"},
+        {"X-Original-URI": "/public/x", "X-Original-Method": "GET"},
+    ):
         status, _, body = raw_request(nginx.port, "/echo/secret", {**ALICE, **spoof})
         assert_denied(status, body, spoof)
 
@@ -181,6 +188,36 @@ def test_gateway_pages_are_reachable(nginx: NginxFront) -> None:
     assert headers["content-type"].startswith("text/html")
     assert b"raw_path" not in body  # the gateway answered, not the app
     assert raw_request(nginx.port, "/verify-2fa", HTML)[0] == 401  # still behind the first factor
+
+
+def test_browser_verify_flow(nginx: NginxFront, secret: tuple[GatewayServer, str]) -> None:
+    """The redirect, the verify form posted back through the proxy, then the page with the session."""
+    front = nginx
+    carol = enrol(secret[0].config, "carol")
+    status, headers, _ = raw_request(front.port, "/echo/page?a=1", {**CAROL, **HTML})
+    assert status == 302
+    verify = urlsplit(headers["location"])
+    form = urlencode({"code": totp_now(carol), "next": parse_qs(verify.query)["next"][0]})
+    # An older browser: Origin but no Sec-Fetch-Site, so the gateway compares Origin with Host.
+    status, headers, body = raw_request(
+        front.port,
+        f"{verify.path}?{verify.query}",
+        {
+            **CAROL,
+            **HTML,
+            "Origin": f"http://127.0.0.1:{front.port}",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Content-Length": str(len(form)),
+        },
+        method="POST",
+        body=form.encode(),
+    )
+    assert status == 303, body[:300]
+    assert headers["location"] == "/echo/page?a=1"
+    session = {"Cookie": headers["set-cookie"].split(";", 1)[0]}
+    status, _, body = raw_request(front.port, "/echo/page?a=1", {**CAROL, **HTML, **session})
+    assert status == 200
+    assert echoed(body)["headers"]["remote-user"] == "carol"  # type: ignore[index]
 
 
 # -- proxy_pass: nginx forwards, the gateway proxies ------------------------------------------------

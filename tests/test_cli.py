@@ -1,0 +1,269 @@
+"""The ``gateway`` command, run as a real subprocess with a config file and keys in the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyotp
+import pytest
+from cryptography.fernet import Fernet
+
+from gateway import config as config_module
+from gateway.config import Config
+from gateway.demo import demo_config, prepare_state
+from gateway.errors import Reason
+from gateway.factors import SecondFactor
+from gateway.store import open_store_from_url
+from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port
+
+
+def encrypt_secret(secret: str, encryption_key: str) -> str:
+    """What two_fast_auth 1.1.0 stored (``TwoFactorAuth.encrypt_secret`` in ``core.py``, as
+    published on PyPI): ``Fernet(key).encrypt(secret.encode()).decode()``, no user binding."""
+    return Fernet(encryption_key.encode()).encrypt(secret.encode()).decode()
+
+
+class Cli:
+    """One gateway installation: a config file in tmp_path, its keys in the environment."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "gateway.toml"
+        self.path.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/gateway.db"\n\n[session]\nsecure = false\n')
+        self.env = {
+            config_module.ENV_KEYS: Fernet.generate_key().decode(),
+            config_module.ENV_PEPPER: Fernet.generate_key().decode(),
+        }
+
+    @property
+    def config(self) -> Config:
+        return config_module.load(self.path, env=self.env)
+
+    def __call__(self, *args: str, config: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "gateway", *args] + (["--config", str(self.path)] if config else [])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | self.env
+        return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+def login_works(config: Config, user: str, secret: str, at: float | None = None) -> bool:
+    """A code for ``secret`` opens ``user``'s second factor under ``config``'s keys."""
+    at = time.time() if at is None else at
+
+    async def check() -> bool:
+        store = open_store_from_url(config.store.url, config.store.prefix)
+        await store.open()
+        try:
+            factors = SecondFactor(config, store, clock=lambda: at)
+            outcome = await factors.check_code(user, pyotp.TOTP(secret).at(at), None)
+            return outcome.reason is Reason.CODE
+        finally:
+            await store.close()
+
+    return asyncio.run(check())
+
+
+def seed(config: Config) -> None:
+    """alice: enrolled, 10 recovery codes, locked out; bob: enrolment pending."""
+
+    async def work() -> None:
+        store = open_store_from_url(config.store.url, config.store.prefix)
+        await store.open()
+        try:
+            factors = SecondFactor(config, store)
+            await factors.new_recovery_codes("alice")
+            for _ in range(config.limits.max_failures):
+                await store.record_failure("user:alice", config.limits.max_failures, 900, time.time())
+            await factors.begin_enrolment("bob")
+        finally:
+            await store.close()
+
+    enrol(config, "alice")
+    asyncio.run(work())
+
+
+# -- keygen and check-config -------------------------------------------------------------------
+
+
+def test_keygen_prints_a_new_fernet_key(cli: Cli) -> None:
+    first, second = cli("keygen", config=False), cli("keygen", config=False)
+    assert first.returncode == 0 and first.stdout.strip() != second.stdout.strip()
+    Fernet(first.stdout.strip().encode())  # a valid key
+
+
+def test_check_config_exit_codes(cli: Cli, tmp_path: Path) -> None:
+    ok = cli("check-config")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: ")
+    assert cli.env[config_module.ENV_KEYS] not in ok.stdout + ok.stderr
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[store]\nurl = "mysql://x"\n[session]\nsecrue = false\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(bad)],
+        env={**os.environ, **cli.env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "store.url" in result.stderr and "session.secrue: unknown key" in result.stderr
+
+    missing = cli("check-config", "--config", str(tmp_path / "nope.toml"), config=False)
+    assert missing.returncode == 1 and "no such file" in missing.stderr
+
+    cli.env.pop(config_module.ENV_PEPPER)
+    assert "encryption.recovery_pepper" in cli("check-config").stderr
+
+
+# -- users -------------------------------------------------------------------------------------
+
+
+def test_users_list_show_unlock_reset(cli: Cli) -> None:
+    seed(cli.config)
+    listed = cli("users", "list")
+    assert listed.returncode == 0 and listed.stdout.split() == ["alice", "bob"]
+
+    shown = cli("users", "show", "alice")
+    assert shown.returncode == 0
+    assert "enrolled: yes" in shown.stdout and "recovery codes left: 10" in shown.stdout
+    assert "locked: until" in shown.stdout
+    assert "enrolment pending" in cli("users", "show", "bob").stdout
+
+    unlocked = cli("users", "unlock", "alice")
+    assert unlocked.returncode == 0 and "unlocked alice" in unlocked.stdout
+    assert "locked: no" in cli("users", "show", "alice").stdout
+
+    reset = cli("users", "reset", "alice")
+    assert reset.returncode == 0 and "must enrol again" in reset.stdout
+    assert cli("users", "list").stdout.split() == ["bob"]
+
+    for command in ("show", "reset", "unlock"):
+        nobody = cli("users", command, "nobody")
+        assert nobody.returncode == 1 and "no such user: nobody" in nobody.stderr
+
+
+def test_users_import_from_two_fast_auth(cli: Cli, tmp_path: Path) -> None:
+    old_key = Fernet.generate_key().decode()
+    alice, bob, carol = pyotp.random_base32(), pyotp.random_base32(), pyotp.random_base32()
+    rows = [
+        "user_id,encrypted_secret",
+        f"alice,{encrypt_secret(alice, old_key)}",
+        f"bob,{encrypt_secret(bob.lower(), old_key)}",  # the old library never normalised case
+        f"mallory,{encrypt_secret(alice, Fernet.generate_key().decode())}",  # another key
+        "trent,not-a-token",
+        f"eve,{encrypt_secret('not base32!', old_key)}",
+        f"walter,{encrypt_secret('JBSWY3DP', old_key)}",  # 40 bits: too short to keep
+        "only-one-column",
+        f",{encrypt_secret(carol, old_key)}",
+        f'"carol",{encrypt_secret(carol, old_key)}',
+    ]
+    csv_path = tmp_path / "users.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+
+    first = cli("users", "import", str(csv_path), "--source-key", old_key)
+    assert first.returncode == 1, first.stderr  # some rows were bad: a failure, with the rest imported
+    assert first.stdout.splitlines()[0] == "imported 3, unchanged 0, skipped 6"
+    for line in (4, 5, 6, 7, 8, 9):
+        assert f"line {line}" in first.stdout
+    assert old_key not in first.stdout + first.stderr
+    assert alice not in first.stdout + first.stderr
+
+    config = cli.config
+    at = time.time()
+    assert login_works(config, "alice", alice, at) and login_works(config, "bob", bob, at)
+    assert login_works(config, "carol", carol, at)
+
+    again = cli("users", "import", str(csv_path), "--source-key", old_key)
+    assert again.stdout.splitlines()[0] == "imported 0, unchanged 3, skipped 6"
+
+    # A user who enrolled with the gateway meanwhile keeps that secret unless --force.
+    csv_path.write_text(f"alice,{encrypt_secret(pyotp.random_base32(), old_key)}\n")
+    conflict = cli("users", "import", str(csv_path), "--source-key", old_key)
+    assert conflict.returncode == 1 and "already enrolled with another secret" in conflict.stdout
+    key_file = tmp_path / "old.key"
+    key_file.write_text(old_key + "\n")
+    forced = cli("users", "import", str(csv_path), "--source-key-file", str(key_file), "--force")
+    assert forced.returncode == 0 and forced.stdout.startswith("imported 1,")
+
+    bad_key = cli("users", "import", str(csv_path), "--source-key", "not-a-key")
+    assert bad_key.returncode == 1 and "not a valid Fernet key" in bad_key.stderr
+    missing = cli("users", "import", str(tmp_path / "nope.csv"), "--source-key", old_key)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def test_keys_rotate_keeps_every_user_able_to_log_in(cli: Cli, tmp_path: Path, upstream: UpstreamProcess) -> None:
+    old_key = cli.env[config_module.ENV_KEYS]
+    secrets = {user: enrol(cli.config, user) for user in ("alice", "bob", "carol")}
+
+    new_key = Fernet.generate_key().decode()
+    cli.env[config_module.ENV_KEYS] = f"{new_key},{old_key}"  # newest first
+    rotated = cli("keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "rotated 3, already current 0" in rotated.stdout
+    assert "rotated 0, already current 3" in cli("keys", "rotate").stdout
+
+    # The old key is gone: every user still logs in, through a real gateway.
+    cli.env[config_module.ENV_KEYS] = new_key
+    config = config_module.parse(
+        {"store": {"url": cli.config.store.url}, "session": {"secure": False}, "upstream": {"url": upstream.url}},
+        env=cli.env,
+    )
+    server = GatewayServer(config).start()
+    try:
+        for user, secret in secrets.items():
+            r = httpx.get(f"{server.url}/echo/x", headers={"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()})
+            assert r.status_code == 200, (user, r.text)
+    finally:
+        server.stop()
+
+    # Keys that open nothing: rotation fails loudly and changes nothing.
+    cli.env[config_module.ENV_KEYS] = Fernet.generate_key().decode()
+    failed = cli("keys", "rotate")
+    assert failed.returncode == 1 and "FAILED 3" in failed.stderr
+
+
+def test_store_errors_exit_1(cli: Cli, tmp_path: Path) -> None:
+    cli.path.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/no/such/dir/gateway.db"\n')
+    for args in (("users", "list"), ("keys", "rotate")):
+        result = cli(*args)
+        assert result.returncode == 1 and "store error" in result.stderr
+
+
+# -- demo (the full run is tests/integration/test_browser.py) -----------------------------------
+
+
+def test_demo_state_is_made_once_and_private(tmp_path: Path) -> None:
+    state = tmp_path / "demo"
+    prepare_state(state)
+    first = {name: (state / name).read_text() for name in ("encryption.key", "recovery.pepper", "jwt.secret")}
+    prepare_state(state)
+    assert {name: (state / name).read_text() for name in first} == first
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert all((state / name).stat().st_mode & 0o777 == 0o600 for name in first)
+    config = demo_config(state, "127.0.0.1", 8080, 9999)
+    assert config.identity.mode == "jwt" and not config.session.secure
+    assert config.upstream.url == "http://127.0.0.1:9999"
+
+
+def test_demo_on_a_busy_port_says_so(cli: Cli, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = cli("demo", "--port", port, "--dir", str(tmp_path / "demo"), config=False)
+    assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
