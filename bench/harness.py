@@ -161,13 +161,13 @@ class Bench:
 
     # -- gateways ------------------------------------------------------------------------------
 
-    def start_gateway(self, name: str, upstream: str | None = None, port: int | None = None,
+    def start_gateway(self, name: str, upstream_url: str | None = None, port: int | None = None,
                       **tables: dict[str, Any]) -> Gateway:
         """A gateway process on its own Redis key prefix (so rows never share lockouts)."""
         port = port or free_port()
         path = self.workdir / f"{name}.toml"
         config = seed.write_config(path, self.env, seed.gateway_tables(
-            port, self.redis_port, f"bench-{name}", upstream, **tables))
+            port, self.redis_port, f"bench-{name}", upstream_url, **tables))
         proc = self.procs.start(
             f"gateway-{name}", uvicorn_argv(sys.executable, "bench.apps:gateway", port, factory=True),
             ports=[port], env={**self.env, ENV_CONFIG: str(path)},

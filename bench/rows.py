@@ -28,6 +28,7 @@ from bench.harness import (
 )
 from bench.procs import ROOT, free_port, progress, uvicorn_argv
 from bench.report import NAIVE_PROXY_RPS, Row
+from gateway.errors import ConfigError
 
 ORIGINAL_VENV = ROOT / "bench" / ".venv-original"
 # two-fast-auth imports cryptography's Fernet without declaring it.
@@ -174,20 +175,38 @@ def auth_request(bench: Bench) -> None:
 
 
 def proxy_mode(bench: Bench) -> None:
-    gateway = bench.with_session(bench.start_gateway("proxy", upstream=bench.upstream_url))
-    url = f"{gateway.url}/app"
-    headers = {USER_HEADER: "alice", "Cookie": gateway.cookie()}
+    gateway = bench.with_session(bench.start_gateway("proxy", upstream_url=bench.upstream_url))
+    client = gateway.config.upstream.client
     try:
         for connections in (1, 32, 64):
-            key = f"5-c{connections}"
-            row = bench.add(row_from(key, f"5. gateway proxy mode, session, c{connections}",
-                                     bench.wrk(url, connections, headers)))
-            baseline = "B" if connections == 32 else f"B-c{connections}"
-            ratio(row, bench.rows.get(baseline), baseline)
-            if row.rps is not None:
-                row.notes.append(f"{row.rps / NAIVE_PROXY_RPS:.1f}x the naive proxy (0.42k)")
+            _proxy_row(bench, gateway, connections, f"5-c{connections}",
+                       f"5. gateway proxy mode, session, c{connections}").notes.append(f"upstream.client {client}")
     finally:
         bench.stop_gateway(gateway)
+    # The other upstream clients the configuration offers, at c64, for comparison (no target).
+    for other in ("httptools", "httpcore"):
+        if other == client:
+            continue
+        try:
+            gateway = bench.start_gateway(f"proxy-{other}", upstream_url=bench.upstream_url,
+                                          upstream={"client": other})
+        except ConfigError:
+            continue
+        try:
+            bench.with_session(gateway)
+            _proxy_row(bench, gateway, 64, f"5-c64-{other}", f"5. gateway proxy mode, session, c64, {other}")
+        finally:
+            bench.stop_gateway(gateway)
+
+
+def _proxy_row(bench: Bench, gateway: Gateway, connections: int, key: str, label: str) -> Row:
+    headers = {USER_HEADER: "alice", "Cookie": gateway.cookie()}
+    row = bench.add(row_from(key, label, bench.wrk(f"{gateway.url}/app", connections, headers)))
+    baseline = "B" if connections == 32 else f"B-c{connections}"
+    ratio(row, bench.rows.get(baseline), baseline)
+    if row.rps is not None:
+        row.notes.append(f"{row.rps / NAIVE_PROXY_RPS:.1f}x the naive proxy (0.42k)")
+    return row
 
 
 # -- 6: streaming --------------------------------------------------------------------------------
@@ -251,22 +270,28 @@ def _transfer(bench: Bench, direction: str, url: str, headers: dict[str, str]) -
 def streaming(bench: Bench) -> None:
     mib = bench.settings.stream_bytes >> 20
     size_text = f"{mib // 1024} GiB" if mib >= 1024 else f"{mib} MiB"
+    rounds = 3  # alternating nginx and gateway; one transfer is about a second, so take medians
     for direction, upstream, path in (("down", bench.upstream_url, "/big.bin"), ("up", bench.sink(), "/upload")):
         _ = bench.upstream_port  # the sparse file is made with the upstream
-        nginx = _transfer(bench, direction, f"http://127.0.0.1:{bench.front['proxy']}{path}", {})
-        # A fresh gateway for each direction, so RSS growth is the transfer's alone.
-        gateway = bench.with_session(bench.start_gateway(f"stream-{direction}", upstream=upstream))
+        # A fresh gateway for each direction, so RSS growth is the transfers' alone.
+        gateway = bench.with_session(bench.start_gateway(f"stream-{direction}", upstream_url=upstream))
         headers = {USER_HEADER: "alice", "Cookie": gateway.cookie()}
+        nginx_speeds: list[float] = []
+        gateway_speeds: list[float] = []
         try:
             sampler = _RssSampler(gateway.proc.pid)
-            speed = _transfer(bench, direction, f"{gateway.url}{path}", headers)
+            for _ in range(rounds):
+                nginx_speeds.append(_transfer(bench, direction, f"http://127.0.0.1:{bench.front['proxy']}{path}", {}))
+                gateway_speeds.append(_transfer(bench, direction, f"{gateway.url}{path}", headers))
             growth = sampler.growth_mib()
         finally:
             bench.stop_gateway(gateway)
+        speed, nginx = statistics.median(gateway_speeds), statistics.median(nginx_speeds)
         label = f"6. gateway proxy, streaming {size_text} {'download' if direction == 'down' else 'upload'}"
         row = bench.add(Row(f"6-{direction}", label, throughput=f"{speed:,.0f} MB/s", rss_mib=growth))
         row.ratio, row.baseline = speed / nginx, "nginx"
-        row.notes += [f"nginx proxy_pass: {nginx:,.0f} MB/s", f"gateway peak RSS +{growth:.1f} MiB"]
+        row.notes += [f"nginx proxy_pass: {nginx:,.0f} MB/s", f"median of {rounds}",
+                      f"gateway peak RSS +{growth:.1f} MiB"]
         if direction == "up":
             row.notes.append("upstream: bench.apps:sink (reads and discards)")
         else:

@@ -57,15 +57,15 @@ def write_config(path: Path, env: Mapping[str, str], tables: Mapping[str, Mappin
     return config_module.load(path, env=env)
 
 
-def gateway_tables(port: int, redis_port: int, prefix: str, upstream: str | None = None,
+def gateway_tables(port: int, redis_port: int, prefix: str, upstream_url: str | None = None,
                    **extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     tables: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
         "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "prefix": prefix},
         "session": {"secure": False},
     }
-    if upstream:
-        tables["upstream"] = {"url": upstream}
+    if upstream_url:
+        tables["upstream"] = {"url": upstream_url}
     for name, values in extra.items():
         tables.setdefault(name, {}).update(values)
     return tables

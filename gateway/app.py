@@ -33,6 +33,8 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Denials a person in a browser can fix on the gateway's own pages: send them there.
 _TO_VERIFY = frozenset({Reason.CODE_REQUIRED, Reason.INVALID_CODE, Reason.REPLAYED_CODE})
+# ... and the first factor, on the application's own login page (identity.login_url).
+_TO_LOGIN = frozenset({Reason.IDENTITY_REQUIRED, Reason.INVALID_IDENTITY})
 
 
 class Gateway:
@@ -104,8 +106,13 @@ class Gateway:
             value += "; Secure"
         return b"set-cookie", value.encode()
 
-    def login_location(self, reason: Reason, target: str) -> str:
-        """Where a browser goes to fix a denial, with a local return target."""
+    def login_location(self, reason: Reason, target: str) -> str | None:
+        """Where a browser goes to fix a denial, with a local return target; None if nowhere."""
+        if reason in _TO_LOGIN:
+            login = self.config.identity.login_url
+            return login.replace("{next}", quote(target, safe="/")) if login else None
+        if reason not in _TO_VERIFY and reason is not Reason.NOT_ENROLLED:
+            return None
         route = self.config.routes.setup if reason is Reason.NOT_ENROLLED else self.config.routes.verify
         return f"{route}?next={quote(target, safe='/')}"
 
@@ -178,17 +185,14 @@ class Gateway:
 
     async def deny(self, scope: Scope, send: Send, decision: Decision, headers: Headers) -> None:
         accept = headers.get("accept")
-        if (
-            wants_html(accept)
-            and scope["method"] in ("GET", "HEAD")
-            and (decision.reason in _TO_VERIFY or decision.reason is Reason.NOT_ENROLLED)
-            and decision.path is not None
-        ):
+        if wants_html(accept) and scope["method"] in ("GET", "HEAD") and decision.path is not None:
             query = scope.get("query_string", b"")
             target = encode_path(decision.path) + ("?" + query.decode("latin-1") if query else "")
             location = self.login_location(decision.reason, target)
-            await send_response(send, 302, [(b"location", location.encode()), (b"cache-control", b"no-store")], b"")
-            return
+            if location is not None:
+                headers_out = [(b"location", location.encode()), (b"cache-control", b"no-store")]
+                await send_response(send, 302, headers_out, b"")
+                return
         fields: dict[str, Any] = {}
         if decision.reason is Reason.NOT_ENROLLED:
             fields["setup"] = self.config.routes.setup

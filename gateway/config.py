@@ -91,6 +91,7 @@ class IdentityConfig:
     mode: str = "header"
     header: str = "Remote-User"
     jwt: JwtConfig | None = None
+    login_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,8 +459,15 @@ def _identity(data: Any, env: Mapping[str, str], problems: list[str]) -> Identit
         jwt = _jwt(jwt_data if jwt_data is not None else {}, env, problems)
     elif jwt_data is not None:
         t.problem("jwt", 'only used with mode = "jwt"')
+    login_url = t.opt_str("login_url")
+    if login_url is not None and not (
+        (login_url.startswith("/") and not login_url.startswith(("//", "/\\")))
+        or _http_url(t, "login_url", login_url.replace("{next}", "")) is not None
+    ):
+        t.problem("login_url", 'must be a local path like "/login?next={next}" or an http(s) URL')
+        login_url = None
     t.finish()
-    return IdentityConfig(mode=mode, header=header, jwt=jwt)
+    return IdentityConfig(mode=mode, header=header, jwt=jwt, login_url=login_url)
 
 
 def _totp(data: Any, problems: list[str]) -> TotpConfig:

@@ -81,6 +81,8 @@ def demo_config(state: Path, host: str, port: int, upstream_port: int) -> Config
         "identity": {
             "mode": "jwt",
             "jwt": {"secret_file": str(jwt_secret), "cookie": COOKIE, "audience": AUDIENCE, "issuer": ISSUER},
+            # A browser that has not logged in yet is sent to the demo's login page.
+            "login_url": "/",
         },
         "totp": {"issuer": "Gateway demo"},
         "session": {"secure": False},

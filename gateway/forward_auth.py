@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 _URI_HEADERS = ("x-original-uri", "x-forwarded-uri", "x-original-url")
 _METHOD_HEADERS = ("x-original-method", "x-forwarded-method")
 _UNKNOWN_METHOD = "X-UNKNOWN-METHOD"  # a valid token that no method-qualified exclusion names
-_LOCATION_REASONS = frozenset({Reason.CODE_REQUIRED, Reason.INVALID_CODE, Reason.REPLAYED_CODE, Reason.NOT_ENROLLED})
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -113,9 +112,11 @@ class ForwardAuth:
         location = None
         # As proxy mode does: only a browser navigation is sent to a page; a program gets the
         # status (and nginx's error_page, Caddy's handle_response redirect only on a Location).
-        if browser and method in ("GET", "HEAD") and reason in _LOCATION_REASONS and decision.path is not None:
+        if browser and method in ("GET", "HEAD") and decision.path is not None:
             local = encode_path(decision.path) + (target[target.find("?") :] if "?" in target else "")
-            location = self._origin(headers) + self.gateway.login_location(reason, local)
+            page = self.gateway.login_location(reason, local)
+            if page is not None:
+                location = page if page.startswith(("http://", "https://")) else self._origin(headers) + page
         # Traefik shows the denial itself (a browser does not follow a 401's Location): link it.
         extra = f'<p><a href="{html.escape(location)}">Continue</a></p>' if location else ""
         _, base, body = denial_body(reason, browser, extra)

@@ -42,3 +42,20 @@ def test_forward_auth_only_mode_serves_no_upstream(tmp_path: Path) -> None:
         assert r.json()["error"] == "not_found"
     finally:
         server.stop()
+
+
+def test_login_url_sends_browsers_without_identity_to_the_app_login(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream=upstream.url, identity={"login_url": "/login?next={next}"})
+    server = GatewayServer(config).start()
+    try:
+        r = httpx.get(server.url + "/app/x?y=1", headers={"Accept": "text/html"})
+        assert r.status_code == 302
+        assert r.headers["location"] == "/login?next=/app/x%3Fy%3D1"
+        # programs still get the JSON 401
+        assert httpx.get(server.url + "/app/x").status_code == 401
+        headers = {"Accept": "text/html", "X-Original-URI": "/app/x", "X-Original-Method": "GET"}
+        r = httpx.get(server.url + "/auth", headers=headers)
+        assert r.status_code == 401
+        assert r.headers["location"].endswith("/login?next=/app/x")
+    finally:
+        server.stop()
