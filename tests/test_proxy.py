@@ -373,10 +373,18 @@ def test_upstream_refused_is_502(tmp_path: Path, client: str) -> None:
         server.stop()
 
 
-def test_upstream_timeout_is_504_and_pool_exhaustion_503(upstream: UpstreamProcess, tmp_path: Path, client: str) -> None:
+def test_upstream_timeout_is_504_and_pool_exhaustion_503(
+    upstream: UpstreamProcess, tmp_path: Path, client: str
+) -> None:
     config = make_config(
         tmp_path,
-        upstream={"url": upstream.url, "read_timeout": 0.5, "max_connections": 1, "pool_timeout": 0.2, "client": client},
+        upstream={
+            "url": upstream.url,
+            "read_timeout": 0.5,
+            "max_connections": 1,
+            "pool_timeout": 0.2,
+            "client": client,
+        },
     )
     server = GatewayServer(config).start()
     try:
