@@ -267,3 +267,11 @@ def test_demo_on_a_busy_port_says_so(cli: Cli, tmp_path: Path) -> None:
         port = str(busy.getsockname()[1])
         result = cli("demo", "--port", port, "--dir", str(tmp_path / "demo"), config=False)
     assert result.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_run_with_an_unreachable_redis_fails_fast(cli: Cli) -> None:
+    cli.path.write_text(f'[store]\nurl = "redis://127.0.0.1:{free_port()}/0"\n')
+    result = cli("run")  # the subprocess timeout is what catches a hang
+    assert result.returncode == 1
+    assert "is unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
