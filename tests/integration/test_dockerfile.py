@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from tests.conftest import REQUIRE_ALL
+from tests.conftest import REQUIRE_ALL, need_binary
 from tests.support.servers import ROOT, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -187,9 +187,7 @@ def test_entrypoint_and_healthcheck_run_on_the_host(stages: list[Stage], tmp_pat
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     """config/systemd/gateway.service passes ``systemd-analyze verify`` (its paths mapped here)."""
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = need_binary("systemd-analyze")
     (tmp_path / "gateway.env").write_text("")
     text = (ROOT / "config" / "systemd" / "gateway.service").read_text()
     for old, new in {
