@@ -121,14 +121,17 @@ class Bench:
 
     @property
     def front(self) -> dict[str, int]:
-        """nginx (one worker): ``proxy`` is baseline B; ``auth`` is auth_request to the gateway."""
+        """nginx (one worker): ``proxy`` is baseline B; ``auth`` is auth_request to the gateway;
+        ``auth-cached`` the same with nginx caching the gateway's 200s for 1 s."""
         if self._front is None:
-            proxy, auth = free_port(), free_port()
+            proxy, auth, cached = free_port(), free_port(), free_port()
+            cache = self.workdir / "nginx-front" / "auth-cache"
             keep = 'proxy_http_version 1.1; proxy_set_header Connection "";'
             start_nginx(self.procs, "nginx-front", f"""
     upstream bench_upstream {{ server 127.0.0.1:{self.upstream_port}; keepalive 64; }}
     upstream bench_sink {{ server 127.0.0.1:{self.sink_port}; keepalive 8; }}
     upstream bench_gateway {{ server 127.0.0.1:{self.auth_gateway_port}; keepalive 64; }}
+    proxy_cache_path {cache} levels=1:2 keys_zone=gw_auth:10m max_size=64m inactive=10s;
     server {{
         listen 127.0.0.1:{proxy};
         client_max_body_size 0;
@@ -155,8 +158,29 @@ class Bench:
             proxy_set_header X-Original-Method $request_method;
             {keep}
         }}
-    }}""", [proxy, auth])
-            self._front = {"proxy": proxy, "auth": auth}
+    }}
+    # A variant, not a recommendation yet: nginx keeps each 200 of /auth for 1 s, per method,
+    # URI, user and session cookie; answers to a request carrying a code are never cached.
+    server {{
+        listen 127.0.0.1:{cached};
+        location / {{ auth_request /_2fa; proxy_pass http://bench_upstream; {keep} }}
+        location = /_2fa {{
+            internal;
+            proxy_pass http://bench_gateway/auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;
+            {keep}
+            proxy_cache gw_auth;
+            proxy_cache_key "$request_method $request_uri|$http_remote_user|$cookie_gateway_session";
+            proxy_cache_valid 200 1s;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie;
+            proxy_no_cache $http_x_2fa_code;
+            proxy_cache_bypass $http_x_2fa_code;
+        }}
+    }}""", [proxy, auth, cached])
+            self._front = {"proxy": proxy, "auth": auth, "auth-cached": cached}
         return self._front
 
     # -- gateways ------------------------------------------------------------------------------

@@ -172,6 +172,12 @@ def auth_request(bench: Bench) -> None:
     row = bench.add(row_from("4", "4. nginx auth_request → gateway /auth → upstream", result))
     _redis_per_request(bench, result, row)
     ratio(row, bench.rows.get("B"), "B")
+    # The same with nginx caching /auth's 200s for 1 s (one session here: the best case).
+    url = f"http://127.0.0.1:{bench.front['auth-cached']}/app"
+    row = bench.add(row_from("4-cache", "4. the same, nginx caching 2xx /auth answers 1 s (variant)",
+                             bench.wrk(url, headers=headers)))
+    row.notes.append("one session, so nearly every check is a cache hit; revocation bound becomes 1 s + cache_ttl")
+    ratio(row, bench.rows.get("B"), "B")
 
 
 def proxy_mode(bench: Bench) -> None:

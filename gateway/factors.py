@@ -14,6 +14,7 @@ store.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -95,6 +96,9 @@ class SecondFactor:
         self.clock = clock
         self._sessions = _TtlCache(config.store.cache_ttl, clock)
         self._locks = _TtlCache(config.store.cache_ttl, clock)
+        # Decrypted active secrets (or None: not enrolled), so a flood of codes for one user
+        # costs no store read and no decryption. Process memory holds the keys anyway.
+        self._secrets = _TtlCache(config.store.cache_ttl, clock)
 
     # -- lockouts ------------------------------------------------------------------------------
 
@@ -113,18 +117,19 @@ class SecondFactor:
         return None
 
     async def _fail(self, user: str, client: str | None, reason: Reason) -> Outcome:
+        """Count a failure against the user and the client address (atomically, in the store)."""
         now = self.clock()
-        until = await self.store.record_failure(f"user:{user}", self.limits.max_failures, self.limits.lockout, now)
-        if until is not None:
-            self._locks.put(f"user:{user}", until, until)
-            log.warning("lockout user=%r for %ss", user, self.limits.lockout)
+        limits = self.limits
+        counts = [self.store.record_failure(f"user:{user}", limits.max_failures, limits.lockout, now)]
         if client:
-            ip_until = await self.store.record_failure(
-                f"ip:{client}", self.limits.ip_max_failures, self.limits.ip_lockout, now
-            )
-            if ip_until is not None:
-                self._locks.put(f"ip:{client}", ip_until, ip_until)
-                log.warning("lockout client=%s for %ss", client, self.limits.ip_lockout)
+            counts.append(self.store.record_failure(f"ip:{client}", limits.ip_max_failures, limits.ip_lockout, now))
+        results = await asyncio.gather(*counts)
+        if results[0] is not None:
+            self._locks.put(f"user:{user}", results[0], results[0])
+            log.warning("lockout user=%r for %ss", user, limits.lockout)
+        if client and results[1] is not None:
+            self._locks.put(f"ip:{client}", results[1], results[1])
+            log.warning("lockout client=%s for %ss", client, limits.ip_lockout)
         return Outcome(reason)
 
     async def unlock(self, user: str) -> None:
@@ -134,19 +139,27 @@ class SecondFactor:
     # -- codes ---------------------------------------------------------------------------------
 
     async def _secret(self, user: str, pending: bool = False) -> str | None:
+        if not pending:
+            hit, cached = self._secrets.get(user)
+            if hit:
+                return cached if isinstance(cached, str) else None
         token = await self.store.get_pending(user, self.clock()) if pending else await self.store.get_secret(user)
-        if token is None:
-            return None
-        try:
-            return self.box.decrypt(user, token)
-        except DecryptError:
-            # The record is left untouched: a key may just be missing from this replica's config.
-            log.error("secret of user=%r does not decrypt (wrong key or record bound to another user)", user)
-            raise
+        secret = None
+        if token is not None:
+            try:
+                secret = self.box.decrypt(user, token)
+            except DecryptError:
+                # The record is left untouched: a key may just be missing from this replica's config.
+                log.error("secret of user=%r does not decrypt (wrong key or record bound to another user)", user)
+                raise
+        if not pending:
+            self._secrets.put(user, secret)
+        return secret
 
     async def check_code(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """Check a TOTP code for an enrolled user: format, lockout, match, replay (RFC 6238 §5.2)."""
-        locked = await self.locked(user, client, cached=False)
+        # A lock known to this worker denies at once, cheaply: what an attacker's flood meets.
+        locked = await self.locked(user, client)
         if locked:
             return locked
         code = totp.parse_code(raw_code, self.params.digits)
@@ -158,6 +171,11 @@ class SecondFactor:
         step = totp.matching_step(secret, code, self.clock(), self.params)
         if step is None:
             return await self._fail(user, client, Reason.INVALID_CODE)
+        # Only a matching code can grant, so only then is the lock read from the store itself:
+        # another worker may have locked the user within the last cache_ttl.
+        locked = await self.locked(user, client, cached=False)
+        if locked:
+            return locked
         # RFC 6238 §5.2: a code may be accepted once; advance_step is atomic in the store, so
         # of many concurrent requests carrying one code exactly one wins.
         if not await self.store.advance_step(user, step):
@@ -182,7 +200,7 @@ class SecondFactor:
         return Outcome(Reason.CODE)
 
     async def is_enrolled(self, user: str) -> bool:
-        return await self.store.get_secret(user) is not None
+        return await self._secret(user) is not None
 
     # -- enrolment -----------------------------------------------------------------------------
 
@@ -214,6 +232,7 @@ class SecondFactor:
                 return Outcome(Reason.INVALID_CODE)
             return await self._fail(user, client, Reason.INVALID_CODE)
         await self.store.set_secret(user, self.box.encrypt(user, secret))
+        self._secrets.drop(user)
         # The step is time, not secret, so the replay history carries over: this code's step
         # is consumed (it may already be, if the user re-enrolled within one period).
         await self.store.advance_step(user, step)
@@ -261,5 +280,6 @@ class SecondFactor:
 
     async def reset_user(self, user: str) -> None:
         await self.store.delete_user(user)
+        self._secrets.drop(user)
         self._sessions.drop_value(user)
         self._locks.drop(f"user:{user}")

@@ -75,6 +75,7 @@ async def test_order_of_the_decision(tmp_path: Path) -> None:
     assert (await decider.decide(facts("/admin", trusted=False))).reason is Reason.IDENTITY_REQUIRED
     assert (await decider.decide(facts("/admin"))).reason is Reason.NOT_ENROLLED
     secret = await enrol_direct(cfg, factors, "alice")
+    clock.now += cfg.store.cache_ttl  # enrolled behind this worker's back: seen within cache_ttl
     assert (await decider.decide(facts("/admin"))).reason is Reason.CODE_REQUIRED
     assert (await decider.decide(facts("/admin", code="000000"))).reason is Reason.INVALID_CODE
     ok = await decider.decide(facts("/admin", code=pyotp.TOTP(secret).at(clock.now)))
@@ -250,3 +251,21 @@ async def test_redis_replay_guard_under_concurrency(redis_server: RedisServer, t
 def test_client_address(peer: str, xff: str | None, expected: str) -> None:
     cfg = make_config(Path("/tmp"))
     assert client_address(peer, xff, cfg.server.trusted_proxies) == expected
+
+
+async def test_a_lock_set_by_another_worker_stops_a_correct_code_at_once(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider_a, factors_a = await setup(tmp_path, clock, limits={"max_failures": 3})
+    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    await store_b.open()
+    decider_b = Decider(cfg, SecondFactor(cfg, store_b, clock))
+    secret = await enrol_direct(cfg, factors_a, "alice")
+    clock.now += cfg.store.cache_ttl
+    assert (await decider_b.decide(facts(code="000000"))).reason is Reason.INVALID_CODE  # b: "not locked", cached
+    for _ in range(3):
+        await decider_a.decide(facts(code="000000"))
+    # b's cache still says "not locked", but a matching code is only granted after the store says so
+    result = await decider_b.decide(facts(code=pyotp.TOTP(secret).at(clock.now)))
+    assert result.reason is Reason.LOCKED
+    await factors_a.store.close()
+    await store_b.close()
