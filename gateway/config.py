@@ -19,14 +19,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError
 from gateway.paths import ExcludeRule, parse_rule
+from gateway.tables import TCHARS, Table, header_name, http_url, route_path
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-T = TypeVar("T")
 
 ENV_KEYS = "GATEWAY_ENCRYPTION_KEYS"
 ENV_PEPPER = "GATEWAY_RECOVERY_PEPPER"
@@ -171,140 +171,8 @@ def _redact_url(url: str) -> str:
 # -- reading ---------------------------------------------------------------------------------
 
 
-class _Table:
-    """One TOML table being read: typed getters that record problems under their full key."""
-
-    def __init__(self, name: str, data: Any, problems: list[str]) -> None:
-        self.name = name
-        self.problems = problems
-        self.seen: set[str] = set()
-        if not isinstance(data, dict):
-            problems.append(f"{name}: must be a table")
-            data = {}
-        self.data: dict[str, Any] = data
-
-    def key(self, key: str) -> str:
-        return f"{self.name}.{key}"
-
-    def problem(self, key: str, reason: str) -> None:
-        self.problems.append(f"{self.key(key)}: {reason}")
-
-    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
-        self.seen.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # bool is an int in Python; a port of `true` is a mistake, not 1.
-        if isinstance(value, bool) and bool not in kinds:
-            self.problem(key, f"expected {_kind_name(kinds)}, got a boolean")
-            return default
-        if not isinstance(value, kinds):
-            self.problem(key, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
-            return default
-        if float in kinds and isinstance(value, int):
-            value = float(value)
-        return value  # type: ignore[no-any-return]
-
-    def opt_str(self, key: str) -> str | None:
-        value: str | None = self.get(key, str, None)
-        return value
-
-    def number(self, key: str, default: T, low: float, high: float) -> T:
-        kind: tuple[type, ...] = (int, float) if isinstance(default, float) else (int,)
-        value = self.get(key, kind, default)
-        if not low <= value <= high:  # type: ignore[operator]
-            self.problem(key, f"{value} is outside {low:g}..{high:g}")
-            return default
-        return value
-
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(key, list, list(default))
-        out: list[str] = []
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                self.problems.append(f"{self.key(key)}[{i}]: expected a string, got {type(item).__name__}")
-            else:
-                out.append(item)
-        return tuple(out)
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key, str, default)
-        if value not in choices:
-            self.problem(key, f'"{value}" is not one of {", ".join(choices)}')
-            return default
-        return value
-
-    def secret(self, key: str, env: Mapping[str, str], env_name: str | None) -> str | None:
-        """A secret given inline, as ``key_file``, or in the environment: exactly one of them."""
-        inline = self.opt_str(key)
-        path = self.opt_str(f"{key}_file")
-        from_env = env.get(env_name) if env_name else None
-        given = [n for n, v in ((key, inline), (f"{key}_file", path), (env_name, from_env)) if v]
-        if len(given) > 1:
-            self.problem(key, f"given more than once ({', '.join(str(g) for g in given)}); choose one")
-            return None
-        if path:
-            try:
-                text = Path(path).read_text(encoding="utf-8").strip()
-                if not text:
-                    self.problem(f"{key}_file", "the file is empty")
-                return text or None
-            except OSError as exc:
-                self.problem(f"{key}_file", f"cannot read {path}: {exc.strerror or exc}")
-                return None
-        return inline or from_env or None
-
-    def finish(self) -> None:
-        for key in sorted(set(self.data) - self.seen):
-            self.problem(key, "unknown key")
-
-
-def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "a table"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _header_name(t: _Table, key: str, default: str) -> str:
-    value = t.get(key, str, default)
-    # RFC 9110 §5.1: a field name is a token.
-    if not value or any(c not in _TCHARS for c in value):
-        t.problem(key, f'"{value}" is not a valid header name')
-        return default
-    return value
-
-
-_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-def _route(t: _Table, key: str, default: str) -> str:
-    value = t.get(key, str, default)
-    if not value.startswith("/") or "?" in value or "#" in value or "*" in value or value.endswith("/"):
-        t.problem(key, f'"{value}" must be an absolute path like "/verify-2fa" with no trailing slash')
-        return default
-    return value
-
-
-def _http_url(t: _Table, key: str, value: str | None) -> str | None:
-    if value is None:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        t.problem(key, f'"{value}" is not an http:// or https:// URL with a host')
-        return None
-    if parts.query or parts.fragment:
-        t.problem(key, "must not have a query or fragment")
-        return None
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        t.problem(key, f'"{value}" has an invalid port')
-        return None
-    return value.rstrip("/")
-
-
 def _server(data: Any, problems: list[str]) -> ServerConfig:
-    t = _Table("server", data, problems)
+    t = Table("server", data, problems)
     d = ServerConfig()
     networks: list[IPNetwork] = []
     for i, text in enumerate(t.strings("trusted_proxies", tuple(str(n) for n in d.trusted_proxies))):
@@ -312,7 +180,7 @@ def _server(data: Any, problems: list[str]) -> ServerConfig:
             networks.append(ipaddress.ip_network(text, strict=True))
         except ValueError as exc:
             problems.append(f"server.trusted_proxies[{i}]: {exc}")
-    public_url = _http_url(t, "public_url", t.opt_str("public_url"))
+    public_url = http_url(t, "public_url", t.opt_str("public_url"))
     cfg = ServerConfig(
         host=t.get("host", str, d.host),
         port=t.number("port", d.port, 0, 65535),
@@ -327,16 +195,16 @@ def _server(data: Any, problems: list[str]) -> ServerConfig:
 
 
 def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
-    t = _Table("upstream", data, problems)
+    t = Table("upstream", data, problems)
     d = UpstreamConfig()
     cfg = UpstreamConfig(
-        url=_http_url(t, "url", t.opt_str("url")),
+        url=http_url(t, "url", t.opt_str("url")),
         connect_timeout=t.number("connect_timeout", d.connect_timeout, 0.001, 3600),
         read_timeout=t.number("read_timeout", d.read_timeout, 0.001, 86400),
         write_timeout=t.number("write_timeout", d.write_timeout, 0.001, 86400),
         pool_timeout=t.number("pool_timeout", d.pool_timeout, 0.001, 3600),
         max_connections=t.number("max_connections", d.max_connections, 1, 100_000),
-        user_header=_header_name(t, "user_header", d.user_header),
+        user_header=header_name(t, "user_header", d.user_header),
         client=t.choice("client", d.client, ("httptools", "httpcore")),
     )
     t.finish()
@@ -344,7 +212,7 @@ def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
 
 
 def _store(data: Any, problems: list[str]) -> StoreConfig:
-    t = _Table("store", data, problems)
+    t = Table("store", data, problems)
     d = StoreConfig()
     url = t.get("url", str, d.url)
     scheme = urlsplit(url).scheme
@@ -372,7 +240,7 @@ def _split_keys(text: str) -> list[str]:
 def _encryption(data: Any, env: Mapping[str, str], problems: list[str]) -> EncryptionConfig:
     from gateway.crypto import SecretBox
 
-    t = _Table("encryption", data, problems)
+    t = Table("encryption", data, problems)
     inline = t.strings("keys", ())
     path = t.opt_str("keys_file")
     from_env = env.get(ENV_KEYS, "")
@@ -410,7 +278,7 @@ def _encryption(data: Any, env: Mapping[str, str], problems: list[str]) -> Encry
 
 
 def _jwt(data: Any, env: Mapping[str, str], problems: list[str]) -> JwtConfig:
-    t = _Table("identity.jwt", data, problems)
+    t = Table("identity.jwt", data, problems)
     d = JwtConfig()
     secret = t.secret("secret", env, ENV_JWT_SECRET)
     public_key = t.secret("public_key", env, None)
@@ -449,10 +317,10 @@ def _jwt(data: Any, env: Mapping[str, str], problems: list[str]) -> JwtConfig:
 
 
 def _identity(data: Any, env: Mapping[str, str], problems: list[str]) -> IdentityConfig:
-    t = _Table("identity", data, problems)
+    t = Table("identity", data, problems)
     d = IdentityConfig()
     mode = t.choice("mode", d.mode, ("header", "jwt"))
-    header = _header_name(t, "header", d.header)
+    header = header_name(t, "header", d.header)
     jwt_data: dict[str, Any] | None = t.get("jwt", dict, None)
     jwt = None
     if mode == "jwt":
@@ -462,7 +330,7 @@ def _identity(data: Any, env: Mapping[str, str], problems: list[str]) -> Identit
     login_url = t.opt_str("login_url")
     if login_url is not None and not (
         (login_url.startswith("/") and not login_url.startswith(("//", "/\\")))
-        or _http_url(t, "login_url", login_url.replace("{next}", "")) is not None
+        or http_url(t, "login_url", login_url.replace("{next}", "")) is not None
     ):
         t.problem("login_url", 'must be a local path like "/login?next={next}" or an http(s) URL')
         login_url = None
@@ -471,7 +339,7 @@ def _identity(data: Any, env: Mapping[str, str], problems: list[str]) -> Identit
 
 
 def _totp(data: Any, problems: list[str]) -> TotpConfig:
-    t = _Table("totp", data, problems)
+    t = Table("totp", data, problems)
     d = TotpConfig()
     issuer = t.get("issuer", str, d.issuer)
     if not issuer or ":" in issuer:
@@ -482,7 +350,7 @@ def _totp(data: Any, problems: list[str]) -> TotpConfig:
         period=t.number("period", d.period, 15, 120),
         algorithm=t.choice("algorithm", d.algorithm, ("SHA1", "SHA256", "SHA512")),
         window=t.number("window", d.window, 0, 2),
-        header=_header_name(t, "header", d.header),
+        header=header_name(t, "header", d.header),
         pending_ttl=t.number("pending_ttl", d.pending_ttl, 60, 86400),
     )
     t.finish()
@@ -490,10 +358,10 @@ def _totp(data: Any, problems: list[str]) -> TotpConfig:
 
 
 def _session(data: Any, problems: list[str]) -> SessionConfig:
-    t = _Table("session", data, problems)
+    t = Table("session", data, problems)
     d = SessionConfig()
     cookie = t.get("cookie", str, d.cookie)
-    if not cookie or any(c not in _TCHARS for c in cookie):
+    if not cookie or any(c not in TCHARS for c in cookie):
         t.problem("cookie", f'"{cookie}" is not a valid cookie name')
     cfg = SessionConfig(
         cookie=cookie,
@@ -505,7 +373,7 @@ def _session(data: Any, problems: list[str]) -> SessionConfig:
 
 
 def _limits(data: Any, problems: list[str]) -> LimitsConfig:
-    t = _Table("limits", data, problems)
+    t = Table("limits", data, problems)
     d = LimitsConfig()
     cfg = LimitsConfig(
         max_failures=t.number("max_failures", d.max_failures, 1, 1000),
@@ -518,7 +386,7 @@ def _limits(data: Any, problems: list[str]) -> LimitsConfig:
 
 
 def _paths(data: Any, problems: list[str]) -> PathsConfig:
-    t = _Table("paths", data, problems)
+    t = Table("paths", data, problems)
     rules: list[ExcludeRule] = []
     for i, text in enumerate(t.strings("exclude", ())):
         try:
@@ -530,9 +398,9 @@ def _paths(data: Any, problems: list[str]) -> PathsConfig:
 
 
 def _routes(data: Any, problems: list[str]) -> RoutesConfig:
-    t = _Table("routes", data, problems)
+    t = Table("routes", data, problems)
     d = RoutesConfig()
-    cfg = RoutesConfig(**{name: _route(t, name, getattr(d, name)) for name in d.__dataclass_fields__})
+    cfg = RoutesConfig(**{name: route_path(t, name, getattr(d, name)) for name in d.__dataclass_fields__})
     values = [getattr(cfg, n) for n in cfg.__dataclass_fields__]
     if len(set(values)) != len(values):
         problems.append("routes: two routes share one path")

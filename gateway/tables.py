@@ -1,0 +1,144 @@
+"""Reading one TOML table with typed getters that collect problems under their full key
+(``server.port: expected an integer, got str``), so ``config.py`` can report every mistake at
+once and name each one. Unknown keys are problems too (``Table.finish``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+
+class Table:
+    """One TOML table being read: typed getters that record problems under their full key."""
+
+    def __init__(self, name: str, data: Any, problems: list[str]) -> None:
+        self.name = name
+        self.problems = problems
+        self.seen: set[str] = set()
+        if not isinstance(data, dict):
+            problems.append(f"{name}: must be a table")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def problem(self, key: str, reason: str) -> None:
+        self.problems.append(f"{self.key(key)}: {reason}")
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self.seen.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a port of `true` is a mistake, not 1.
+        if isinstance(value, bool) and bool not in kinds:
+            self.problem(key, f"expected {kind_name(kinds)}, got a boolean")
+            return default
+        if not isinstance(value, kinds):
+            self.problem(key, f"expected {kind_name(kinds)}, got {type(value).__name__}")
+            return default
+        if float in kinds and isinstance(value, int):
+            value = float(value)
+        return value  # type: ignore[no-any-return]
+
+    def opt_str(self, key: str) -> str | None:
+        value: str | None = self.get(key, str, None)
+        return value
+
+    def number(self, key: str, default: T, low: float, high: float) -> T:
+        kind: tuple[type, ...] = (int, float) if isinstance(default, float) else (int,)
+        value = self.get(key, kind, default)
+        if not low <= value <= high:  # type: ignore[operator]
+            self.problem(key, f"{value} is outside {low:g}..{high:g}")
+            return default
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key, list, list(default))
+        out: list[str] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.problems.append(f"{self.key(key)}[{i}]: expected a string, got {type(item).__name__}")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            self.problem(key, f'"{value}" is not one of {", ".join(choices)}')
+            return default
+        return value
+
+    def secret(self, key: str, env: Mapping[str, str], env_name: str | None) -> str | None:
+        """A secret given inline, as ``key_file``, or in the environment: exactly one of them."""
+        inline = self.opt_str(key)
+        path = self.opt_str(f"{key}_file")
+        from_env = env.get(env_name) if env_name else None
+        given = [n for n, v in ((key, inline), (f"{key}_file", path), (env_name, from_env)) if v]
+        if len(given) > 1:
+            self.problem(key, f"given more than once ({', '.join(str(g) for g in given)}); choose one")
+            return None
+        if path:
+            try:
+                text = Path(path).read_text(encoding="utf-8").strip()
+                if not text:
+                    self.problem(f"{key}_file", "the file is empty")
+                return text or None
+            except OSError as exc:
+                self.problem(f"{key}_file", f"cannot read {path}: {exc.strerror or exc}")
+                return None
+        return inline or from_env or None
+
+    def finish(self) -> None:
+        for key in sorted(set(self.data) - self.seen):
+            self.problem(key, "unknown key")
+
+
+def kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def header_name(t: Table, key: str, default: str) -> str:
+    value = t.get(key, str, default)
+    # RFC 9110 §5.1: a field name is a token.
+    if not value or any(c not in TCHARS for c in value):
+        t.problem(key, f'"{value}" is not a valid header name')
+        return default
+    return value
+
+
+TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def route_path(t: Table, key: str, default: str) -> str:
+    value = t.get(key, str, default)
+    if not value.startswith("/") or "?" in value or "#" in value or "*" in value or value.endswith("/"):
+        t.problem(key, f'"{value}" must be an absolute path like "/verify-2fa" with no trailing slash')
+        return default
+    return value
+
+
+def http_url(t: Table, key: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        t.problem(key, f'"{value}" is not an http:// or https:// URL with a host')
+        return None
+    if parts.query or parts.fragment:
+        t.problem(key, "must not have a query or fragment")
+        return None
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        t.problem(key, f'"{value}" has an invalid port')
+        return None
+    return value.rstrip("/")
