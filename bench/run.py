@@ -21,7 +21,7 @@ from bench.report import Row, evaluate, machine, table
 from bench.rows import GROUPS, original_versions
 
 RESULTS = ROOT / "bench" / "results" / "latest.md"
-QUICK = Settings(duration=1.0, warmup=0.3, stream_bytes=64 << 20, scale_users=10_000, verifications=200)
+QUICK = Settings(duration=1.0, warmup=1.0, stream_bytes=64 << 20, scale_users=10_000, verifications=200)
 FULL = Settings()
 _PACKAGE_OF = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server", "redis-cli": "redis-tools",
                "curl": "curl"}
