@@ -242,7 +242,12 @@ async def _rotate(config: Config) -> str:
                 current += 1
         if failed:
             raise CommandError(f"rotated {rotated}, already current {current}, FAILED {failed}: keep the old keys")
-        return f"rotated {rotated}, already current {current}: every secret is under the newest key"
+        # Pending enrolments are not rewritten: they live at most totp.pending_ttl and are
+        # re-created by starting setup again, so the old key is needed only that long.
+        return (
+            f"rotated {rotated}, already current {current}: every active secret is under the newest key; "
+            f"keep the old key {config.totp.pending_ttl} s more for enrolments pending now"
+        )
 
     return await _with_store(config, work)
 

@@ -151,7 +151,11 @@ class SecondFactor:
             except DecryptError:
                 # The record is left untouched: a key may just be missing from this replica's config.
                 log.error("secret of user=%r does not decrypt (wrong key or record bound to another user)", user)
-                raise
+                if not pending:
+                    raise
+                # A pending secret grants nothing: one made under a key removed since is treated
+                # as absent, so the user starts setup again instead of meeting an error page.
+                return None
         if not pending:
             self._secrets.put(user, secret)
         return secret
@@ -231,11 +235,19 @@ class SecondFactor:
             if not count_failure:
                 return Outcome(Reason.INVALID_CODE)
             return await self._fail(user, client, Reason.INVALID_CODE)
+        # RFC 6238 §5.2, as for any code: the step is consumed atomically first, so of several
+        # concurrent requests carrying the first code exactly one activates the secret (and
+        # issues recovery codes). The step is time, not secret: the replay history carries
+        # over, so a re-enrolling user whose old code used this step waits for the next one.
+        if not await self.store.advance_step(user, step):
+            return await self._fail(user, client, Reason.REPLAYED_CODE)
         await self.store.set_secret(user, self.box.encrypt(user, secret))
         self._secrets.drop(user)
-        # The step is time, not secret, so the replay history carries over: this code's step
-        # is consumed (it may already be, if the user re-enrolled within one period).
-        await self.store.advance_step(user, step)
+        # A new authenticator replaces the old one (a lost or stolen phone): every 2FA session
+        # opened with the old one ends. The caller opens a fresh session for this request.
+        ended = await self.revoke_user_sessions(user)
+        if ended:
+            log.warning("new authenticator for user=%r: %d earlier 2FA session(s) ended", user, ended)
         await self.store.clear_failures(f"user:{user}")
         return Outcome(Reason.CODE, step=step)
 
@@ -277,6 +289,11 @@ class SecondFactor:
         key = hash_session_id(session_id)
         await self.store.revoke_session(key)
         self._sessions.drop(key)
+
+    async def revoke_user_sessions(self, user: str) -> int:
+        ended = await self.store.revoke_user_sessions(user)
+        self._sessions.drop_value(user)
+        return ended
 
     async def reset_user(self, user: str) -> None:
         await self.store.delete_user(user)

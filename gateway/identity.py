@@ -69,6 +69,13 @@ class IdentityReader:
             user = headers.get(self.header)
             if user is None or user == "":
                 return None, Reason.IDENTITY_REQUIRED
+            # Header values arrive as bytes read as Latin-1 (RFC 9110 §5.5); nginx and SSO
+            # proxies send a non-ASCII user name as UTF-8. Read it so, and refuse what is not.
+            if not user.isascii():
+                try:
+                    user = user.encode("latin-1").decode("utf-8")
+                except UnicodeError:
+                    return None, Reason.INVALID_IDENTITY
             if not valid_user(user):
                 return None, Reason.INVALID_IDENTITY
             return Identity(user, user), Reason.EXCLUDED

@@ -14,7 +14,9 @@ under httpx can be swapped and measured (see ``bench/``).
   ``-Host`` are set. Client-supplied ``X-Forwarded-*`` and ``Forwarded`` are kept only
   from trusted proxies.
 * The 2FA code header, the gateway's session cookie and any client-supplied user header are
-  stripped; the verified user goes upstream in ``upstream.user_header``.
+  stripped, and so are look-alikes of these and of the forwarding headers spelled with ``_``
+  or ``.`` (``Remote_User``: CGI-style apps read it as ``Remote-User``); the verified user
+  goes upstream in ``upstream.user_header``.
 * httpx's errors are translated here, once: refused/reset → 502, timeout → 504, no free
   pooled connection → 503.
 """
@@ -124,6 +126,9 @@ class Forwarder:
         self.session_cookie = config.session.cookie.encode()
         self._drop_trusted = HOP_BY_HOP_HEADERS | self.stripped
         self._drop_untrusted = self._drop_trusted | _FORWARDING_HEADERS
+        # Names the gateway controls. WSGI, CGI and PHP read "Remote_User" and "Remote-User" alike
+        # (both become HTTP_REMOTE_USER), so a look-alike spelled with "_" or "." is dropped too.
+        self._look_alikes = self._drop_untrusted
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -138,6 +143,8 @@ class Forwarder:
         for name, value in incoming:
             if name == b"host":
                 host = value
+                continue
+            if (b"_" in name or b"." in name) and name.replace(b"_", b"-").replace(b".", b"-") in self._look_alikes:
                 continue
             if name in drop:
                 if name == b"connection":

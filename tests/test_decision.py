@@ -269,3 +269,19 @@ async def test_a_lock_set_by_another_worker_stops_a_correct_code_at_once(tmp_pat
     assert result.reason is Reason.LOCKED
     await factors_a.store.close()
     await store_b.close()
+
+
+async def test_a_pending_secret_under_a_removed_key_is_no_enrolment(tmp_path: Path) -> None:
+    """``keys rotate`` rewrites active secrets only: a pending one made under a key removed since
+    reads as absent (start setup again), never as an error or a grant."""
+    clock = Clock()
+    old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    _, _, factors = await setup(tmp_path, clock, env={"GATEWAY_ENCRYPTION_KEYS": old_key})
+    secret = await factors.begin_enrolment("alice")
+    _, _, after = await setup(tmp_path, clock, env={"GATEWAY_ENCRYPTION_KEYS": new_key})
+    assert await after.pending_secret("alice") is None
+    outcome = await after.finish_enrolment("alice", pyotp.TOTP(secret).at(clock.now), None)
+    assert outcome.reason is Reason.NOT_ENROLLED
+    assert not await after.is_enrolled("alice")
+    await factors.store.close()
+    await after.store.close()

@@ -214,6 +214,50 @@ def test_reenrolment_needs_a_code_and_never_replaces_the_active_secret_early(
         assert c.get("/echo/x", headers={"X-2FA-Code": oathtool(new, clock.now)}).status_code == 200
 
 
+def test_concurrent_first_codes_enrol_once(gateway: GatewayServer, clock: Clock) -> None:
+    """RFC 6238 §5.2 holds for the first code too: of four simultaneous verifications with one
+    code, exactly one activates the secret, issues recovery codes and opens a session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with client(gateway) as c:
+        secret = secret_of(start_setup(c)["otpauth_uri"])
+    code = oathtool(secret, clock.now)
+
+    def verify(_: int) -> httpx.Response:
+        with client(gateway) as c:
+            return c.post("/verify-2fa", json={"code": code})
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(verify, range(4)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [200, 401, 401, 401], [r.text for r in answers]
+    [won] = [r for r in answers if r.status_code == 200]
+    assert {r.json()["error"] for r in answers if r is not won} <= {"2fa_replayed", "2fa_invalid"}
+    # The one set of recovery codes shown is the one that works.
+    with client(gateway) as c:
+        r = c.post("/verify-2fa", json={"recovery_code": won.json()["recovery_codes"][0]})
+        assert r.status_code == 200 and r.json()["status"] == "verified"
+
+
+def test_a_new_authenticator_ends_every_earlier_session(gateway: GatewayServer, clock: Clock) -> None:
+    with client(gateway) as c:
+        old, codes, first = enrol_by_api(c, clock)
+        clock.advance(30)
+        second = c.get("/echo/x", headers={"X-2FA-Code": oathtool(old, clock.now)}).cookies["gateway_session"]
+        for session in (first, second):
+            assert c.get("/echo/x", headers=cookie(session)).status_code == 200
+        # Replacing a lost phone: re-enrol with a recovery code, verify the new secret.
+        r = c.post("/setup-2fa", json={"recovery_code": codes[0]}, headers={"Accept": "application/json"})
+        new = secret_of(r.json()["otpauth_uri"])
+        clock.advance(30)
+        r = c.post("/verify-2fa", json={"code": oathtool(new, clock.now)}, headers=cookie(first))
+        assert r.json()["status"] == "enrolled"
+        third = r.cookies["gateway_session"]
+        for session in (first, second):
+            assert c.get("/echo/x", headers=cookie(session)).json()["error"] == "2fa_required"
+        assert c.get("/echo/x", headers=cookie(third)).status_code == 200
+
+
 def test_reenrolment_with_a_recovery_code(gateway: GatewayServer, clock: Clock) -> None:
     with client(gateway) as c:
         _, codes, _ = enrol_by_api(c, clock)

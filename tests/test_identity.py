@@ -49,6 +49,30 @@ def test_header_mode_believes_only_trusted_peers() -> None:
     assert read(reader, {"Remote-User": "x" * 300})[1] is Reason.INVALID_IDENTITY
 
 
+def test_header_mode_reads_utf8_user_names() -> None:
+    """A proxy sends "José" as UTF-8 bytes; ASGI hands them over read as Latin-1."""
+    reader = IdentityReader(IdentityConfig())
+    raw = "José".encode().decode("latin-1")
+    identity, _ = read(reader, {"Remote-User": raw})
+    assert identity is not None and identity.user == "José"
+    assert read(reader, {"Remote-User": "\xff\xfe"})[1] is Reason.INVALID_IDENTITY  # not UTF-8
+
+
+def test_non_ascii_user_reaches_the_upstream_byte_exact(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream=upstream.url)
+    server = GatewayServer(config).start()
+    try:
+        secret = enrol(config, "José")
+        code = pyotp.TOTP(secret).now()
+        # The raw UTF-8 bytes, as a proxy sends them.
+        r = httpx.get(server.url + "/echo", headers={"Remote-User": "José".encode(), "X-2FA-Code": code})
+        assert r.status_code == 200, r.text
+        seen = dict(r.json()["headers"])
+        assert seen["remote-user"].encode("latin-1") == "José".encode()
+    finally:
+        server.stop()
+
+
 def test_jwt_bearer_and_cookie() -> None:
     reader = hs_reader()
     identity, _ = read(reader, {"Authorization": f"Bearer {token({})}"})

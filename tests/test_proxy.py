@@ -311,12 +311,21 @@ def test_untrusted_peer_cannot_forge_identity_or_forwarding(upstream: UpstreamPr
                 "Remote-User": "alice",
                 "X-Forwarded-Proto": "https",
                 "Forwarded": "for=1.2.3.4",
+                # Look-alikes: CGI, WSGI and PHP read these as Remote-User / X-Forwarded-For.
+                "Remote_User": "admin",
+                "remote.user": "admin",
+                "X_Forwarded_For": "1.2.3.4",
+                "X-2FA_Code": "123456",
+                "X_Custom": "kept",
             },
         )
         seen = {k: v for k, v in json.loads(body)["headers"]}
         assert seen["x-forwarded-for"] == "127.0.0.1"
         assert seen["x-forwarded-proto"] == "http"
         assert "remote-user" not in seen and "forwarded" not in seen
+        for gone in ("remote_user", "remote.user", "x_forwarded_for", "x-2fa_code"):
+            assert gone not in seen
+        assert seen["x_custom"] == "kept"
     finally:
         server.stop()
 

@@ -208,6 +208,20 @@ async def _populate(store: Store, user: str, now: float) -> None:
     await store.record_failure(f"user:{user}", 2, 60, now)  # locked
 
 
+async def test_revoke_user_sessions_ends_only_that_users_sessions(store: Store, now: float) -> None:
+    await store.create_session("a1", "alice", now + 300)
+    await store.create_session("a2", "alice", now + 600)
+    await store.create_session("b1", "bob", now + 300)
+    assert await store.revoke_user_sessions("alice") == 2
+    assert await store.get_session("a1", now) is None
+    assert await store.get_session("a2", now) is None
+    assert await store.get_session("b1", now) == "bob"
+    assert await store.revoke_user_sessions("alice") == 0
+    await store.create_session("a3", "alice", now + 300)  # a session opened afterwards is kept
+    assert await store.get_session("a3", now) == "alice"
+    assert (await store.user_state("alice", now)).sessions == 1
+
+
 async def test_delete_user_removes_everything(store: Store, now: float) -> None:
     await _populate(store, "alice", now)
     await _populate(store, "bob", now)

@@ -85,6 +85,9 @@ class Store(Protocol):
 
     async def revoke_session(self, session_hash: str) -> None: ...
 
+    async def revoke_user_sessions(self, user: str) -> int:
+        """End every session of ``user`` (a new authenticator replaced the old one); how many."""
+
     # -- users -----------------------------------------------------------------------------
     async def delete_user(self, user: str) -> None:
         """Remove secret, pending secret, last step, failures, lock, recovery codes and every

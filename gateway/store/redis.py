@@ -88,6 +88,13 @@ return 1
 """
 
 # KEYS: secret, pending, step, recovery, sessions. Returns the session hashes it dropped.
+# Take the whole session index at once: a session opened after this is a new one, kept.
+_TAKE_SESSIONS_LUA = """
+local sessions = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+return sessions
+"""
+
 _DELETE_USER_LUA = """
 local sessions = redis.call('SMEMBERS', KEYS[5])
 redis.call('DEL', unpack(KEYS))
@@ -167,6 +174,7 @@ class RedisStore:
         self._lua_record_failure = self._client.register_script(_RECORD_FAILURE_LUA)
         self._lua_index_session = self._client.register_script(_INDEX_SESSION_LUA)
         self._lua_delete_user = self._client.register_script(_DELETE_USER_LUA)
+        self._lua_take_sessions = self._client.register_script(_TAKE_SESSIONS_LUA)
 
     @property
     def _r(self) -> aioredis.Redis:
@@ -289,6 +297,16 @@ class RedisStore:
         user = _unpack(value, float("-inf"))
         if user is not None:
             await self._r.srem(self._key(user.decode(), "sessions"), session_hash)
+
+    @_translate_errors
+    async def revoke_user_sessions(self, user: str) -> int:
+        sessions = await self._lua_take_sessions(client=self._r, keys=[self._key(user, "sessions")])
+        # One DEL per session: their keys live in other cluster slots.
+        async with self._r.pipeline(transaction=False) as pipe:
+            for session_hash in sessions:
+                pipe.delete(self._session_key(session_hash.decode()))
+            await pipe.execute()
+        return len(sessions)
 
     # -- users -----------------------------------------------------------------------------
     @_translate_errors

@@ -282,6 +282,13 @@ class SqliteStore:
         self._db.execute("DELETE FROM sessions WHERE hash = ?", (session_hash,))
 
     # -- users -----------------------------------------------------------------------------
+    async def revoke_user_sessions(self, user: str) -> int:
+        return await self._run(self._revoke_user_sessions, user)
+
+    def _revoke_user_sessions(self, user: str) -> int:
+        with self._write() as db:
+            return int(db.execute("DELETE FROM sessions WHERE user = ?", (user,)).rowcount)
+
     async def delete_user(self, user: str) -> None:
         await self._run(self._delete_user, user)
 
