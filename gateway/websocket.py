@@ -4,7 +4,9 @@ The handshake is checked by the same decision as every HTTP request (a session c
 code header, an excluded path). A denied handshake is closed before it is accepted, which
 the ASGI server answers with HTTP 403 (RFC 6455 §4.2.2 lets the server refuse with any 4xx).
 After the upstream accepts, messages are relayed both ways unchanged; the subprotocol the
-upstream chose is passed on, and so are close codes and reasons (RFC 6455 §7.4).
+upstream chose is passed on, and so are close codes and reasons (RFC 6455 §7.4), except the
+codes that only report a closure and may never be sent, which are translated. Whatever ends the
+relay, the upstream connection is closed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.frames import CloseCode
+from websockets.frames import EXTERNAL_CLOSE_CODES, CloseCode
 
 from gateway.errors import Reason
 from gateway.paths import encode_path
@@ -33,6 +35,32 @@ _HANDSHAKE = frozenset(
 )
 _POLICY_VIOLATION = 1008
 _BAD_GATEWAY = 1014
+# RFC 3986 §3.4: the bytes a query may hold as they are, besides "%" (kept so that an escape is
+# passed on as sent, never encoded twice). Other printable ASCII ("|", "{", '"' ...) is outside the
+# grammar too, but servers take it and an HTTP proxy passes it on unchanged, so we do as well; only
+# "#" must go, since it would start a fragment.
+_QUERY_AS_IS = frozenset(range(0x21, 0x7F)) - {ord("#")}
+
+
+def encode_query(query: bytes) -> str:
+    """The query for the upstream URL: the bytes as they came, except those that cannot appear in a
+    request target (non-ASCII, controls, space, "#"), which are percent-encoded (RFC 3986 §2.1)."""
+    return "".join(chr(b) if b in _QUERY_AS_IS else f"%{b:02X}" for b in query)
+
+
+def sendable_close_code(code: int | None, *, abnormal: int) -> int:
+    """A code that may be sent in a close frame, standing for ``code`` as received.
+
+    RFC 6455 §7.4.1: 1005 (no status), 1006 (closed without a close frame) and 1015 (TLS failure)
+    only report how a connection ended and MUST NOT be sent. No status is a normal closure
+    (§7.1.5); a lost connection becomes ``abnormal``, as does any code outside the ranges that
+    may be sent (§7.4.2).
+    """
+    if code == CloseCode.NO_STATUS_RCVD:
+        return int(CloseCode.NORMAL_CLOSURE)
+    if code is None or not (code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000):
+        return int(abnormal)
+    return code
 
 
 async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,9 +84,10 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
     query: bytes = scope.get("query_string", b"")
     scheme = "wss" if forwarder.upstream.scheme == "https" else "ws"
     target = forwarder.base_path.decode("ascii") + encode_path(decision.path)
-    url = f"{scheme}://{forwarder.upstream.netloc.decode('ascii')}{target}" + (
-        f"?{query.decode('latin-1')}" if query else ""
-    )
+    if query:
+        # All ASCII, so websockets sends it as it is (a non-ASCII URL it would quote, "%" included).
+        target += "?" + encode_query(query)
+    url = f"{scheme}://{forwarder.upstream.netloc.decode('ascii')}{target}"
     try:
         upstream = await connect(
             url,
@@ -92,7 +121,9 @@ async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> No
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
-                await upstream.close(message.get("code", CloseCode.NORMAL_CLOSURE), message.get("reason") or "")
+                # A client that is gone without a word is "going away" (RFC 6455 §7.4.1: 1001).
+                code = sendable_close_code(message.get("code"), abnormal=CloseCode.GOING_AWAY)
+                await upstream.close(code, message.get("reason") or "")
                 return
             if message.get("text") is not None:
                 await upstream.send(message["text"])
@@ -108,22 +139,23 @@ async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> No
                     await send({"type": "websocket.send", "bytes": data})
         except ConnectionClosed:
             pass
-        code, reason = upstream.close_code, upstream.close_reason or ""
-        # 1005, 1006 and 1015 may never be sent in a close frame (RFC 6455 §7.4.1).
-        if code is None or code == CloseCode.ABNORMAL_CLOSURE:
-            code = CloseCode.INTERNAL_ERROR
-        elif code in (CloseCode.NO_STATUS_RCVD, CloseCode.TLS_HANDSHAKE):
-            code = CloseCode.NORMAL_CLOSURE
+        # An upstream that is gone without a close frame has failed us (RFC 6455 §7.4.1: 1011).
+        code = sendable_close_code(upstream.close_code, abnormal=CloseCode.INTERNAL_ERROR)
         with contextlib.suppress(OSError, RuntimeError):
-            await send({"type": "websocket.close", "code": int(code), "reason": reason})
+            await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
 
     tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, OSError):
-                await task
-        await upstream.close()
+        try:
+            for task in tasks:
+                task.cancel()
+            # The relay ends here whatever happened in it: a failed side is logged, never raised.
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, ConnectionClosed | OSError):
+                    log.debug("websocket relay ended: %r", outcome)
+                elif isinstance(outcome, Exception):
+                    log.error("websocket relay failed", exc_info=outcome)
+        finally:
+            await upstream.close()

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pyotp
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.app import Gateway, create_app
+from gateway.websocket import encode_query, sendable_close_code
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
 
 
@@ -55,3 +69,197 @@ async def test_relay_with_code_subprotocol_and_close_code(gw: GatewayServer) -> 
 async def test_excluded_websocket_path_needs_no_code(gw: GatewayServer) -> None:
     async with connect(ws_url(gw, "/public/ws")) as ws:
         assert await ws.recv() == "hello "  # no user for an excluded path
+
+
+async def open_raw(gw: GatewayServer, target: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An upgraded connection whose request target goes on the wire exactly as given."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    key = base64.b64encode(os.urandom(16))
+    writer.write(
+        b"GET " + target + b" HTTP/1.1\r\n"
+        b"Host: 127.0.0.1:%d\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (gw.port, key)
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+    except BaseException:
+        await close_raw(writer)
+        raise
+    return reader, writer
+
+
+async def close_raw(writer: asyncio.StreamWriter, abort: bool = False) -> None:
+    if abort:
+        # SO_LINGER 0: the socket is reset (TCP RST), no close frame is sent.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+    else:
+        writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def read_text(reader: asyncio.StreamReader) -> str:
+    """One unfragmented text frame from the server (unmasked, RFC 6455 §5.2)."""
+    first, second = await asyncio.wait_for(reader.readexactly(2), 5)
+    assert first == 0x81, hex(first)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    return (await reader.readexactly(size)).decode()
+
+
+def websocket_stats(upstream: UpstreamProcess) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(upstream.url + "/stats/websockets").json()
+    return stats
+
+
+async def wait_until_ended(upstream: UpstreamProcess, query: str) -> tuple[int, int]:
+    """``(close code, websockets still open)`` once the upstream websocket opened with ``query`` ended."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stats = await asyncio.to_thread(websocket_stats, upstream)
+        for ended in stats["ended"]:
+            if ended["query"] == query:
+                return ended["code"], stats["open"]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the upstream websocket ?{query} is still open")
+
+
+@pytest.fixture
+def server_errors(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Warnings and errors from the gateway and from uvicorn (whose loggers may not propagate)."""
+    uvicorn_logger = logging.getLogger("uvicorn")
+    uvicorn_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            yield caplog
+    finally:
+        uvicorn_logger.removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize(
+    ("how", "relayed_codes"),
+    [
+        # A lost connection is reported as 1006 ("going away" upstream, RFC 6455 §7.4.1), or
+        # as 1005 by uvicorn's default websockets implementation (a normal closure).
+        ("abort", (1000, 1001)),
+        ("close-without-status", (1000,)),  # 1005: a normal closure (RFC 6455 §7.1.5)
+    ],
+)
+async def test_client_that_leaves_without_a_status_closes_the_upstream(
+    gw: GatewayServer,
+    upstream: UpstreamProcess,
+    server_errors: pytest.LogCaptureFixture,
+    how: str,
+    relayed_codes: tuple[int, ...],
+) -> None:
+    before = (await asyncio.to_thread(websocket_stats, upstream))["open"]
+    query = f"leave={how}&n={os.urandom(4).hex()}"
+    reader, writer = await open_raw(gw, f"/public/ws?{query}".encode())
+    try:
+        assert await read_text(reader) == "hello "
+        assert (await asyncio.to_thread(websocket_stats, upstream))["open"] == before + 1
+        if how == "close-without-status":
+            writer.write(b"\x88\x80" + os.urandom(4))  # a masked close frame with no payload
+            assert (await asyncio.wait_for(reader.read(1), 5)) == b"\x88"  # the close is answered
+    finally:
+        await close_raw(writer, abort=how == "abort")
+    code, still_open = await wait_until_ended(upstream, query)
+    assert code in relayed_codes
+    assert still_open == before
+    await asyncio.sleep(0.2)  # the gateway's request has ended too: anything it logs is in by now
+    assert [(r.name, r.getMessage()) for r in server_errors.records] == []
+
+
+async def test_query_reaches_the_upstream_unchanged(gw: GatewayServer) -> None:
+    query = b"x=%41&y=%ff&a=b&c&s=/?:@!$'()*+,;=&k=|^{}`~"
+    reader, writer = await open_raw(gw, b"/public/ws/scope?" + query)
+    try:
+        seen = json.loads(await read_text(reader))
+    finally:
+        await close_raw(writer)
+    assert seen == {"raw_path": "/public/ws/scope", "query": query.decode()}
+
+
+@asynccontextmanager
+async def started(app: Gateway) -> AsyncIterator[None]:
+    """Run the app's lifespan around the block, in this event loop."""
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    incoming.put_nowait({"type": "lifespan.startup"})
+    task = asyncio.ensure_future(app({"type": "lifespan"}, incoming.get, outgoing.put))
+    assert (await asyncio.wait_for(outgoing.get(), 5))["type"] == "lifespan.startup.complete"
+    try:
+        yield
+    finally:
+        incoming.put_nowait({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(task, 5)
+
+
+async def test_raw_query_bytes_and_a_lost_client_driven_through_asgi(
+    upstream: UpstreamProcess, tmp_path: Path, server_errors: pytest.LogCaptureFixture
+) -> None:
+    # uvicorn refuses raw non-ASCII in a request line and reports a lost client as 1005, but other
+    # ASGI servers pass raw query bytes on and report 1006: the app is driven directly for both.
+    app = create_app(make_config(tmp_path, upstream=upstream.url))
+    before = (await asyncio.to_thread(websocket_stats, upstream))["open"]
+    nonce = os.urandom(4).hex()
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": "/public/ws/scope",
+        "raw_path": b"/public/ws/scope",
+        "query_string": b"q=\xff\xfe&r=%41&s=a b#c&n=" + nonce.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"gateway.test")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+        "subprotocols": [],
+    }
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    incoming.put_nowait({"type": "websocket.connect"})
+    async with started(app):
+        task = asyncio.ensure_future(app(scope, incoming.get, outgoing.put))
+        assert (await asyncio.wait_for(outgoing.get(), 5))["type"] == "websocket.accept"
+        seen = json.loads((await asyncio.wait_for(outgoing.get(), 5))["text"])
+        incoming.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        await asyncio.wait_for(task, 5)
+    assert seen["query"] == f"q=%FF%FE&r=%41&s=a%20b%23c&n={nonce}"
+    assert await wait_until_ended(upstream, seen["query"]) == (1001, before)  # "going away" (RFC 6455 §7.4.1)
+    assert [(r.name, r.getMessage()) for r in server_errors.records] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "encoded"),
+    [
+        (b"", ""),
+        (b"a=%41%ff&b=c&d", "a=%41%ff&b=c&d"),
+        (b"\xff\x00 \x7f#", "%FF%00%20%7F%23"),  # never raw in a request target; '#' starts a fragment
+        (b'k=|^{}[]`"<>\\~', 'k=|^{}[]`"<>\\~'),  # printable ASCII is passed on as sent, as nginx does
+    ],
+)
+def test_encode_query(query: bytes, encoded: str) -> None:
+    assert encode_query(query) == encoded
+
+
+@pytest.mark.parametrize(
+    ("received", "abnormal", "sent"),
+    [
+        (1000, 1001, 1000),
+        (4000, 1001, 4000),
+        (1005, 1001, 1000),
+        (1006, 1001, 1001),
+        (1015, 1011, 1011),
+        (None, 1011, 1011),
+        (1004, 1001, 1001),
+        (2000, 1001, 1001),
+    ],
+)
+def test_sendable_close_code(received: int | None, abnormal: int, sent: int) -> None:
+    assert sendable_close_code(received, abnormal=abnormal) == sent

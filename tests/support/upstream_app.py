@@ -11,6 +11,11 @@ Routes (anything else echoes; each also answers under /public and /api/public):
   /slow?s=SECONDS   answers after a delay
   /status/N         that status
   /stats            how many streams are open / were cancelled (leak checks)
+  /stats/websockets how many websockets are open, and the query and close code of each that ended
+
+Websockets: the first message is "hello <Remote-User>", then text is echoed as "echo <text>",
+bytes come back unchanged and "close" closes with 4000 "asked". Under /ws/scope the first
+message is instead JSON of the raw path and query that arrived.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 from typing import Any
 
 STATE = {"open_streams": 0, "finished_streams": 0, "cancelled_streams": 0}
+WEBSOCKETS: dict[str, Any] = {"open": 0, "ended": []}
 GZIP_BODY = gzip.compress(b"hello compressed world\n" * 100, mtime=0)
 
 
@@ -86,6 +92,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     if path == "/stats":
         return await respond(send, 200, json.dumps(STATE).encode())
+    if path == "/stats/websockets":
+        return await respond(send, 200, json.dumps(WEBSOCKETS).encode())
     if path == "/gzip":
         return await respond(send, 200, GZIP_BODY, [(b"content-encoding", b"gzip"), (b"content-type", b"text/plain")])
     if path == "/cookies":
@@ -147,10 +155,24 @@ async def websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
     protocols = scope.get("subprotocols") or []
     user = dict(scope["headers"]).get(b"remote-user", b"").decode()
     await send({"type": "websocket.accept", "subprotocol": protocols[0] if protocols else None})
-    await send({"type": "websocket.send", "text": f"hello {user}"})
+    query = scope["query_string"].decode("latin-1")
+    WEBSOCKETS["open"] += 1
+    try:
+        if scope["path"].endswith("/ws/scope"):
+            seen = {"raw_path": scope.get("raw_path", b"").decode("latin-1"), "query": query}
+            await send({"type": "websocket.send", "text": json.dumps(seen)})
+        else:
+            await send({"type": "websocket.send", "text": f"hello {user}"})
+        await _websocket_echo(receive, send, query)
+    finally:
+        WEBSOCKETS["open"] -= 1
+
+
+async def _websocket_echo(receive: Any, send: Any, query: str) -> None:
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
+            WEBSOCKETS["ended"].append({"query": query, "code": message.get("code")})
             return
         text = message.get("text")
         if text == "close":
