@@ -75,16 +75,26 @@ class Bench:
 
     def redis_commands(self) -> int:
         """Redis's ``total_commands_processed``: commands per request = the delta / requests."""
-        out = subprocess.run(["redis-cli", "-p", str(self.redis_port), "info", "stats"], capture_output=True,
-                             text=True, check=True, timeout=10).stdout
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.redis_port), "info", "stats"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
         for line in out.splitlines():
             if line.startswith("total_commands_processed:"):
                 return int(line.split(":")[1])
         raise RuntimeError("redis INFO has no total_commands_processed")
 
     def redis_count(self, pattern: str) -> int:
-        out = subprocess.run(["redis-cli", "-p", str(self.redis_port), "--scan", "--pattern", pattern],
-                             capture_output=True, text=True, check=True, timeout=120).stdout
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.redis_port), "--scan", "--pattern", pattern],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
         return len(out.split())
 
     @property
@@ -98,12 +108,17 @@ class Bench:
                 while f.read(1 << 20):
                     pass
             port = free_port()
-            start_nginx(self.procs, "nginx-upstream", f"""
+            start_nginx(
+                self.procs,
+                "nginx-upstream",
+                f"""
     server {{
         listen 127.0.0.1:{port};
         location / {{ return 200 "hello"; }}
         location = /big.bin {{ root {self.big_file.parent}; default_type application/octet-stream; }}
-    }}""", [port])
+    }}""",
+                [port],
+            )
             self._upstream_port = port
         return self._upstream_port
 
@@ -113,8 +128,9 @@ class Bench:
 
     def sink(self) -> str:
         if not self._sink_started:
-            self.procs.start("sink", uvicorn_argv(sys.executable, "bench.apps:sink", self.sink_port),
-                             ports=[self.sink_port])
+            self.procs.start(
+                "sink", uvicorn_argv(sys.executable, "bench.apps:sink", self.sink_port), ports=[self.sink_port]
+            )
             self._sink_started = True
         return f"http://127.0.0.1:{self.sink_port}"
 
@@ -126,7 +142,10 @@ class Bench:
             proxy, auth, cached = free_port(), free_port(), free_port()
             cache = self.workdir / "nginx-front" / "auth-cache"
             keep = 'proxy_http_version 1.1; proxy_set_header Connection "";'
-            start_nginx(self.procs, "nginx-front", f"""
+            start_nginx(
+                self.procs,
+                "nginx-front",
+                f"""
     upstream bench_upstream {{ server 127.0.0.1:{self.upstream_port}; keepalive 64; }}
     upstream bench_sink {{ server 127.0.0.1:{self.sink_port}; keepalive 8; }}
     upstream bench_gateway {{ server 127.0.0.1:{self.auth_gateway_port}; keepalive 64; }}
@@ -178,22 +197,28 @@ class Bench:
             proxy_no_cache $http_x_2fa_code;
             proxy_cache_bypass $http_x_2fa_code;
         }}
-    }}""", [proxy, auth, cached])
+    }}""",
+                [proxy, auth, cached],
+            )
             self._front = {"proxy": proxy, "auth": auth, "auth-cached": cached}
         return self._front
 
     # -- gateways ------------------------------------------------------------------------------
 
-    def start_gateway(self, name: str, upstream_url: str | None = None, port: int | None = None,
-                      **tables: dict[str, Any]) -> Gateway:
+    def start_gateway(
+        self, name: str, upstream_url: str | None = None, port: int | None = None, **tables: dict[str, Any]
+    ) -> Gateway:
         """A gateway process on its own Redis key prefix (so rows never share lockouts)."""
         port = port or free_port()
         path = self.workdir / f"{name}.toml"
-        config = seed.write_config(path, self.env, seed.gateway_tables(
-            port, self.redis_port, f"bench-{name}", upstream_url, **tables))
+        config = seed.write_config(
+            path, self.env, seed.gateway_tables(port, self.redis_port, f"bench-{name}", upstream_url, **tables)
+        )
         proc = self.procs.start(
-            f"gateway-{name}", uvicorn_argv(sys.executable, "bench.apps:gateway", port, factory=True),
-            ports=[port], env={**self.env, ENV_CONFIG: str(path)},
+            f"gateway-{name}",
+            uvicorn_argv(sys.executable, "bench.apps:gateway", port, factory=True),
+            ports=[port],
+            env={**self.env, ENV_CONFIG: str(path)},
         )
         gateway = Gateway(name, port, config, proc)
         self.gateways[name] = gateway
@@ -224,8 +249,9 @@ class Bench:
 
     # -- measuring -----------------------------------------------------------------------------
 
-    def wrk(self, url: str, connections: int = 32, headers: dict[str, str] | None = None,
-            script: Path | None = None) -> wrk.WrkResult:
+    def wrk(
+        self, url: str, connections: int = 32, headers: dict[str, str] | None = None, script: Path | None = None
+    ) -> wrk.WrkResult:
         """A warm-up run (discarded), then the measured run; ``redis_delta`` is the number of
         Redis commands (those run inside Lua scripts included) during the measured run."""
         progress(f"wrk -c{connections} {url} ({self.settings.warmup:g}s warm-up + {self.settings.duration:g}s)")

@@ -22,12 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # One worker, uvloop and httptools, no access log, no server header, no proxy-header
 # rewriting (the gateway reads X-Forwarded-For itself): the same for every uvicorn server.
 UVICORN_FLAGS = (
-    "--host", "127.0.0.1",
-    "--workers", "1",
-    "--loop", "uvloop",
-    "--http", "httptools",
-    "--lifespan", "on",
-    "--log-level", "warning",
+    "--host",
+    "127.0.0.1",
+    "--workers",
+    "1",
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--lifespan",
+    "on",
+    "--log-level",
+    "warning",
     "--no-access-log",
     "--no-proxy-headers",
     "--no-server-header",
@@ -68,8 +74,13 @@ class Processes:
             # A session of its own: Ctrl-C in the terminal reaches only the bench, which then
             # stops every server itself, in order.
             proc = subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
             )
         self.running.append((name, proc))
         for port in ports:
@@ -135,8 +146,23 @@ def start_redis(procs: Processes) -> int:
     port = free_port()
     procs.start(
         "redis",
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--dir", str(procs.workdir), "--loglevel", "warning"],
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(procs.workdir),
+            "--loglevel",
+            "warning",
+        ],
         ports=[port],
     )
     return port

@@ -56,6 +56,7 @@ def _rps_at_least(key: str, rps: float) -> Callable[[dict[str, Row]], bool | Non
 def _rss_at_most(key: str, mib: float) -> Callable[[dict[str, Row]], bool | None]:
     return lambda rows: None if rows[key].rss_mib is None else rows[key].rss_mib <= mib  # type: ignore[operator]
 
+
 TARGETS: dict[str, list[Target]] = {
     "1": [Target("≥ 0.8x A", _ratio_at_least("1", 0.8)), Target("p99 ≤ 5 ms", _p99_at_most("1", 5.0))],
     "2-lockout": [Target("≥ 0.6x A", _ratio_at_least("2-lockout", 0.6))],
@@ -66,10 +67,11 @@ TARGETS: dict[str, list[Target]] = {
         Target("p99 ≤ 25 ms", _p99_at_most("5-c64", 25.0)),
         Target(f"≥ 10x naive ({10 * NAIVE_PROXY_RPS:,.0f} req/s)", _rps_at_least("5-c64", 10 * NAIVE_PROXY_RPS)),
     ],
-    "6-down": [Target("≥ 0.5x nginx", _ratio_at_least("6-down", 0.5)),
-               Target("RSS +≤ 32 MiB", _rss_at_most("6-down", 32.0))],
-    "6-up": [Target("≥ 0.5x nginx", _ratio_at_least("6-up", 0.5)),
-             Target("RSS +≤ 32 MiB", _rss_at_most("6-up", 32.0))],
+    "6-down": [
+        Target("≥ 0.5x nginx", _ratio_at_least("6-down", 0.5)),
+        Target("RSS +≤ 32 MiB", _rss_at_most("6-down", 32.0)),
+    ],
+    "6-up": [Target("≥ 0.5x nginx", _ratio_at_least("6-up", 0.5)), Target("RSS +≤ 32 MiB", _rss_at_most("6-up", 32.0))],
     "7": [Target("gateway (5, c32) ≥ 3x this", _ratio_at_least("7", 3.0))],
     "8-large": [Target("p50 ≤ 1.10x 1k users", _ratio_at_most("8-large", 1.10))],
 }
@@ -114,13 +116,28 @@ def table(rows: list[Row]) -> str:
         rate = row.throughput or (f"{row.rps:,.0f}" if row.rps is not None else "—")
         ratio = f"{row.ratio:.2f}x {row.baseline}".strip() if row.ratio is not None else "—"
         notes = "; ".join(row.notes).replace("|", "\\|")
-        lines.append(f"| {row.label} | {rate} | {_ms(row.p50_ms, row.micro)} | {_ms(row.p99_ms, row.micro)} | "
-                     f"{ratio} | {row.target} | {_met(row)} | {notes} |")
+        lines.append(
+            f"| {row.label} | {rate} | {_ms(row.p50_ms, row.micro)} | {_ms(row.p99_ms, row.micro)} | "
+            f"{ratio} | {row.target} | {_met(row)} | {notes} |"
+        )
     return "\n".join(lines)
 
 
-_PACKAGES = ("uvicorn", "uvloop", "httptools", "starlette", "httpx", "httpcore", "h11", "anyio", "sniffio",
-             "redis", "hiredis", "cryptography", "pyotp")
+_PACKAGES = (
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "starlette",
+    "httpx",
+    "httpcore",
+    "h11",
+    "anyio",
+    "sniffio",
+    "redis",
+    "hiredis",
+    "cryptography",
+    "pyotp",
+)
 
 
 def _version(package: str) -> str:

@@ -76,8 +76,13 @@ def decision_session(bench: Bench) -> None:
 
 
 def _flood(bench: Bench, gateway: Gateway, users: list[str]) -> wrk.WrkResult:
-    script = wrk.random_code_script(bench.workdir / f"flood-{gateway.name}.lua", FORWARD_AUTH_HEADERS,
-                                    gateway.config.totp.header, users, USER_HEADER)
+    script = wrk.random_code_script(
+        bench.workdir / f"flood-{gateway.name}.lua",
+        FORWARD_AUTH_HEADERS,
+        gateway.config.totp.header,
+        users,
+        USER_HEADER,
+    )
     return bench.wrk(f"{gateway.url}/auth", script=script)
 
 
@@ -155,8 +160,15 @@ def verification_cost(bench: Bench) -> None:
     timings = uvloop.run(measure())
     commands = (bench.redis_commands() - before) / (warmup + n)
     timings.sort()
-    row = bench.add(Row("3", "3. one valid code verification (in-process check_code, Redis)", micro=True,
-                        p50_ms=statistics.median(timings), p99_ms=timings[min(len(timings) - 1, int(0.99 * n))]))
+    row = bench.add(
+        Row(
+            "3",
+            "3. one valid code verification (in-process check_code, Redis)",
+            micro=True,
+            p50_ms=statistics.median(timings),
+            p99_ms=timings[min(len(timings) - 1, int(0.99 * n))],
+        )
+    )
     row.target = "— (a cost, not a rate)"
     row.notes.append(f"{n} sequential verifications; {commands:.1f} Redis cmds each")
 
@@ -174,8 +186,11 @@ def auth_request(bench: Bench) -> None:
     ratio(row, bench.rows.get("B"), "B")
     # The same with nginx caching /auth's 200s for 1 s (one session here: the best case).
     url = f"http://127.0.0.1:{bench.front['auth-cached']}/app"
-    row = bench.add(row_from("4-cache", "4. the same, nginx caching 2xx /auth answers 1 s (variant)",
-                             bench.wrk(url, headers=headers)))
+    row = bench.add(
+        row_from(
+            "4-cache", "4. the same, nginx caching 2xx /auth answers 1 s (variant)", bench.wrk(url, headers=headers)
+        )
+    )
     row.notes.append("one session, so nearly every check is a cache hit; revocation bound becomes 1 s + cache_ttl")
     ratio(row, bench.rows.get("B"), "B")
 
@@ -185,8 +200,9 @@ def proxy_mode(bench: Bench) -> None:
     client = gateway.config.upstream.client
     try:
         for connections in (1, 32, 64):
-            _proxy_row(bench, gateway, connections, f"5-c{connections}",
-                       f"5. gateway proxy mode, session, c{connections}").notes.append(f"upstream.client {client}")
+            _proxy_row(
+                bench, gateway, connections, f"5-c{connections}", f"5. gateway proxy mode, session, c{connections}"
+            ).notes.append(f"upstream.client {client}")
     finally:
         bench.stop_gateway(gateway)
     # The other upstream clients the configuration offers, at c64, for comparison (no target).
@@ -194,8 +210,7 @@ def proxy_mode(bench: Bench) -> None:
         if other == client:
             continue
         try:
-            gateway = bench.start_gateway(f"proxy-{other}", upstream_url=bench.upstream_url,
-                                          upstream={"client": other})
+            gateway = bench.start_gateway(f"proxy-{other}", upstream_url=bench.upstream_url, upstream={"client": other})
         except ConfigError:
             continue
         try:
@@ -248,8 +263,9 @@ class _RssSampler:
 
 def _curl(argv: list[str], expected: int, timeout: float) -> float:
     """Run curl; return MB/s (10^6 bytes/s) over the whole transfer."""
-    done = subprocess.run(["curl", "-sS", "--fail", *argv], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    done = subprocess.run(
+        ["curl", "-sS", "--fail", *argv], capture_output=True, text=True, timeout=timeout, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"curl failed ({done.returncode}): {done.stderr.strip()}")
     status, size, seconds = done.stdout.split()
@@ -263,11 +279,28 @@ def _transfer(bench: Bench, direction: str, url: str, headers: dict[str, str]) -
     flags = [arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")]
     timeout = 600.0
     if direction == "down":
-        return _curl([*flags, "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", url],
-                     size, timeout)
+        return _curl(
+            [*flags, "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", url], size, timeout
+        )
     answer = bench.workdir / "upload-answer.txt"
-    speed = _curl([*flags, "-H", "Expect:", "-X", "POST", "-T", str(bench.big_file), "-o", str(answer),
-                   "-w", "%{http_code} %{size_upload} %{time_total}", url], size, timeout)
+    speed = _curl(
+        [
+            *flags,
+            "-H",
+            "Expect:",
+            "-X",
+            "POST",
+            "-T",
+            str(bench.big_file),
+            "-o",
+            str(answer),
+            "-w",
+            "%{http_code} %{size_upload} %{time_total}",
+            url,
+        ],
+        size,
+        timeout,
+    )
     if answer.read_text().strip() != str(size):
         raise RuntimeError(f"the sink received {answer.read_text().strip()} bytes, not {size}")
     return speed
@@ -296,8 +329,11 @@ def streaming(bench: Bench) -> None:
         label = f"6. gateway proxy, streaming {size_text} {'download' if direction == 'down' else 'upload'}"
         row = bench.add(Row(f"6-{direction}", label, throughput=f"{speed:,.0f} MB/s", rss_mib=growth))
         row.ratio, row.baseline = speed / nginx, "nginx"
-        row.notes += [f"nginx proxy_pass: {nginx:,.0f} MB/s", f"median of {rounds}",
-                      f"gateway peak RSS +{growth:.1f} MiB"]
+        row.notes += [
+            f"nginx proxy_pass: {nginx:,.0f} MB/s",
+            f"median of {rounds}",
+            f"gateway peak RSS +{growth:.1f} MiB",
+        ]
         if direction == "up":
             row.notes.append("upstream: bench.apps:sink (reads and discards)")
         else:
@@ -314,10 +350,19 @@ def _original_python() -> tuple[str | None, str]:
     if not marker.exists() or marker.read_text().split() != list(ORIGINAL_PACKAGES):
         progress(f"creating {ORIGINAL_VENV} with {', '.join(ORIGINAL_PACKAGES)} (first use only)")
         try:
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(ORIGINAL_VENV)], check=True,
-                           capture_output=True, timeout=300)
-            subprocess.run([python, "-m", "pip", "install", "--quiet", *ORIGINAL_PACKAGES], check=True,
-                           capture_output=True, text=True, timeout=900)
+            subprocess.run(
+                [sys.executable, "-m", "venv", "--clear", str(ORIGINAL_VENV)],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            subprocess.run(
+                [python, "-m", "pip", "install", "--quiet", *ORIGINAL_PACKAGES],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
         except subprocess.CalledProcessError as exc:
             return None, f"cannot install {' '.join(ORIGINAL_PACKAGES)}: {(exc.stderr or '')[-300:]}"
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -330,9 +375,11 @@ def original_versions() -> str | None:
     python = python_of(ORIGINAL_VENV)
     if not Path(python).exists():
         return None
-    code = ("import importlib.metadata as m, platform; print('Python', platform.python_version() + ':', "
-            "', '.join(p + ' ' + m.version(p) for p in ('two-fast-auth', 'fastapi', 'starlette', 'uvicorn', "
-            "'uvloop', 'httptools', 'pyotp', 'cryptography')))")
+    code = (
+        "import importlib.metadata as m, platform; print('Python', platform.python_version() + ':', "
+        "', '.join(p + ' ' + m.version(p) for p in ('two-fast-auth', 'fastapi', 'starlette', 'uvicorn', "
+        "'uvloop', 'httptools', 'pyotp', 'cryptography')))"
+    )
     done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     return done.stdout.strip() or None
 
@@ -348,8 +395,7 @@ def original(bench: Bench) -> None:
     secret = pyotp.random_base32()
     port = free_port()
     env = {"BENCH_ORIGINAL_SECRET": secret, "BENCH_ORIGINAL_KEY": Fernet.generate_key().decode()}
-    proc = bench.procs.start("original", uvicorn_argv(python, "bench.original_app:app", port), ports=[port],
-                             env=env)
+    proc = bench.procs.start("original", uvicorn_argv(python, "bench.original_app:app", port), ports=[port], env=env)
     try:
         # The original accepts only the current step (no window): the whole run, warm-up
         # included, must fall inside one 30 s step.
@@ -381,14 +427,16 @@ def users_scale(bench: Bench) -> None:
         users = [f"active-{i:04d}" for i in range(1000)]
         seed.enrol(gateway.config, users)
         sessions = seed.open_sessions(gateway.config, users)
-        script = wrk.random_session_script(bench.workdir / "scale.lua", FORWARD_AUTH_HEADERS, sessions,
-                                           USER_HEADER, gateway.config.session.cookie)
+        script = wrk.random_session_script(
+            bench.workdir / "scale.lua", FORWARD_AUTH_HEADERS, sessions, USER_HEADER, gateway.config.session.cookie
+        )
         small = bench.add(_scale_row(bench, gateway, script, "8-small", "8. /auth decision, 1,000 users"))
         extra = bench.settings.scale_users - len(users)
         progress(f"seeding {extra:,} more users (secret + live session each) with redis-cli --pipe")
         seconds = seed.bulk_seed(bench.redis_port, gateway.config, extra)
-        large = bench.add(_scale_row(bench, gateway, script, "8-large",
-                                     f"8. /auth decision, {bench.settings.scale_users:,} users"))
+        large = bench.add(
+            _scale_row(bench, gateway, script, "8-large", f"8. /auth decision, {bench.settings.scale_users:,} users")
+        )
         large.notes.append(f"seeded in {seconds:.0f}s")
         if small.p50_ms and large.p50_ms is not None and not small.failed:
             large.ratio, large.baseline = large.p50_ms / small.p50_ms, "(p50 vs 1k)"

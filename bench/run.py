@@ -23,19 +23,34 @@ from bench.rows import GROUPS, original_versions
 RESULTS = ROOT / "bench" / "results" / "latest.md"
 QUICK = Settings(duration=1.0, warmup=1.0, stream_bytes=64 << 20, scale_users=10_000, verifications=200)
 FULL = Settings()
-_PACKAGE_OF = {"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server", "redis-cli": "redis-tools",
-               "curl": "curl"}
+_PACKAGE_OF = {
+    "wrk": "wrk",
+    "nginx": "nginx",
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
+    "curl": "curl",
+}
 _REDIS = ("redis-server", "redis-cli")
-_TOOLS_OF = {"A": ("wrk",), "B": ("wrk", "nginx"), "1": ("wrk", *_REDIS), "2": ("wrk", *_REDIS), "3": _REDIS,
-             "4": ("wrk", "nginx", *_REDIS), "5": ("wrk", "nginx", *_REDIS), "6": ("curl", "nginx", *_REDIS),
-             "7": ("wrk",), "8": ("wrk", *_REDIS)}
+_TOOLS_OF = {
+    "A": ("wrk",),
+    "B": ("wrk", "nginx"),
+    "1": ("wrk", *_REDIS),
+    "2": ("wrk", *_REDIS),
+    "3": _REDIS,
+    "4": ("wrk", "nginx", *_REDIS),
+    "5": ("wrk", "nginx", *_REDIS),
+    "6": ("curl", "nginx", *_REDIS),
+    "7": ("wrk",),
+    "8": ("wrk", *_REDIS),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s per row, 64 MiB streams, 10k users")
-    parser.add_argument("--rows", default=",".join(GROUPS),
-                        help=f"comma-separated row groups, from {','.join(GROUPS)} (default: all)")
+    parser.add_argument(
+        "--rows", default=",".join(GROUPS), help=f"comma-separated row groups, from {','.join(GROUPS)} (default: all)"
+    )
     parser.add_argument("--duration", type=float, help="seconds per measured row (default 10, quick 1)")
     parser.add_argument("--stream-mib", type=int, help="size of the row 6 transfers (default 1024, quick 64)")
     parser.add_argument("--users", type=int, help="enrolled users in row 8's large case (default 1,000,000)")
@@ -58,8 +73,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _missing_prerequisites(groups: list[str]) -> list[str]:
     tools = sorted({tool for group in groups for tool in _TOOLS_OF[group]})
     missing = [f"{tool} (apt-get install {_PACKAGE_OF[tool]})" for tool in tools if not shutil.which(tool)]
-    missing += [f"the Python module {m} (pip install 'uvicorn[standard]')"
-                for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is None]
+    missing += [
+        f"the Python module {m} (pip install 'uvicorn[standard]')"
+        for m in ("uvloop", "httptools")
+        if importlib.util.find_spec(m) is None
+    ]
     return missing
 
 
@@ -72,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = [g.strip() for g in args.rows.split(",") if g.strip()]
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
-        print(f"bench: unknown row group(s) {', '.join(unknown) or '(none)'}; choose from {','.join(GROUPS)}",
-              file=sys.stderr)
+        print(
+            f"bench: unknown row group(s) {', '.join(unknown) or '(none)'}; choose from {','.join(GROUPS)}",
+            file=sys.stderr,
+        )
         return 2
     missing = _missing_prerequisites(groups)
     if missing:
@@ -121,21 +141,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _write(out: Path, text: str, settings: Settings, started: str, args: argparse.Namespace,
-           with_original: bool) -> None:
-    command = "python -m bench" + (" --quick" if args.quick else "") + (
-        f" --rows {args.rows}" if args.rows != ",".join(GROUPS) else "")
+def _write(
+    out: Path, text: str, settings: Settings, started: str, args: argparse.Namespace, with_original: bool
+) -> None:
+    command = (
+        "python -m bench"
+        + (" --quick" if args.quick else "")
+        + (f" --rows {args.rows}" if args.rows != ",".join(GROUPS) else "")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([
-        f"## Benchmark ({started})",
-        "",
-        f"`{command}`: wrk 1 thread, 32 connections unless a row says otherwise, `--latency`, "
-        f"{settings.duration:g} s per row after a {settings.warmup:g} s warm-up; every Python server is one "
-        f"uvicorn worker with `{' '.join(UVICORN_FLAGS)}`; nginx one worker; all on loopback. "
-        "Ratios are against rows of the same run.",
-        "",
-        text,
-        "",
-        *machine(original_versions() if with_original else None),
-        "",
-    ]))
+    out.write_text(
+        "\n".join(
+            [
+                f"## Benchmark ({started})",
+                "",
+                f"`{command}`: wrk 1 thread, 32 connections unless a row says otherwise, `--latency`, "
+                f"{settings.duration:g} s per row after a {settings.warmup:g} s warm-up; every Python server is one "
+                f"uvicorn worker with `{' '.join(UVICORN_FLAGS)}`; nginx one worker; all on loopback. "
+                "Ratios are against rows of the same run.",
+                "",
+                text,
+                "",
+                *machine(original_versions() if with_original else None),
+                "",
+            ]
+        )
+    )

@@ -57,8 +57,9 @@ def write_config(path: Path, env: Mapping[str, str], tables: Mapping[str, Mappin
     return config_module.load(path, env=env)
 
 
-def gateway_tables(port: int, redis_port: int, prefix: str, upstream_url: str | None = None,
-                   **extra: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def gateway_tables(
+    port: int, redis_port: int, prefix: str, upstream_url: str | None = None, **extra: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
     tables: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
         "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "prefix": prefix},
@@ -129,11 +130,20 @@ def bulk_seed(redis_port: int, config: Config, count: int, sessions: bool = True
             user = f"filler-{i:07d}"
             yield _resp(b"SET", store._key(user, "secret").encode(), ciphertext)
             if sessions:
-                yield _resp(b"SET", store._session_key(hash_session_id(f"filler-session-{i}")).encode(),
-                            _pack(expires, user.encode()), b"PXAT", str(int(expires * 1000)).encode())
+                yield _resp(
+                    b"SET",
+                    store._session_key(hash_session_id(f"filler-session-{i}")).encode(),
+                    _pack(expires, user.encode()),
+                    b"PXAT",
+                    str(int(expires * 1000)).encode(),
+                )
 
-    proc = subprocess.Popen(["redis-cli", "-p", str(redis_port), "--pipe"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["redis-cli", "-p", str(redis_port), "--pipe"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert proc.stdin is not None
     batch: list[bytes] = []
     for command in commands():

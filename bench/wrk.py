@@ -81,8 +81,9 @@ local function copy(t) local c = {} for k, v in pairs(t) do c[k] = v end return 
 """
 
 
-def random_code_script(path: Path, headers: Mapping[str, str], code_header: str, users: Sequence[str],
-                       user_header: str) -> Path:
+def random_code_script(
+    path: Path, headers: Mapping[str, str], code_header: str, users: Sequence[str], user_header: str
+) -> Path:
     """Each request: a random 6-digit code, for a user drawn at random from ``users``."""
     users_lua = "{" + ", ".join(_lua_string(u) for u in users) + "}"
     path.write_text(
@@ -99,8 +100,9 @@ def random_code_script(path: Path, headers: Mapping[str, str], code_header: str,
     return path
 
 
-def random_session_script(path: Path, headers: Mapping[str, str], sessions: Sequence[tuple[str, str]],
-                          user_header: str, cookie_name: str) -> Path:
+def random_session_script(
+    path: Path, headers: Mapping[str, str], sessions: Sequence[tuple[str, str]], user_header: str, cookie_name: str
+) -> Path:
     """Each request: one of ``sessions`` (user, session id), drawn at random."""
     rows = ", ".join(f"{{{_lua_string(u)}, {_lua_string(f'{cookie_name}={s}')}}}" for u, s in sessions)
     path.write_text(

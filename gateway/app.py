@@ -1,8 +1,9 @@
 """``create_app(config)``: the pure ASGI application.
 
-Every request is one of: a gateway route (enrolment pages, forward-auth ``/auth``, health),
-or a request for the upstream, which goes through the one decision and is then forwarded
-(proxy mode) or refused. The lifespan owns the store and the upstream transport.
+Every request is one of: a gateway route (enrolment pages, forward-auth ``/auth``, health,
+metrics; ``/auth`` and metrics only when their path is set), or a request for the upstream,
+which goes through the one decision and is then forwarded (proxy mode) or refused. The
+lifespan owns the store and the upstream transport.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 _TO_VERIFY = frozenset({Reason.CODE_REQUIRED, Reason.INVALID_CODE, Reason.REPLAYED_CODE})
 # ... and the first factor, on the application's own login page (identity.login_url).
 _TO_LOGIN = frozenset({Reason.IDENTITY_REQUIRED, Reason.INVALID_IDENTITY})
+# Headers a proxy adds when it relays a client's request (RFC 7239 Forwarded, the de facto
+# X-Forwarded-For and X-Real-IP, the forward-auth target): a scraper asking directly sends none.
+_RELAYED_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-original-uri", b"x-forwarded-uri"})
 
 
 class Gateway:
@@ -54,15 +58,14 @@ class Gateway:
         self._trust: dict[str, bool] = {}
         routes = config.routes
         self.metrics = Metrics()
-        self.routes: dict[str, Handler] = {
-            routes.health: self.health,
-            routes.ready: self.ready,
-            routes.metrics: self.serve_metrics,
-        }
+        self.routes: dict[str, Handler] = {routes.health: self.health, routes.ready: self.ready}
+        if routes.metrics:
+            self.routes[routes.metrics] = self.serve_metrics
         from gateway.forward_auth import ForwardAuth
 
         self.forward_auth = ForwardAuth(self)
-        self.routes[routes.auth] = self.forward_auth
+        if routes.auth:
+            self.routes[routes.auth] = self.forward_auth
         try:
             from gateway.enrol import Enrolment
         except ImportError:  # pragma: no cover - enrolment lands in its own module
@@ -214,8 +217,11 @@ class Gateway:
         await send_json(send, 200, {"status": "ready"})
 
     async def serve_metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Only for a trusted peer asking itself: behind a front proxy every client is a trusted
+        peer, but its request arrives relayed."""
         client = scope.get("client")
-        if not self.peer_trusted(client[0] if client else None):
+        relayed = any(name in _RELAYED_HEADERS for name, _ in scope["headers"])
+        if relayed or not self.peer_trusted(client[0] if client else None):
             await send_denial(send, Reason.UNTRUSTED_PEER, _header(scope, b"accept"))
             return
         await self.metrics.serve(scope, receive, send)

@@ -2,9 +2,10 @@
 at start-up into frozen dataclasses, one per table.
 
 Secrets never have to live in the file: each secret key ``X`` also has an ``X_file`` form,
-and the encryption keys, the recovery-code pepper and the JWT secret can come from the
-environment (``GATEWAY_ENCRYPTION_KEYS``, ``GATEWAY_RECOVERY_PEPPER``, ``GATEWAY_JWT_SECRET``).
-The environment is read here, once, and nowhere else.
+and the encryption keys, the recovery-code pepper, the JWT secret and the store URL (which
+may carry a Redis password) can come from the environment (``GATEWAY_ENCRYPTION_KEYS``,
+``GATEWAY_RECOVERY_PEPPER``, ``GATEWAY_JWT_SECRET``, ``GATEWAY_STORE_URL``). The environment is
+read here, once, and nowhere else. No message or summary ever shows a URL's password.
 
 Every problem is collected and reported with the key it concerns
 (``store.url: scheme "mysql" is not one of sqlite, redis, rediss, unix``); an unknown key is
@@ -15,22 +16,27 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.errors import ConfigError
 from gateway.paths import ExcludeRule, parse_rule
-from gateway.tables import TCHARS, Table, header_name, http_url, route_path
+from gateway.tables import TCHARS, Table, header_name, http_url, redact_url, route_path, split_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ENV_KEYS = "GATEWAY_ENCRYPTION_KEYS"
 ENV_PEPPER = "GATEWAY_RECOVERY_PEPPER"
 ENV_JWT_SECRET = "GATEWAY_JWT_SECRET"  # noqa: S105 - a variable name, not a secret
+ENV_STORE_URL = "GATEWAY_STORE_URL"
 ENV_CONFIG = "GATEWAY_CONFIG"
 
 
@@ -131,7 +137,7 @@ class RoutesConfig:
     verify: str = "/verify-2fa"
     recovery: str = "/recovery-codes"
     logout: str = "/logout-2fa"
-    auth: str = "/auth"
+    auth: str = "/auth"  # "" in proxy mode unless set: see _routes
     health: str = "/_gateway/health"
     ready: str = "/_gateway/ready"
     metrics: str = "/_gateway/metrics"
@@ -153,19 +159,12 @@ class Config:
 
     def summary(self) -> str:
         """One line for ``gateway check-config`` and the start-up log: no secrets."""
-        mode = f"proxy to {self.upstream.url}" if self.upstream.url else "forward-auth only"
+        mode = f"proxy to {redact_url(self.upstream.url)}" if self.upstream.url else "forward-auth only"
         return (
-            f"{self.source}: {mode}; identity={self.identity.mode}; store={_redact_url(self.store.url)}; "
+            f"{self.source}: {mode}; identity={self.identity.mode}; store={redact_url(self.store.url)}; "
             f"{len(self.encryption.keys)} encryption key(s); {len(self.paths.exclude)} excluded path rule(s); "
             f"listening on {self.server.host}:{self.server.port}"
         )
-
-
-def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -211,18 +210,27 @@ def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
     return cfg
 
 
-def _store(data: Any, problems: list[str]) -> StoreConfig:
+# The rule RedisStore applies (gateway/store/redis.py), checked here so it fails at load.
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def _store(data: Any, env: Mapping[str, str], problems: list[str]) -> StoreConfig:
     t = Table("store", data, problems)
     d = StoreConfig()
-    url = t.get("url", str, d.url)
-    scheme = urlsplit(url).scheme
-    if scheme not in ("sqlite", "redis", "rediss", "unix"):
-        t.problem("url", f'scheme "{scheme}" is not one of sqlite, redis, rediss, unix')
-    elif scheme == "sqlite" and not url.startswith("sqlite:///"):
-        t.problem("url", 'must look like "sqlite:///relative/path.db" or "sqlite:////absolute/path.db"')
+    url = t.secret("url", env, ENV_STORE_URL) or d.url
+    parts = split_url(t, "url", url)
+    if parts is not None:
+        if parts.scheme not in ("sqlite", "redis", "rediss", "unix"):
+            t.problem("url", f'scheme "{parts.scheme}" is not one of sqlite, redis, rediss, unix')
+        elif parts.scheme == "sqlite" and not url.startswith("sqlite:///"):
+            t.problem("url", 'must look like "sqlite:///relative/path.db" or "sqlite:////absolute/path.db"')
+        elif parts.scheme == "sqlite" and url[len("sqlite:///") :] in ("", ":memory:"):
+            # Each worker, and each restart, would have its own empty store: sessions, lockouts
+            # and enrolments gone.
+            t.problem("url", "needs a file path; an in-memory SQLite store is not shared or kept")
     prefix = t.get("prefix", str, d.prefix)
-    if not prefix or any(c in prefix for c in "{}: \t"):
-        t.problem("prefix", "must be non-empty with no braces, colons or spaces")
+    if not _PREFIX_RE.fullmatch(prefix):
+        t.problem("prefix", f'"{prefix}" may only use letters, digits and _.:- (and not be empty)')
     cfg = StoreConfig(url=url, prefix=prefix, cache_ttl=t.number("cache_ttl", d.cache_ttl, 0.0, 1.0))
     t.finish()
     return cfg
@@ -298,6 +306,10 @@ def _jwt(data: Any, env: Mapping[str, str], problems: list[str]) -> JwtConfig:
         t.problem("secret", f"HS* algorithms need secret, secret_file or {ENV_JWT_SECRET}")
     elif set(algorithms) & key_algs and not public_key:
         t.problem("public_key_file", "RS/ES/PS/EdDSA algorithms need public_key_file")
+    elif public_key:
+        problem = _public_key_problem(public_key, algorithms)
+        if problem:
+            t.problem("public_key_file" if t.data.get("public_key_file") else "public_key", problem)
     audience: list[str] | str = t.get("audience", (str, list), [])
     if isinstance(audience, str):
         audience = [audience]
@@ -314,6 +326,29 @@ def _jwt(data: Any, env: Mapping[str, str], problems: list[str]) -> JwtConfig:
     )
     t.finish()
     return cfg
+
+
+# Which key type verifies which JWS algorithm (RFC 7518 §3.1, RFC 8037 §3.1).
+_KEY_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "RS": ("an RSA", (rsa.RSAPublicKey,)),
+    "PS": ("an RSA", (rsa.RSAPublicKey,)),
+    "ES": ("an EC", (ec.EllipticCurvePublicKey,)),
+    "Ed": ("an Ed25519 or Ed448", (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)),
+}
+
+
+def _public_key_problem(pem: str, algorithms: tuple[str, ...]) -> str | None:
+    """Why ``pem`` cannot verify tokens of ``algorithms``, or None: refused at load rather than
+    failing every token at run time."""
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, UnsupportedAlgorithm):
+        return 'not a PEM public key ("-----BEGIN PUBLIC KEY-----", not a private key or certificate)'
+    for alg in algorithms:
+        needed, kinds = _KEY_TYPES.get(alg[:2], ("", ()))
+        if kinds and not isinstance(key, kinds):
+            return f"{alg} needs {needed} public key"
+    return None
 
 
 def _identity(data: Any, env: Mapping[str, str], problems: list[str]) -> IdentityConfig:
@@ -397,11 +432,20 @@ def _paths(data: Any, problems: list[str]) -> PathsConfig:
     return PathsConfig(exclude=tuple(rules))
 
 
-def _routes(data: Any, problems: list[str]) -> RoutesConfig:
+# Routes a deployment may switch off with "": the others are needed by the pages themselves.
+_SWITCHABLE = frozenset({"auth", "metrics"})
+
+
+def _routes(data: Any, upstream_url: str | None, problems: list[str]) -> RoutesConfig:
     t = Table("routes", data, problems)
     d = RoutesConfig()
-    cfg = RoutesConfig(**{name: route_path(t, name, getattr(d, name)) for name in d.__dataclass_fields__})
-    values = [getattr(cfg, n) for n in cfg.__dataclass_fields__]
+    # Proxy mode: every client arrives through the front proxy, a trusted peer, so a /auth served
+    # by default would let any client ask the decision about an X-Original-URI of its choosing.
+    defaults = {name: getattr(d, name) for name in d.__dataclass_fields__}
+    if upstream_url is not None:
+        defaults["auth"] = ""
+    cfg = RoutesConfig(**{name: route_path(t, name, value, name in _SWITCHABLE) for name, value in defaults.items()})
+    values = [v for v in (getattr(cfg, n) for n in cfg.__dataclass_fields__) if v]
     if len(set(values)) != len(values):
         problems.append("routes: two routes share one path")
     t.finish()
@@ -417,17 +461,19 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, source:
     problems: list[str] = []
     for key in sorted(set(data) - set(SECTIONS)):
         problems.append(f"{key}: unknown table or key")
+    server = _server(data.get("server", {}), problems)
+    upstream = _upstream(data.get("upstream", {}), problems)
     cfg = Config(
-        server=_server(data.get("server", {}), problems),
-        upstream=_upstream(data.get("upstream", {}), problems),
-        store=_store(data.get("store", {}), problems),
+        server=server,
+        upstream=upstream,
+        store=_store(data.get("store", {}), env, problems),
         encryption=_encryption(data.get("encryption", {}), env, problems),
         identity=_identity(data.get("identity", {}), env, problems),
         totp=_totp(data.get("totp", {}), problems),
         session=_session(data.get("session", {}), problems),
         limits=_limits(data.get("limits", {}), problems),
         paths=_paths(data.get("paths", {}), problems),
-        routes=_routes(data.get("routes", {}), problems),
+        routes=_routes(data.get("routes", {}), upstream.url, problems),
         source=source,
     )
     if problems:

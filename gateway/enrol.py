@@ -62,7 +62,6 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 _JSON, _HTML, _PNG = "application/json", "text/html", "image/png"
 
 
-
 @dataclass
 class _Call:
     """One request to a gateway route, after identity and CSRF checks."""

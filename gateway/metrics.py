@@ -23,8 +23,9 @@ class Metrics:
         self.decisions = {
             (mode, reason): decisions.labels(mode, reason.value) for mode in ("proxy", "auth") for reason in Reason
         }
-        self.ready = Gauge("gateway_store_up", "1 when the store answered the last readiness check.",
-                           registry=self.registry)
+        self.ready = Gauge(
+            "gateway_store_up", "1 when the store answered the last readiness check.", registry=self.registry
+        )
 
     def count(self, mode: str, reason: Reason) -> None:
         self.decisions[(mode, reason)].inc()

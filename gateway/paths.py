@@ -171,9 +171,7 @@ def parse_rule(text: str) -> ExcludeRule:
         if not _TOKEN.fullmatch(method):
             raise ValueError(f'"{method}" is not an HTTP method token (RFC 9110 §9.1)')
         if method != method.upper():
-            raise ValueError(
-                f'"{method}": methods are case-sensitive (RFC 9110 §9.1), write "{method.upper()}"'
-            )
+            raise ValueError(f'"{method}": methods are case-sensitive (RFC 9110 §9.1), write "{method.upper()}"')
     prefix = path.endswith("/*")
     base = path[:-1] if prefix else path
     if "*" in base:

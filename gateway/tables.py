@@ -4,10 +4,11 @@ once and name each one. Unknown keys are problems too (``Table.finish``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 T = TypeVar("T")
 
@@ -118,27 +119,61 @@ def header_name(t: Table, key: str, default: str) -> str:
 TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def route_path(t: Table, key: str, default: str) -> str:
+def route_path(t: Table, key: str, default: str, switchable: bool = False) -> str:
+    """An absolute path; or ``""`` (the route is off) when ``switchable``."""
     value = t.get(key, str, default)
+    if switchable and value == "":
+        return value
     if not value.startswith("/") or "?" in value or "#" in value or "*" in value or value.endswith("/"):
         t.problem(key, f'"{value}" must be an absolute path like "/verify-2fa" with no trailing slash')
         return default
     return value
 
 
-def http_url(t: Table, key: str, value: str | None) -> str | None:
-    if value is None:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        t.problem(key, f'"{value}" is not an http:// or https:// URL with a host')
-        return None
-    if parts.query or parts.fragment:
-        t.problem(key, "must not have a query or fragment")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password shown as ``***``; never raises, even on a URL urllib refuses.
+
+    Everything before the last "@" counts as userinfo: a generated password often holds an
+    unencoded "/", "#" or "?", which urllib would take for the start of the path.
+    """
+    url = _QUERY_PASSWORD.sub(r"\1***", url)  # redis-py also reads ?password= (unix://)
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
+
+
+def split_url(t: Table, key: str, value: str) -> SplitResult | None:
+    """``value`` split by urllib, or None after naming the problem: urllib raises on an unclosed
+    IPv6 "[" or a port outside 0..65535, and the caller would print a traceback."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        t.problem(key, f'"{redact_url(value)}" is not a valid URL (check the [] around an IPv6 address)')
         return None
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        t.problem(key, f'"{value}" has an invalid port')
+        # Not urllib's message: it quotes the port text, which may be part of a password.
+        t.problem(key, f'"{redact_url(value)}" has an invalid port (not a number in 0..65535)')
+        return None
+    return parts
+
+
+def http_url(t: Table, key: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = split_url(t, key, value)
+    if parts is None:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        t.problem(key, f'"{redact_url(value)}" is not an http:// or https:// URL with a host')
+        return None
+    if parts.query or parts.fragment:
+        t.problem(key, "must not have a query or fragment")
         return None
     return value.rstrip("/")

@@ -34,6 +34,52 @@ def test_metrics_only_for_trusted_peers(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_metrics_refuse_a_request_relayed_by_a_proxy(tmp_path: Path) -> None:
+    # Behind nginx proxy_pass every client is a trusted peer: only the relay headers tell.
+    server = GatewayServer(make_config(tmp_path)).start()
+    try:
+        assert httpx.get(server.url + "/_gateway/metrics").status_code == 200
+        for name, value in [
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("Forwarded", "for=203.0.113.9"),
+            ("X-Real-IP", "203.0.113.9"),
+            ("X-Original-URI", "/_gateway/metrics"),
+            ("X-Forwarded-Uri", "/_gateway/metrics"),
+        ]:
+            r = httpx.get(server.url + "/_gateway/metrics", headers={name: value})
+            assert r.status_code == 403, name
+            assert r.json()["error"] == "untrusted_peer"
+    finally:
+        server.stop()
+
+
+def test_auth_is_not_served_in_proxy_mode_unless_set(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    # An excluded target: /auth would answer 200 to anyone who can reach it.
+    probe = {"X-Original-URI": "/public/x", "X-Original-Method": "GET"}
+    server = GatewayServer(make_config(tmp_path, upstream=upstream.url)).start()
+    try:
+        r = httpx.get(server.url + "/auth", headers=probe)
+        assert r.status_code == 401  # an ordinary protected upstream path, decided as such
+        assert r.json()["error"] == "identity_required"
+    finally:
+        server.stop()
+    server = GatewayServer(make_config(tmp_path, upstream=upstream.url, routes={"auth": "/auth"})).start()
+    try:
+        assert httpx.get(server.url + "/auth", headers=probe).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_auth_and_metrics_switched_off(tmp_path: Path) -> None:
+    server = GatewayServer(make_config(tmp_path, routes={"auth": "", "metrics": ""})).start()
+    try:
+        probe = {"X-Original-URI": "/public/x", "X-Original-Method": "GET"}
+        assert httpx.get(server.url + "/auth", headers=probe).status_code == 404
+        assert httpx.get(server.url + "/_gateway/metrics").status_code == 404
+    finally:
+        server.stop()
+
+
 def test_forward_auth_only_mode_serves_no_upstream(tmp_path: Path) -> None:
     server = GatewayServer(make_config(tmp_path)).start()
     try:
@@ -45,7 +91,9 @@ def test_forward_auth_only_mode_serves_no_upstream(tmp_path: Path) -> None:
 
 
 def test_login_url_sends_browsers_without_identity_to_the_app_login(upstream: UpstreamProcess, tmp_path: Path) -> None:
-    config = make_config(tmp_path, upstream=upstream.url, identity={"login_url": "/login?next={next}"})
+    config = make_config(
+        tmp_path, upstream=upstream.url, identity={"login_url": "/login?next={next}"}, routes={"auth": "/auth"}
+    )
     server = GatewayServer(config).start()
     try:
         r = httpx.get(server.url + "/app/x?y=1", headers={"Accept": "text/html"})

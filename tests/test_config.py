@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from gateway import config
 from gateway.errors import ConfigError
@@ -35,7 +37,7 @@ def test_example_file_is_valid_and_documents_defaults() -> None:
     assert cfg.session.secure is True
     # every dataclass default is what the example says
     assert cfg.store == config.StoreConfig()
-    assert cfg.routes == config.RoutesConfig()
+    assert cfg.routes == config.RoutesConfig(auth="")  # proxy mode: no /auth unless set
     assert cfg.session == config.SessionConfig()
 
 
@@ -52,7 +54,9 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert ok.stdout.startswith("ok: ")
     assert KEY not in ok.stdout and PEPPER not in ok.stdout
     bad = tmp_path / "bad.toml"
-    bad.write_text('[server]\nport = "eighty"\nbogus = 1\n[store]\nurl = "mysql://x"\n')
+    bad.write_text(
+        '[server]\nport = "eighty"\nbogus = 1\n[upstream]\nurl = "http://[::1"\n[store]\nurl = "mysql://x"\n'
+    )
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "--config", str(bad)],
         capture_output=True,
@@ -64,6 +68,7 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert "server.port: expected an integer, got str" in out.stderr
     assert "server.bogus: unknown key" in out.stderr
     assert 'store.url: scheme "mysql"' in out.stderr
+    assert "upstream.url: " in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -87,6 +92,16 @@ def test_minimal_config_has_safe_defaults() -> None:
         ({"upstream": {"user_header": "Bad Header"}}, "upstream.user_header:"),
         ({"store": {"url": "sqlite://relative.db"}}, "store.url:"),
         ({"store": {"cache_ttl": 5}}, "store.cache_ttl: 5.0 is outside 0..1"),
+        ({"upstream": {"url": "http://[::1"}}, "upstream.url:"),
+        ({"server": {"public_url": "https://[::1"}}, "server.public_url:"),
+        ({"identity": {"login_url": "https://[::1/login?next={next}"}}, "identity.login_url:"),
+        ({"store": {"url": "redis://[::1:6379/0"}}, "store.url:"),
+        ({"store": {"url": "redis://h:99999/0"}}, "store.url:"),
+        ({"store": {"url": "sqlite:///:memory:"}}, "store.url: needs a file path"),
+        ({"store": {"url": "sqlite:///"}}, "store.url: needs a file path"),
+        ({"store": {"prefix": "gw{1}"}}, "store.prefix:"),
+        ({"store": {"prefix": ""}}, "store.prefix:"),
+        ({"routes": {"verify": ""}}, "routes.verify:"),
         ({"identity": {"mode": "magic"}}, 'identity.mode: "magic" is not one of header, jwt'),
         ({"totp": {"digits": 10}}, "totp.digits:"),
         ({"totp": {"algorithm": "MD5"}}, "totp.algorithm:"),
@@ -151,6 +166,63 @@ def test_jwt_settings() -> None:
     assert any(p.startswith("identity.jwt.secret:") for p in no_secret)
     stray = problems({"identity": {"jwt": {}}})
     assert any(p.startswith("identity.jwt: only used with") for p in stray)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"store": {"url": "redis://:hunter2@[::1:6379/0"}}, "store.url:"),
+        ({"store": {"url": "redis://:hunter2@h:99999/0"}}, "store.url:"),
+        ({"store": {"url": "redis://:hunter2/x@h:port/0"}}, "store.url:"),  # "/" unencoded
+        ({"store": {"url": "unix://[::1/sock?password=hunter2"}}, "store.url:"),
+        ({"upstream": {"url": "http://user:hunter2@[::1"}}, "upstream.url:"),
+        ({"upstream": {"url": "ftp://user:hunter2@host"}}, "upstream.url:"),
+    ],
+)
+def test_url_problems_never_show_the_password(data: dict[str, Any], key: str) -> None:
+    found = problems(data)
+    assert any(p.startswith(key) for p in found), found
+    assert not any("hunter2" in p for p in found), found
+
+
+def test_store_url_from_file_or_environment_and_redacted(tmp_path: Path) -> None:
+    url = "redis://:hunter2@redis.example:6379/0"
+    cfg = config.parse({}, env={**ENV, config.ENV_STORE_URL: url})
+    assert cfg.store.url == url
+    assert "store=redis://:***@redis.example:6379/0;" in cfg.summary()
+    secret = tmp_path / "store_url"
+    secret.write_text(url + "\n")
+    assert config.parse({"store": {"url_file": str(secret)}}, env=ENV).store.url == url
+    both = problems({"store": {"url": "sqlite:///a.db"}}, env={**ENV, config.ENV_STORE_URL: url})
+    assert any(p.startswith("store.url: given more than once") for p in both)
+    proxy = config.parse({"upstream": {"url": "http://user:hunter2@app:8000"}}, env=ENV)
+    assert "proxy to http://user:***@app:8000;" in proxy.summary() and "hunter2" not in proxy.summary()
+
+
+def test_jwt_public_key_is_parsed_at_load(tmp_path: Path) -> None:
+    pem = tmp_path / "jwt.pem"
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem.write_bytes(private.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    jwt = {"algorithms": ["ES256"], "public_key_file": str(pem)}
+    cfg = config.parse({"identity": {"mode": "jwt", "jwt": jwt}}, env=ENV)
+    assert cfg.identity.jwt is not None and cfg.identity.jwt.public_key == pem.read_text().strip()
+    wrong_type = problems({"identity": {"mode": "jwt", "jwt": {**jwt, "algorithms": ["RS256"]}}})
+    assert "identity.jwt.public_key_file: RS256 needs an RSA public key" in wrong_type
+    pem.write_bytes(private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    not_public = problems({"identity": {"mode": "jwt", "jwt": jwt}})
+    assert any(p.startswith("identity.jwt.public_key_file: not a PEM public key") for p in not_public)
+    pem.write_text("hello")
+    garbage = problems({"identity": {"mode": "jwt", "jwt": jwt}})
+    assert any(p.startswith("identity.jwt.public_key_file: not a PEM public key") for p in garbage)
+
+
+def test_auth_route_only_by_default_in_forward_auth_mode() -> None:
+    proxy = {"upstream": {"url": "http://127.0.0.1:8000"}}
+    assert config.parse({}, env=ENV).routes.auth == "/auth"
+    assert config.parse(proxy, env=ENV).routes.auth == ""
+    assert config.parse({**proxy, "routes": {"auth": "/auth"}}, env=ENV).routes.auth == "/auth"
+    off = config.parse({"routes": {"auth": "", "metrics": ""}}, env=ENV).routes
+    assert off.auth == "" and off.metrics == ""
 
 
 def test_unreadable_or_invalid_toml(tmp_path: Path) -> None:

@@ -108,9 +108,7 @@ def test_window_accepts_neighbouring_steps_and_returns_the_step() -> None:
 def test_window_zero_and_three() -> None:
     now = 1_700_000_000.0
     t = current_step(now, TotpParams())
-    assert (
-        matching_step(SEED_SHA1, code_at(SEED_SHA1, t - 1, TotpParams()), now, TotpParams(window=0)) is None
-    )
+    assert matching_step(SEED_SHA1, code_at(SEED_SHA1, t - 1, TotpParams()), now, TotpParams(window=0)) is None
     wide = TotpParams(window=3)
     assert matching_step(SEED_SHA1, code_at(SEED_SHA1, t - 3, wide), now, wide) == t - 3
 
@@ -267,9 +265,7 @@ def test_provisioning_uri_non_defaults_and_encoding() -> None:
     assert parsed.at(1_700_000_000) == code_at(secret, current_step(1_700_000_000, params), params)
 
 
-@pytest.mark.parametrize(
-    ("account", "issuer"), [("a:b", "Ex"), ("alice", "Ex:Co"), ("", "Ex"), ("alice", "")]
-)
+@pytest.mark.parametrize(("account", "issuer"), [("a:b", "Ex"), ("alice", "Ex:Co"), ("", "Ex"), ("alice", "")])
 def test_provisioning_uri_rejects_colons_and_empty(account: str, issuer: str) -> None:
     with pytest.raises(ValueError):
         provisioning_uri(new_secret(), account, issuer, TotpParams())
