@@ -8,6 +8,7 @@ lifespan owns the store and the upstream transport.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -86,8 +87,11 @@ class Gateway:
                 self._trust[peer] = trusted
         return trusted
 
-    def facts(self, scope: Scope, method: str | None = None, path: str | None = None) -> tuple[Facts, Headers]:
-        headers = Headers(scope=scope)
+    def facts(
+        self, scope: Scope, method: str | None = None, path: str | None = None, headers: Headers | None = None
+    ) -> tuple[Facts, Headers]:
+        if headers is None:
+            headers = Headers(scope=scope)
         client = scope.get("client")
         peer = client[0] if client else None
         trusted = self.peer_trusted(peer)
@@ -151,6 +155,9 @@ class Gateway:
                 except StoreError as exc:
                     await send({"type": "lifespan.startup.failed", "message": f"store unreachable: {exc}"})
                     return
+                # Everything loaded so far lives as long as the process: keep it out of the
+                # cyclic collector's full passes, which otherwise stall every request in flight.
+                gc.freeze()
                 log.info("gateway ready: %s", self.config.summary())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

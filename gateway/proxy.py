@@ -205,19 +205,28 @@ class Forwarder:
         headers = self.request_headers(scope, user, trusted)
         query: bytes = scope.get("query_string", b"")
         target = self.base_path + path.encode("ascii") + (b"?" + query if query else b"")
-        content: bytes | AsyncIterator[bytes] = b""
+        stream: httpx.AsyncByteStream = _NO_BODY
         for name, value in scope["headers"]:
-            if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
-                content = self._body(receive)
+            if name == b"transfer-encoding":
+                # Transfer-Encoding is hop-by-hop (RFC 9112 §6.1): the client's framing was
+                # undone by the ASGI server; the body goes upstream chunked anew.
+                # A Content-Length beside it would let the upstream frame it differently
+                # (request smuggling, RFC 9112 §6.3): only the chunked framing is sent.
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+                headers.append((b"transfer-encoding", b"chunked"))
+                stream = _RequestBody(receive)
                 break
+            if name == b"content-length" and value != b"0":
+                stream = _RequestBody(receive)  # its Content-Length is relayed as it came
         # The URL is the constant upstream origin; the request line's target goes in the
         # "target" extension (honoured by httpcore and by gateway.transport), which spares
-        # parsing a URL per request.
+        # parsing a URL per request. ``stream=`` (not ``content=``) keeps httpx from adding
+        # or rewriting framing headers: what the client framed is what the upstream gets.
         request = httpx.Request(
             method,
             self.upstream,
             headers=headers,
-            content=content,
+            stream=stream,
             extensions={"timeout": self.timeout, "target": target},
         )
         try:
@@ -238,17 +247,6 @@ class Forwarder:
             await self._respond(scope, receive, send, response, trusted, extra_headers)
         finally:
             await response.aclose()
-
-    async def _body(self, receive: Receive) -> AsyncIterator[bytes]:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
 
     async def _respond(
         self,
@@ -317,6 +315,27 @@ class Forwarder:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+
+class _RequestBody(httpx.AsyncByteStream):
+    """The client's request body, read from ASGI as the upstream connection takes it."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+
+_NO_BODY = httpx.ByteStream(b"")
 
 
 def _accept(scope: Scope) -> str | None:

@@ -7,6 +7,7 @@ they should cost as little as an allow.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from collections.abc import Iterable
@@ -40,9 +41,17 @@ def denial_body(reason: Reason, html_page: bool, extra_html: str = "", **fields:
         title = f"{status} — {reason.value.replace('_', ' ')}"
         page = _PAGE.format(title=html.escape(title), detail=html.escape(detail), extra=extra_html)
         return status, _HTML + _NO_STORE, page.encode()
+    if not fields:
+        return status, _JSON + _NO_STORE, _plain_json_denial(reason)
     body: dict[str, object] = {"error": reason.value, "detail": detail}
     body.update(fields)
     return status, _JSON + _NO_STORE, json.dumps(body, separators=(",", ":")).encode()
+
+
+@functools.cache
+def _plain_json_denial(reason: Reason) -> bytes:
+    # Made once per reason: a flood of bad codes is answered without serialising anything.
+    return json.dumps({"error": reason.value, "detail": DENIALS[reason][1]}, separators=(",", ":")).encode()
 
 
 async def send_response(send: Send, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> None:

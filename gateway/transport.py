@@ -42,7 +42,7 @@ async def _wait(future: asyncio.Future[None], timeout: float | None, error: type
         return future.result()
     if timeout is None:
         return await future
-    loop = asyncio.get_running_loop()
+    loop = future.get_loop()  # not get_running_loop(): on Python 3.11 that costs a getpid() call
 
     def expire() -> None:
         if not future.done():
@@ -355,29 +355,25 @@ class HttpToolsTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         key = (url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 80))
-        head = _request_head(request)
+        head, framing = _request_head(request)
         while True:
             conn = await self._acquire(key, request)
             try:
-                return await self._exchange(conn, request, head)
+                return await self._exchange(conn, request, head, framing is _CHUNKED)
             except (httpx.RemoteProtocolError, httpx.WriteError):
                 self._release(conn, reuse=False)
                 # A pooled connection the upstream closed just as we reused it: the request
                 # never reached it. Retry once on a fresh one if there is no body to replay.
-                no_body = (
-                    request.headers.get("content-length") in (None, "0") and "transfer-encoding" not in request.headers
-                )
-                if conn.reused and not conn.head_done and no_body:
+                if conn.reused and not conn.head_done and framing is None:
                     continue
                 raise
             except BaseException:
                 self._release(conn, reuse=False)
                 raise
 
-    async def _exchange(self, conn: _Connection, request: httpx.Request, head: bytes) -> httpx.Response:
+    async def _exchange(self, conn: _Connection, request: httpx.Request, head: bytes, chunked: bool) -> httpx.Response:
         conn.start(head_only=request.method == "HEAD")
         write_timeout = _timeout(request, "write")
-        chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
         stream = request.stream
         if isinstance(stream, httpx.ByteStream):
             body = b"".join(stream)
@@ -414,13 +410,32 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)  # RFC 9112 §7.1
 
 
-def _request_head(request: httpx.Request) -> bytes:
+_CHUNKED = "chunked"
+_LENGTH = "length"
+_FRAMING_INITIALS = frozenset(b"tTcC")
+
+
+def _request_head(request: httpx.Request) -> tuple[bytes, str | None]:
+    """The request line and header block, and how the body is framed (RFC 9112 §6): chunked,
+    by a non-zero length, or None (no body). No header lookups by name: one pass, one join."""
     target = request.extensions.get("target") or request.url.raw_path  # path and query, as given
-    lines = [request.method.encode("ascii") + b" " + target + b" HTTP/1.1\r\n"]
-    for name, value in request.headers.raw:
-        # RFC 9112 §5: a field line is one line; never let CR or LF split it.
-        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name or b":" in name:
-            raise httpx.LocalProtocolError("invalid header line")
-        lines.append(name + b": " + value + b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    raw = request.headers.raw
+    framing = None
+    parts = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in raw:
+        parts += (name, b": ", value, b"\r\n")
+        if name[0] in _FRAMING_INITIALS:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                framing = _CHUNKED if value.strip().lower() == b"chunked" else _LENGTH
+            elif lower == b"content-length" and framing is None and value.strip() not in (b"0", b""):
+                framing = _LENGTH
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # RFC 9112 §5: a field line is one line. Every CR and LF in the block must be one of the
+    # line ends written above; one more means a name or value would split a line (or the
+    # target would), so the request is refused rather than sent.
+    lines = len(raw) + 2
+    if head.count(b"\r") != lines or head.count(b"\n") != lines or any(b":" in name for name, _ in raw):
+        raise httpx.LocalProtocolError("invalid header line")
+    return head, framing
