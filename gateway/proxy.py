@@ -150,7 +150,8 @@ class Forwarder:
                 if name == b"connection":
                     # RFC 9110 §7.6.1: what Connection names is hop-by-hop too; rare, so the
                     # headers are filtered again only when it names something.
-                    named = connection_tokens(incoming) - HOP_BY_HOP_HEADERS
+                    # Host is end-to-end whatever Connection says (RFC 9110 §7.2).
+                    named = connection_tokens(incoming) - HOP_BY_HOP_HEADERS - {b"host"}
                     if named:
                         return self.request_headers(_without(scope, named), user, trusted)
                 continue
