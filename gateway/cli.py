@@ -4,7 +4,7 @@
     gateway check-config [--config PATH]   validate; exit 0 with a summary, 1 with every problem
     gateway keygen                         print a new Fernet key (also fine as a pepper)
     gateway demo                           the gateway in front of a demo app, on the embedded store
-    gateway users list|show|reset|unlock|import
+    gateway users list|show|reset|logout|unlock|import
     gateway keys rotate                    re-encrypt every secret under the newest key
 
 ``--config`` defaults to ``$GATEWAY_CONFIG``, then ``./gateway.toml``. Every command prints
@@ -120,7 +120,13 @@ async def _users(config: Config, args: argparse.Namespace) -> str:
         if args.users_command == "list":
             users = await store.list_users()
             return "\n".join(users) if users else "(no users)"
-        user: str = args.user
+        if args.users_command == "unlock" and args.address:
+            # A per-address lock (limits.ip_*) holds everyone behind that address (a NAT, a VPN).
+            await store.clear_failures(f"ip:{args.address}")
+            return f"unlocked address {args.address}"
+        user: str | None = args.user
+        if user is None:
+            raise CommandError("name a USER (or, for unlock, --address ADDR)")
         state = await store.user_state(user, time.time())
         if not (state.enrolled or state.pending or state.sessions or state.locked_until or state.failures):
             raise CommandError(f"no such user: {user}")
@@ -139,6 +145,9 @@ async def _users(config: Config, args: argparse.Namespace) -> str:
         if args.users_command == "reset":
             await factors.reset_user(user)
             return f"reset {user}: secret, sessions and recovery codes removed; the user must enrol again"
+        if args.users_command == "logout":
+            ended = await factors.revoke_user_sessions(user)
+            return f"ended {ended} 2FA session(s) of {user}; the next request needs a code"
         await factors.unlock(user)
         return f"unlocked {user}"
 
@@ -202,6 +211,10 @@ async def _import(config: Config, path: str, source_key: str, force: bool) -> tu
                     problems.append(f"line {line} ({user}): already enrolled with another secret (--force replaces)")
                     continue
             await store.set_secret(user, box.encrypt(user, secret))
+            if current is not None:
+                # A replaced authenticator: what the old one opened or came with ends with it.
+                await store.revoke_user_sessions(user)
+                await store.set_recovery_codes(user, [])
             imported += 1
         lines = [f"imported {imported}, unchanged {unchanged}, skipped {len(problems)}"]
         lines += [f"  {p}" for p in problems]
@@ -282,9 +295,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("show", "a user's state (never the secret)"),
         ("reset", "remove a user's secret, sessions and recovery codes"),
-        ("unlock", "lift a user's lockout"),
+        ("logout", "end every 2FA session of a user (the secret stays)"),
     ):
         with_config(users_sub.add_parser(name, help=text), leaf=True).add_argument("user")
+    unlock = with_config(users_sub.add_parser("unlock", help="lift a user's (or an address's) lockout"), leaf=True)
+    unlock.add_argument("user", nargs="?")
+    unlock.add_argument("--address", help="lift the lockout of a client address instead (limits.ip_*)")
     imp = with_config(
         users_sub.add_parser("import", help="import two_fast_auth users from a CSV of user_id,encrypted_secret"),
         leaf=True,
@@ -293,7 +309,11 @@ def _parser() -> argparse.ArgumentParser:
     source = imp.add_mutually_exclusive_group(required=True)
     source.add_argument("--source-key", help="the Fernet key the old app encrypted with")
     source.add_argument("--source-key-file", help="a file holding it (keeps the key out of `ps` and shell history)")
-    imp.add_argument("--force", action="store_true", help="replace a different secret a user already has")
+    imp.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different secret a user already has (ends their sessions and recovery codes)",
+    )
 
     keys = with_config(sub.add_parser("keys", help="manage encryption keys"))
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

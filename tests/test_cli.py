@@ -84,11 +84,41 @@ def seed(config: Config) -> None:
             for _ in range(config.limits.max_failures):
                 await store.record_failure("user:alice", config.limits.max_failures, 900, time.time())
             await factors.begin_enrolment("bob")
+            await factors.open_session("alice")
+            await factors.open_session("alice")
+            for _ in range(config.limits.ip_max_failures):
+                await store.record_failure("ip:198.51.100.7", config.limits.ip_max_failures, 900, time.time())
         finally:
             await store.close()
 
     enrol(config, "alice")
     asyncio.run(work())
+
+
+def seed_sessions_and_codes(config: Config, user: str) -> None:
+    async def work() -> None:
+        store = open_store_from_url(config.store.url, config.store.prefix)
+        await store.open()
+        try:
+            factors = SecondFactor(config, store)
+            await factors.new_recovery_codes(user)
+            await factors.open_session(user)
+        finally:
+            await store.close()
+
+    asyncio.run(work())
+
+
+def address_locked(config: Config, address: str) -> bool:
+    async def check() -> bool:
+        store = open_store_from_url(config.store.url, config.store.prefix)
+        await store.open()
+        try:
+            return await store.locked_until(f"ip:{address}", time.time()) is not None
+        finally:
+            await store.close()
+
+    return asyncio.run(check())
 
 
 # -- keygen and check-config -------------------------------------------------------------------
@@ -143,11 +173,24 @@ def test_users_list_show_unlock_reset(cli: Cli) -> None:
     assert unlocked.returncode == 0 and "unlocked alice" in unlocked.stdout
     assert "locked: no" in cli("users", "show", "alice").stdout
 
+    assert "sessions: 2" in cli("users", "show", "alice").stdout
+    logout = cli("users", "logout", "alice")
+    assert logout.returncode == 0 and "ended 2 2FA session(s) of alice" in logout.stdout
+    assert "sessions: 0" in cli("users", "show", "alice").stdout
+    assert "enrolled: yes" in cli("users", "show", "alice").stdout  # the secret stays
+
+    assert address_locked(cli.config, "198.51.100.7")
+    by_address = cli("users", "unlock", "--address", "198.51.100.7")
+    assert by_address.returncode == 0 and "unlocked address 198.51.100.7" in by_address.stdout
+    assert not address_locked(cli.config, "198.51.100.7")
+    neither = cli("users", "unlock")
+    assert neither.returncode == 1 and "--address" in neither.stderr
+
     reset = cli("users", "reset", "alice")
     assert reset.returncode == 0 and "must enrol again" in reset.stdout
     assert cli("users", "list").stdout.split() == ["bob"]
 
-    for command in ("show", "reset", "unlock"):
+    for command in ("show", "reset", "unlock", "logout"):
         nobody = cli("users", command, "nobody")
         assert nobody.returncode == 1 and "no such user: nobody" in nobody.stderr
 
@@ -192,8 +235,12 @@ def test_users_import_from_two_fast_auth(cli: Cli, tmp_path: Path) -> None:
     assert conflict.returncode == 1 and "already enrolled with another secret" in conflict.stdout
     key_file = tmp_path / "old.key"
     key_file.write_text(old_key + "\n")
+    seed_sessions_and_codes(config, "alice")
     forced = cli("users", "import", str(csv_path), "--source-key-file", str(key_file), "--force")
     assert forced.returncode == 0 and forced.stdout.startswith("imported 1,")
+    # The replaced authenticator's sessions and recovery codes ended with it.
+    shown = cli("users", "show", "alice").stdout
+    assert "sessions: 0" in shown and "recovery codes left: 0" in shown
 
     bad_key = cli("users", "import", str(csv_path), "--source-key", "not-a-key")
     assert bad_key.returncode == 1 and "not a valid Fernet key" in bad_key.stderr
