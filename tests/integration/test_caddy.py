@@ -163,12 +163,16 @@ def test_valid_code_reaches_the_app_and_opens_a_session(caddy: CaddyFront, gatew
 
 
 def test_excluded_paths_pass_without_code_and_without_a_user(caddy: CaddyFront) -> None:
-    status, headers, body = raw_request(caddy.port, "/public/x", {**ALICE, "Remote-User": "mallory"})
+    status, headers, body = raw_request(
+        caddy.port, "/public/x", {**ALICE, "Remote-User": "mallory", "Remote_User": "mallory", "Remote.User": "m"}
+    )
     assert status == 200
     seen = echoed(body)
     assert seen["raw_path"] == "/public/x"
-    # Neither the client's Remote-User nor Caddy 2.6's literal placeholder reaches the app.
-    assert "remote-user" not in seen["headers"]  # type: ignore[operator]
+    # Neither the client's Remote-User nor Caddy 2.6's literal placeholder reaches the app,
+    # nor the look-alikes a CGI-style app would read as Remote-User.
+    for name in ("remote-user", "remote_user", "remote.user"):
+        assert name not in seen["headers"]  # type: ignore[operator]
     assert "set-cookie" not in headers
     assert raw_request(caddy.port, "/api/public/x", ALICE)[0] == 200
     status, _, body = raw_request(caddy.port, "/api/public/x", ALICE, method="POST")
