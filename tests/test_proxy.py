@@ -438,6 +438,43 @@ def test_client_disconnect_mid_stream_closes_the_upstream(gw: GatewayServer, ups
     assert httpx.get(gw.url + "/public/x").status_code == 200
 
 
+def test_a_large_body_passes_both_ways_with_flat_memory(gw: GatewayServer) -> None:
+    """256 MiB down and up through the gateway (which runs in this process): the peak RSS may not
+    grow by a quarter of that, so nothing is buffered whole. The bench measures 1 GiB."""
+    import resource
+
+    headers, cookies = session_for(gw)
+    size = 256 << 20
+    block = bytes(range(256)) * 256  # the upstream's 64 KiB pattern block
+
+    def peak_mib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    before = peak_mib()
+    received = 0
+    with httpx.stream("GET", gw.url + f"/bytes/{size}", headers=headers, cookies=cookies, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-length"] == str(size)
+        for chunk in r.iter_raw():
+            assert chunk == pattern_slice(received, len(chunk))
+            received += len(chunk)
+    assert received == size
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    r = httpx.post(gw.url + "/echo", content=chunks(), headers=headers, cookies=cookies, timeout=120)
+    assert r.json()["body_size"] == size
+    growth = peak_mib() - before
+    assert growth < 64, f"peak RSS grew by {growth:.0f} MiB for {size >> 20} MiB each way"
+
+
+def pattern_slice(offset: int, length: int) -> bytes:
+    block = bytes(range(256)) * 256
+    start = offset % len(block)
+    return (block[start:] + block * (length // len(block) + 1))[:length]
+
+
 def test_large_streams_both_ways(gw: GatewayServer) -> None:
     headers, cookies = session_for(gw)
     size = 64 * 1024 * 1024
