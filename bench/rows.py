@@ -431,6 +431,7 @@ def users_scale(bench: Bench) -> None:
             bench.workdir / "scale.lua", FORWARD_AUTH_HEADERS, sessions, USER_HEADER, gateway.config.session.cookie
         )
         small = bench.add(_scale_row(bench, gateway, script, "8-small", "8. /auth decision, 1,000 users"))
+        small_in = bench.add(_decision_cost(gateway, sessions, "8-small-in", "8. one decision in-process, 1,000 users"))
         extra = bench.settings.scale_users - len(users)
         progress(f"seeding {extra:,} more users (secret + live session each) with redis-cli --pipe")
         seconds = seed.bulk_seed(bench.redis_port, gateway.config, extra)
@@ -440,8 +441,58 @@ def users_scale(bench: Bench) -> None:
         large.notes.append(f"seeded in {seconds:.0f}s")
         if small.p50_ms and large.p50_ms is not None and not small.failed:
             large.ratio, large.baseline = large.p50_ms / small.p50_ms, "(p50 vs 1k)"
+        large_in = bench.add(
+            _decision_cost(
+                gateway, sessions, "8-large-in", f"8. one decision in-process, {bench.settings.scale_users:,} users"
+            )
+        )
+        if small_in.p50_ms and large_in.p50_ms is not None:
+            large_in.ratio, large_in.baseline = large_in.p50_ms / small_in.p50_ms, "(p50 vs 1k)"
     finally:
         bench.stop_gateway(gateway)
+
+
+def _decision_cost(gateway: Gateway, sessions: list[tuple[str, str]], key: str, label: str, n: int = 2000) -> Row:
+    """``Decider.decide`` in this process against the same Redis, one call at a time, for random
+    sessions: the per-decision cost without wrk's queueing, which dominates the HTTP rows' p50."""
+    import random
+
+    import uvloop
+    from starlette.datastructures import Headers
+
+    from gateway.decision import Decider, Facts
+    from gateway.factors import SecondFactor
+    from gateway.store import open_store_from_url
+
+    config = gateway.config
+    rng = random.Random(8)
+    picks = [sessions[rng.randrange(len(sessions))] for _ in range(n + 200)]
+
+    async def measure() -> list[float]:
+        store = open_store_from_url(config.store.url, config.store.prefix)
+        await store.open()
+        decider = Decider(config, SecondFactor(config, store))
+        timings: list[float] = []
+        try:
+            for i, (user, session) in enumerate(picks):
+                raw = [(b"remote-user", user.encode()), (b"cookie", f"{config.session.cookie}={session}".encode())]
+                facts = Facts("GET", "/app", "127.0.0.1", True, Headers(raw=raw))
+                started = time.perf_counter()
+                decision = await decider.decide(facts)
+                elapsed = time.perf_counter() - started
+                if not decision.allowed:
+                    raise RuntimeError(f"a live session was refused: {decision.reason}")
+                if i >= 200:
+                    timings.append(elapsed * 1000)
+        finally:
+            await store.close()
+        return timings
+
+    timings = sorted(uvloop.run(measure()))
+    row = Row(key, label, micro=True, p50_ms=statistics.median(timings), p99_ms=timings[int(0.99 * (len(timings) - 1))])
+    row.target = "—"
+    row.notes.append(f"{n} sequential decisions, random session among 1,000, cache_ttl 0 (every one reads Redis)")
+    return row
 
 
 def _scale_row(bench: Bench, gateway: Gateway, script: Path, key: str, label: str) -> Row:
