@@ -51,7 +51,11 @@ class Gateway:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.store = store if store is not None else open_store_from_url(config.store.url, config.store.prefix)
+        self.store = (
+            store
+            if store is not None
+            else open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
+        )
         self.factors = SecondFactor(config, self.store, clock)
         self.decider = Decider(config, self.factors)
         self.forwarder = Forwarder(config, transport) if config.upstream.url else None

@@ -55,7 +55,7 @@ def configure_logging(level: str) -> None:
 
 
 async def _with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = open_store_from_url(config.store.url, config.store.prefix)
+    store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
     await store.open()
     try:
         return await work(store)

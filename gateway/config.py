@@ -71,6 +71,7 @@ class StoreConfig:
     url: str = "sqlite:///gateway.db"
     prefix: str = "gw"
     cache_ttl: float = 1.0
+    max_connections: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +232,12 @@ def _store(data: Any, env: Mapping[str, str], problems: list[str]) -> StoreConfi
     prefix = t.get("prefix", str, d.prefix)
     if not _PREFIX_RE.fullmatch(prefix):
         t.problem("prefix", f'"{prefix}" may only use letters, digits and _.:- (and not be empty)')
-    cfg = StoreConfig(url=url, prefix=prefix, cache_ttl=t.number("cache_ttl", d.cache_ttl, 0.0, 1.0))
+    cfg = StoreConfig(
+        url=url,
+        prefix=prefix,
+        cache_ttl=t.number("cache_ttl", d.cache_ttl, 0.0, 1.0),
+        max_connections=t.number("max_connections", d.max_connections, 1, 10_000),
+    )
     t.finish()
     return cfg
 

@@ -124,11 +124,14 @@ class Decider:
         def deny(reason: Reason, retry_after: int | None = None) -> Decision:
             return Decision(reason, path=path, user=user, label=identity.label, retry_after=retry_after)
 
-        locked = await self.factors.locked(user, facts.client)
+        # The lockout comes first: a locked user is refused even with a live session. Both are
+        # read at once (one store round trip when the caches miss).
+        locked, session_user = await self.factors.gate(
+            user, facts.client, read_cookie(facts.headers.get("cookie"), self.cookie)
+        )
         if locked is not None:
             return deny(Reason.LOCKED, locked.retry_after)
 
-        session_user = await self.factors.session_user(read_cookie(facts.headers.get("cookie"), self.cookie))
         # A session belongs to the user who opened it: someone else's cookie is no session.
         if session_user is not None and session_user == user:
             return Decision(Reason.SESSION, path=path, user=user, label=identity.label)

@@ -324,6 +324,10 @@ class Enrolment:
                 return
             if enrolled and outcome.reason in (Reason.NOT_ENROLLED, Reason.INVALID_CODE):
                 outcome = await self.factors.check_code(user, code, client)
+            elif outcome.reason is Reason.NOT_ENROLLED and await self.factors.is_enrolled(user):
+                # A concurrent request activated the pending secret meanwhile (a double-clicked
+                # button): this code is judged against it, and is a replay if it was that one.
+                outcome = await self.factors.check_code(user, code, client)
         else:
             outcome = await self.factors.check_recovery(user, recovery, client)
         if outcome.reason is not Reason.CODE:

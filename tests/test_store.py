@@ -422,6 +422,19 @@ async def test_redis_nothing_listening_fails_fast() -> None:
     assert time.monotonic() - started < 2
 
 
+async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(redis_server: RedisServer, now: float) -> None:
+    """More reads in flight than max_connections: they queue for a connection (redis-py's default
+    pool would fail them with "Too many connections", denying good requests under load)."""
+    store = RedisStore(redis_server.url, prefix="burst", max_connections=2)
+    await store.open()
+    try:
+        await store.create_session("s", "alice", now + 60)
+        found = await asyncio.gather(*(store.get_session("s", now) for _ in range(50)))
+        assert found == ["alice"] * 50
+    finally:
+        await store.close()
+
+
 async def test_redis_outage_after_open_raises_store_error(redis_server: RedisServer) -> None:
     server = RedisServer(redis_server.binary)
     server.start()

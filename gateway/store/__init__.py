@@ -21,8 +21,9 @@ _SQLITE = "sqlite:///"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def open_store_from_url(url: str, prefix: str) -> Store:
-    """The store for ``url``, not yet opened (``await store.open()`` connects).
+def open_store_from_url(url: str, prefix: str, max_connections: int = 64) -> Store:
+    """The store for ``url``, not yet opened (``await store.open()`` connects). A Redis store
+    keeps at most ``max_connections`` connections; a request that finds none free waits.
 
     Raises ValueError naming the problem when the URL is not one of the forms above.
     """
@@ -40,6 +41,6 @@ def open_store_from_url(url: str, prefix: str) -> Store:
     if url.lower().startswith(_REDIS_SCHEMES):
         from gateway.store.redis import RedisStore
 
-        return RedisStore(url, prefix)
+        return RedisStore(url, prefix, max_connections)
     shown = f"{scheme}://" if scheme else "(none)"
     raise ValueError(f"unknown store URL scheme {shown}: use sqlite:///, redis://, rediss:// or unix://")

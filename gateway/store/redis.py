@@ -148,15 +148,20 @@ class RedisStore:
     ``prefix`` namespaces every key, so several gateways (or test runs) can share a database.
     """
 
-    def __init__(self, url: str, prefix: str = "gw") -> None:
+    def __init__(self, url: str, prefix: str = "gw", max_connections: int = 64) -> None:
         if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(f"redis key prefix {prefix!r} may only use letters, digits and _.:-")
         self.url = url
         self.prefix = prefix
         try:
-            # Builds the client only: no connection is made before open().
-            self._client = aioredis.Redis.from_url(
+            # Builds the client only: no connection is made before open(). A blocking pool: at
+            # most max_connections, and a burst beyond that waits (up to SOCKET_TIMEOUT) for a
+            # free one; redis-py's default pool fails the request at once ("Too many
+            # connections"), which would deny good requests under load.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=max_connections,
+                timeout=SOCKET_TIMEOUT,
                 socket_connect_timeout=SOCKET_TIMEOUT,
                 socket_timeout=SOCKET_TIMEOUT,
                 health_check_interval=0,
@@ -167,6 +172,7 @@ class RedisStore:
             )
         except ValueError as exc:  # a malformed URL is a configuration error, found early
             raise ValueError(f"invalid redis URL: {exc}") from None
+        self._client = aioredis.Redis.from_pool(pool)  # closes the pool when it is closed
         self._open = False
         # EVALSHA with the script's digest, loading it once on NOSCRIPT (also after a restart).
         self._lua_advance_step = self._client.register_script(_ADVANCE_STEP_LUA)
