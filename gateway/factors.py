@@ -103,29 +103,23 @@ class SecondFactor:
     # -- lockouts ------------------------------------------------------------------------------
 
     async def locked(self, user: str, client: str | None, cached: bool = True) -> Outcome | None:
-        """A LOCKED outcome if the user or the client address is locked out, else None."""
-        now = self.clock()
-        for scope in (f"user:{user}", f"ip:{client}" if client else None):
-            if scope is None:
-                continue
-            hit, until = self._locks.get(scope) if cached else (False, None)
-            if not hit:
-                until = await self.store.locked_until(scope, now)
-                self._locks.put(scope, until, until)
-            if isinstance(until, float) and until > now:
-                return Outcome(Reason.LOCKED, retry_after=max(1, int(until - now + 0.999)))
-        return None
+        """A LOCKED outcome if the user or the client address is locked out, else None;
+        ``cached=False`` reads the store itself (before anything is granted on a code)."""
+        outcome, _ = await self.gate(user, client, None, cached)
+        return outcome
 
-    async def gate(self, user: str, client: str | None, session_id: str | None) -> tuple[Outcome | None, str | None]:
-        """The lockout (as :meth:`locked`) and the user of ``session_id`` (as :meth:`session_user`),
-        read together: from the caches first, and whatever they miss from the store concurrently,
-        so a cold decision waits for one store round trip instead of three."""
+    async def gate(
+        self, user: str, client: str | None, session_id: str | None, cached: bool = True
+    ) -> tuple[Outcome | None, str | None]:
+        """The lockout and the user of ``session_id`` (as :meth:`session_user`), read together:
+        from the caches first (the locks only when ``cached``), and whatever they miss from the
+        store concurrently, so a cold decision waits for one store round trip instead of three."""
         now = self.clock()
         scopes = [f"user:{user}", f"ip:{client}"] if client else [f"user:{user}"]
         untils: dict[str, object] = {}
         reads: dict[str, Awaitable[object]] = {}
         for scope in scopes:
-            hit, until = self._locks.get(scope)
+            hit, until = self._locks.get(scope) if cached else (False, None)
             if hit:
                 untils[scope] = until
             else:
