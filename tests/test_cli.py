@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pyotp
@@ -19,7 +21,7 @@ from gateway.config import Config
 from gateway.demo import demo_config, prepare_state
 from gateway.errors import Reason
 from gateway.factors import SecondFactor
-from gateway.store import open_store_from_url
+from gateway.store import Store, open_store_from_url
 from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port
 
 
@@ -55,70 +57,66 @@ def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path)
 
 
+T = TypeVar("T")
+
+
+def with_store(config: Config, work: Callable[[Store, SecondFactor], Awaitable[T]], at: float | None = None) -> T:
+    """Run ``work(store, factors)`` against ``config``'s store, opened and closed around it."""
+
+    async def run() -> T:
+        store = open_store_from_url(config.store.url, config.store.prefix)
+        await store.open()
+        try:
+            clock = time.time if at is None else (lambda: at)
+            return await work(store, SecondFactor(config, store, clock=clock))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
 def login_works(config: Config, user: str, secret: str, at: float | None = None) -> bool:
     """A code for ``secret`` opens ``user``'s second factor under ``config``'s keys."""
     at = time.time() if at is None else at
 
-    async def check() -> bool:
-        store = open_store_from_url(config.store.url, config.store.prefix)
-        await store.open()
-        try:
-            factors = SecondFactor(config, store, clock=lambda: at)
-            outcome = await factors.check_code(user, pyotp.TOTP(secret).at(at), None)
-            return outcome.reason is Reason.CODE
-        finally:
-            await store.close()
+    async def check(store: Store, factors: SecondFactor) -> bool:
+        outcome = await factors.check_code(user, pyotp.TOTP(secret).at(at), None)
+        return outcome.reason is Reason.CODE
 
-    return asyncio.run(check())
+    return with_store(config, check, at)
 
 
 def seed(config: Config) -> None:
-    """alice: enrolled, 10 recovery codes, locked out; bob: enrolment pending."""
+    """alice: enrolled, 10 recovery codes, locked out, 2 sessions; bob: enrolment pending;
+    198.51.100.7: locked out."""
 
-    async def work() -> None:
-        store = open_store_from_url(config.store.url, config.store.prefix)
-        await store.open()
-        try:
-            factors = SecondFactor(config, store)
-            await factors.new_recovery_codes("alice")
-            for _ in range(config.limits.max_failures):
-                await store.record_failure("user:alice", config.limits.max_failures, 900, time.time())
-            await factors.begin_enrolment("bob")
-            await factors.open_session("alice")
-            await factors.open_session("alice")
-            for _ in range(config.limits.ip_max_failures):
-                await store.record_failure("ip:198.51.100.7", config.limits.ip_max_failures, 900, time.time())
-        finally:
-            await store.close()
+    async def work(store: Store, factors: SecondFactor) -> None:
+        await factors.new_recovery_codes("alice")
+        for _ in range(config.limits.max_failures):
+            await store.record_failure("user:alice", config.limits.max_failures, 900, time.time())
+        await factors.begin_enrolment("bob")
+        await factors.open_session("alice")
+        await factors.open_session("alice")
+        for _ in range(config.limits.ip_max_failures):
+            await store.record_failure("ip:198.51.100.7", config.limits.ip_max_failures, 900, time.time())
 
     enrol(config, "alice")
-    asyncio.run(work())
+    with_store(config, work)
 
 
 def seed_sessions_and_codes(config: Config, user: str) -> None:
-    async def work() -> None:
-        store = open_store_from_url(config.store.url, config.store.prefix)
-        await store.open()
-        try:
-            factors = SecondFactor(config, store)
-            await factors.new_recovery_codes(user)
-            await factors.open_session(user)
-        finally:
-            await store.close()
+    async def work(store: Store, factors: SecondFactor) -> None:
+        await factors.new_recovery_codes(user)
+        await factors.open_session(user)
 
-    asyncio.run(work())
+    with_store(config, work)
 
 
 def address_locked(config: Config, address: str) -> bool:
-    async def check() -> bool:
-        store = open_store_from_url(config.store.url, config.store.prefix)
-        await store.open()
-        try:
-            return await store.locked_until(f"ip:{address}", time.time()) is not None
-        finally:
-            await store.close()
+    async def check(store: Store, factors: SecondFactor) -> bool:
+        return await store.locked_until(f"ip:{address}", time.time()) is not None
 
-    return asyncio.run(check())
+    return with_store(config, check)
 
 
 # -- keygen and check-config -------------------------------------------------------------------
