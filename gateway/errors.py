@@ -55,6 +55,7 @@ class Reason(enum.StrEnum):
     CODE = "code"
     # denied
     BAD_REQUEST = "bad_request"
+    MALFORMED_REQUEST = "malformed_request"
     IDENTITY_REQUIRED = "identity_required"
     INVALID_IDENTITY = "invalid_identity"
     NOT_ENROLLED = "2fa_not_enrolled"
@@ -83,6 +84,7 @@ ALLOWED = frozenset({Reason.EXCLUDED, Reason.SESSION, Reason.CODE})
 # anything the client sent: they are shown to whoever asked.
 DENIALS: dict[Reason, tuple[int, str]] = {
     Reason.BAD_REQUEST: (400, "The request path is malformed or ambiguous and was refused."),
+    Reason.MALFORMED_REQUEST: (400, "The request's framing or target is malformed or ambiguous and was refused."),
     Reason.IDENTITY_REQUIRED: (401, "No authenticated user: sign in to the application first."),
     Reason.INVALID_IDENTITY: (401, "The credentials identifying the user are invalid or expired."),
     Reason.NOT_ENROLLED: (403, "Two-factor authentication is not set up for this user: enrol first."),

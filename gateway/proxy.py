@@ -7,9 +7,21 @@ following, no environment proxies. The transport is a constructor parameter, so 
 under httpx can be swapped and measured (see ``bench/``).
 
 * Bodies are streamed both ways; nothing is buffered beyond one chunk.
+* The framing of what goes upstream is decided in one place, ``request_framing``, from the
+  body the ASGI server de-framed: ``Content-Length: N`` or ``Transfer-Encoding: chunked``,
+  never both, never neither with a body. A request whose own framing could be read two ways
+  (both headers, several or malformed ``Content-Length``, a transfer coding other than
+  ``chunked``) is refused with 400, never re-interpreted (RFC 9112 §6.1, §6.3: request
+  smuggling).
 * Hop-by-hop headers are removed both ways, including every header named in ``Connection``
-  (RFC 9110 §7.6.1). ``Content-Encoding`` and ``Content-Length`` pass untouched: the bytes
-  are relayed raw, never decoded.
+  (RFC 9110 §7.6.1), except the headers that frame the message or that the gateway sets or
+  checks: ``Connection: Content-Length`` must not unframe a body into a second request.
+  ``Upgrade`` and ``HTTP2-Settings`` never go upstream from here (RFC 9113 §3.2 h2c would
+  hand the client a connection the gateway no longer sees; WebSocket is gateway/websocket.py).
+  ``Content-Encoding`` passes untouched: the bytes are relayed raw, never decoded.
+* Routing-override headers (``X-Original-URL``, ``X-Rewrite-URL``, ``X-Forwarded-Prefix``,
+  ``X-HTTP-Method-Override`` ...) are dropped: frameworks that honour them would route to a
+  path or method the gateway never checked.
 * ``X-Forwarded-For`` is appended to (RFC 7239 §5.2's de facto cousin); ``-Proto`` and
   ``-Host`` are set. Client-supplied ``X-Forwarded-*`` and ``Forwarded`` are kept only
   from trusted proxies.
@@ -26,13 +38,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 
 import httpx
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
-from gateway.errors import Reason
+from gateway.errors import BadRequest, Reason
 from gateway.responses import send_denial
 from gateway.transport import HttpToolsTransport
 
@@ -50,13 +63,33 @@ HOP_BY_HOP_HEADERS = frozenset(
         b"trailer",
         b"proxy-authenticate",
         b"proxy-authorization",
+        # RFC 9113 §3.2.1: connection-specific, meaningful only with "Upgrade: h2c".
+        b"http2-settings",
     }
 )
+# Set by the gateway from the body it sends (request_framing), never copied from the client.
+_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+# Headers that ask a framework to route to another path or method than the request line's
+# (Symfony, Zend/Laminas, IIS URL Rewrite, Spring, Rails/Rack, Express method-override ...).
+ROUTING_OVERRIDE_HEADERS = frozenset(
+    {
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-forwarded-prefix",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
+# RFC 9110 §9.3: methods whose content has a meaning; a bodiless one says "Content-Length: 0"
+# (RFC 9110 §8.6: a user agent SHOULD send it when the method defines a meaning for content).
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FORWARDING_HEADERS = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )
 # X-Forwarded-Proto names the HTTP scheme, also for a WebSocket handshake.
 _HTTP_SCHEME = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
+_DIGITS = re.compile(rb"[0-9]{1,18}")
 # A response at most this large (by Content-Length) is relayed without a disconnect watcher.
 _SMALL_RESPONSE = 256 * 1024
 
@@ -65,9 +98,47 @@ class ClientDisconnected(Exception):
     """The client went away while its request body was being streamed upstream."""
 
 
-def _without(scope: Scope, names: frozenset[bytes]) -> Scope:
-    headers = [(k, v) for k, v in scope["headers"] if k not in names and k != b"connection"]
-    return {**scope, "headers": headers}
+class AmbiguousFraming(BadRequest):
+    """The client's Content-Length / Transfer-Encoding could be read two ways; refused."""
+
+
+def request_framing(scope: Scope) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """How the body goes upstream: ``(framing headers, length)``, the length ``None`` for a
+    chunked stream and 0 for no body. The one place that frames what the upstream receives.
+
+    The ASGI server has already de-framed the client's body; it passes the client's framing
+    headers on unchanged, and each server tolerates different ambiguities (httptools lets
+    ``Transfer-Encoding: gzip, chunked`` through, h11 ``Transfer-Encoding`` next to
+    ``Content-Length``). Anything but one plain framing raises ``AmbiguousFraming``: RFC 9112
+    §6.3 says a server MAY treat these as errors; a proxy that re-frames them is how
+    smuggling starts.
+    """
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+    if codings:
+        # RFC 9112 §6.1: chunked must be the final coding; the gateway decodes no other, so
+        # exactly one "chunked" (case-insensitive) and nothing else. HTTP/1.0 has no chunked:
+        # "MUST treat the message as if the framing is faulty".
+        if lengths or len(codings) > 1 or codings[0].strip().lower() != b"chunked":
+            raise AmbiguousFraming
+        if scope.get("http_version") == "1.0":
+            raise AmbiguousFraming
+        return [(b"transfer-encoding", b"chunked")], None
+    if lengths:
+        # RFC 9110 §8.6: 1*DIGIT. A list ("3, 3") or a repeated header is refused, as nginx does.
+        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0]):
+            raise AmbiguousFraming
+        length = int(lengths[0])
+        if length:
+            return [(b"content-length", str(length).encode())], length
+    if scope["method"] in _BODY_METHODS:
+        return [(b"content-length", b"0")], 0
+    return [], 0
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -124,22 +195,29 @@ class Forwarder:
             {config.totp.header.lower().encode(), self.user_header, config.identity.header.lower().encode()}
         )
         self.session_cookie = config.session.cookie.encode()
-        self._drop_trusted = HOP_BY_HOP_HEADERS | self.stripped
+        self._drop_trusted = HOP_BY_HOP_HEADERS | _FRAMING_HEADERS | ROUTING_OVERRIDE_HEADERS | self.stripped
         self._drop_untrusted = self._drop_trusted | _FORWARDING_HEADERS
         # Names the gateway controls. WSGI, CGI and PHP read "Remote_User" and "Remote-User" alike
         # (both become HTTP_REMOTE_USER), so a look-alike spelled with "_" or "." is dropped too.
         self._look_alikes = self._drop_untrusted
+        # What Connection may never make hop-by-hop: the framing (the gateway sets it), Host
+        # (RFC 9110 §7.2) and every header the gateway sets or checks.
+        self._end_to_end = (
+            _FRAMING_HEADERS | _FORWARDING_HEADERS | self.stripped | {b"host", b"cookie", b"authorization"}
+        )
 
     async def aclose(self) -> None:
         await self.transport.aclose()
 
     def request_headers(self, scope: Scope, user: str | None, trusted: bool) -> list[tuple[bytes, bytes]]:
-        """The headers to send upstream. Names arrive lower-cased from the ASGI server."""
+        """The headers to send upstream, without framing (``request_framing`` adds it). Names
+        arrive lower-cased from the ASGI server."""
         incoming: list[tuple[bytes, bytes]] = scope["headers"]
         drop = self._drop_trusted if trusted else self._drop_untrusted
         out: list[tuple[bytes, bytes]] = [(b"host", self.host)]
         forwarded_for = proto = fwd_host = None
         host = b""
+        named = False
         for name, value in incoming:
             if name == b"host":
                 host = value
@@ -147,13 +225,7 @@ class Forwarder:
             if (b"_" in name or b"." in name) and name.replace(b"_", b"-").replace(b".", b"-") in self._look_alikes:
                 continue
             if name in drop:
-                if name == b"connection":
-                    # RFC 9110 §7.6.1: what Connection names is hop-by-hop too; rare, so the
-                    # headers are filtered again only when it names something.
-                    # Host is end-to-end whatever Connection says (RFC 9110 §7.2).
-                    named = connection_tokens(incoming) - HOP_BY_HOP_HEADERS - {b"host"}
-                    if named:
-                        return self.request_headers(_without(scope, named), user, trusted)
+                named = named or name == b"connection"
                 continue
             if name == b"cookie":
                 value = strip_cookie(value, self.session_cookie)
@@ -169,6 +241,12 @@ class Forwarder:
                 fwd_host = value
                 continue
             out.append((name, value))
+        if named:
+            # RFC 9110 §7.6.1: what Connection names is hop-by-hop too (rare: filtered again
+            # only then), except what the gateway frames, sets or checks.
+            hop = connection_tokens(incoming) - self._end_to_end
+            if hop:
+                out = [(k, v) for k, v in out if k not in hop]
         client = scope.get("client")
         peer = client[0].encode() if client else b"unknown"
         out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
@@ -203,26 +281,20 @@ class Forwarder:
     ) -> None:
         """Forward one allowed request; ``path`` is the encoded canonical path that was checked."""
         method: str = scope["method"]
+        try:
+            framing, length = request_framing(scope)
+        except AmbiguousFraming:
+            # The client connection's own framing is in doubt too: close it after the answer.
+            return await send_denial(send, Reason.MALFORMED_REQUEST, _accept(scope), [(b"connection", b"close")])
         headers = self.request_headers(scope, user, trusted)
+        headers.extend(framing)
         query: bytes = scope.get("query_string", b"")
         target = self.base_path + path.encode("ascii") + (b"?" + query if query else b"")
-        stream: httpx.AsyncByteStream = _NO_BODY
-        for name, value in scope["headers"]:
-            if name == b"transfer-encoding":
-                # Transfer-Encoding is hop-by-hop (RFC 9112 §6.1): the client's framing was
-                # undone by the ASGI server; the body goes upstream chunked anew.
-                # A Content-Length beside it would let the upstream frame it differently
-                # (request smuggling, RFC 9112 §6.3): only the chunked framing is sent.
-                headers = [(k, v) for k, v in headers if k != b"content-length"]
-                headers.append((b"transfer-encoding", b"chunked"))
-                stream = _RequestBody(receive)
-                break
-            if name == b"content-length" and value != b"0":
-                stream = _RequestBody(receive)  # its Content-Length is relayed as it came
+        stream: httpx.AsyncByteStream = _NO_BODY if length == 0 else _RequestBody(receive, length)
         # The URL is the constant upstream origin; the request line's target goes in the
         # "target" extension (honoured by httpcore and by gateway.transport), which spares
         # parsing a URL per request. ``stream=`` (not ``content=``) keeps httpx from adding
-        # or rewriting framing headers: what the client framed is what the upstream gets.
+        # or rewriting framing headers: request_framing's are the only ones.
         request = httpx.Request(
             method,
             self.upstream,
@@ -319,20 +391,30 @@ class Forwarder:
 
 
 class _RequestBody(httpx.AsyncByteStream):
-    """The client's request body, read from ASGI as the upstream connection takes it."""
+    """The client's request body, read from ASGI as the upstream connection takes it. With a
+    ``length`` (the Content-Length sent upstream) it never yields more or fewer bytes: a body
+    that disagrees with its framing is cut off, never relayed as the start of a next request."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, length: int | None) -> None:
         self.receive = receive
+        self.length = length
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        left = self.length
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             chunk = message.get("body", b"")
+            if left is not None:
+                if len(chunk) > left:
+                    raise ClientDisconnected
+                left -= len(chunk)
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
+                if left:
+                    raise ClientDisconnected
                 return
 
 
