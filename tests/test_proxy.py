@@ -20,6 +20,7 @@ import pyotp
 import pytest
 
 from tests.conftest import need_binary
+from tests.support.recorder import RawClient, Received, Recorder, exchange
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, free_port, make_config
 from tests.support.upstream_app import GZIP_BODY, pattern
 
@@ -491,3 +492,192 @@ def test_large_streams_both_ways(gw: GatewayServer) -> None:
 
     r = httpx.post(gw.url + "/echo", content=chunks(), headers=headers, cookies=cookies, timeout=60)
     assert r.json()["body_size"] == size
+
+
+# -- what the upstream receives on the wire (issue 9: smuggling, h2c, routing overrides) ----------
+# A raw TCP upstream (tests/support/recorder.py) records every request its bytes contain, so
+# these hold whatever HTTP client sits under httpx.
+
+SMUGGLED = b"GET /admin HTTP/1.1\r\nHost: app\r\nRemote-User: admin\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[Recorder]:
+    server = Recorder().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def wire(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    server = GatewayServer(make_config(tmp_path_factory.mktemp("wire"), upstream=recorder.url)).start()
+    yield server
+    server.stop()
+
+
+def received_during(recorder: Recorder, action: Any) -> tuple[Any, list[Received]]:
+    """What ``action()`` returns, and every request the upstream received meanwhile."""
+    before = len(recorder.snapshot()[0])
+    result = action()
+    requests, errors = recorder.snapshot()
+    assert errors == []
+    return result, requests[before:]
+
+
+def head(method: str, target: str, *headers: str) -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: gw\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        "keep-alive, Content-Length",
+        "Transfer-Encoding",
+        "close, content-length, host, x-forwarded-for, remote-user, cookie, authorization",
+        "Content-Length, Transfer-Encoding, Upgrade",
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_connection_cannot_unframe_the_body(
+    wire: GatewayServer, recorder: Recorder, connection: str, chunked: bool
+) -> None:
+    # The attack: Connection names the framing header, the gateway dropped it and sent the
+    # body after a bodiless head; the upstream read the body as a second, unchecked request.
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(SMUGGLED)}"
+    body = f"{len(SMUGGLED):x}\r\n".encode() + SMUGGLED + b"\r\n0\r\n\r\n" if chunked else SMUGGLED
+    data = head("POST", "/public/x", f"Connection: {connection}", framing, "Cookie: a=1", "Authorization: x") + body
+    answer, got = received_during(recorder, lambda: exchange(wire.port, data))
+    assert answer is not None and answer.status == 200
+    assert [(r.method, r.target) for r in got] == [("POST", "/public/x")]
+    [request] = got
+    assert request.body == SMUGGLED
+    assert request.header("content-length") + request.header("transfer-encoding") == (
+        ["chunked"] if chunked else [str(len(SMUGGLED))]
+    )
+    assert request.header("cookie") == ["a=1"] and request.header("authorization") == ["x"]
+    assert request.header("host") == [f"127.0.0.1:{recorder.port}"]
+    assert request.header("remote-user") == []
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        ["Transfer-Encoding: gzip, chunked"],
+        ["Transfer-Encoding: chunked, identity"],
+        ["Transfer-Encoding: chunked", "Content-Length: 5"],
+        ["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
+        ["Content-Length: 5", "Content-Length: 6"],
+        ["Content-Length: 5, 5"],
+        ["Content-Length: +5"],
+    ],
+)
+def test_ambiguous_framing_is_refused_never_reframed(
+    wire: GatewayServer, recorder: Recorder, framing: list[str]
+) -> None:
+    # Whichever layer refuses it (the ASGI server's parser or the gateway), it is a 400 and
+    # nothing reaches the upstream.
+    body = b"5\r\nhello\r\n0\r\n\r\n" if "chunked" in " ".join(framing) else b"hello"
+    answer, got = received_during(recorder, lambda: exchange(wire.port, head("POST", "/public/x", *framing) + body))
+    assert answer is not None and answer.status == 400
+    assert got == []
+
+
+def test_ambiguous_framing_answer_is_json(wire: GatewayServer, recorder: Recorder) -> None:
+    # uvicorn's httptools parser lets "gzip, chunked" through (it de-chunks and ignores gzip).
+    data = head("POST", "/public/x", "Transfer-Encoding: gzip, chunked", "Accept: application/json")
+    answer, got = received_during(recorder, lambda: exchange(wire.port, data + b"5\r\nhello\r\n0\r\n\r\n"))
+    assert answer is not None and answer.status == 400
+    assert json.loads(answer.body)["error"] == "malformed_request"
+    assert got == []
+
+
+@pytest.mark.parametrize(
+    ("method", "framing", "body", "expected"),
+    [
+        ("GET", [], b"", []),
+        ("GET", ["Content-Length: 0"], b"", []),
+        # aiohttp says "Content-Length: 0" for a bodiless DELETE: no body either way.
+        ("DELETE", [], b"", [("content-length", "0")]),
+        ("POST", [], b"", [("content-length", "0")]),
+        ("PUT", ["Content-Length: 0"], b"", [("content-length", "0")]),
+        ("POST", ["Content-Length: 5"], b"hello", [("content-length", "5")]),
+        ("PATCH", ["Content-Length: 005"], b"hello", [("content-length", "5")]),
+        ("POST", ["Transfer-Encoding: Chunked"], b"5\r\nhello\r\n0\r\n\r\n", [("transfer-encoding", "chunked")]),
+    ],
+)
+def test_framing_upstream_is_decided_from_the_body_sent(
+    wire: GatewayServer,
+    recorder: Recorder,
+    method: str,
+    framing: list[str],
+    body: bytes,
+    expected: list[tuple[str, str]],
+) -> None:
+    answer, got = received_during(recorder, lambda: exchange(wire.port, head(method, "/public/x", *framing) + body))
+    assert answer is not None and answer.status == 200
+    [request] = got
+    framing_sent = [(k, v) for k, v in request.headers if k in ("content-length", "transfer-encoding")]
+    assert framing_sent == expected or (method == "DELETE" and framing_sent == [])
+    assert request.body == (b"hello" if b"hello" in body else b"")
+
+
+def test_h2c_upgrade_never_reaches_the_upstream(wire: GatewayServer, recorder: Recorder) -> None:
+    data = head(
+        "GET",
+        "/public/x",
+        "Connection: Upgrade, HTTP2-Settings",
+        "Upgrade: h2c",
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        "HTTP2_Settings: AAMAAABkAARAAAAAAAIAAAAA",
+    )
+    answer, got = received_during(recorder, lambda: exchange(wire.port, data))
+    assert answer is not None and answer.status == 200
+    [request] = got
+    names = {k for k, _ in request.headers}
+    assert not names & {"upgrade", "http2-settings", "http2_settings", "connection"}
+
+
+ROUTING_OVERRIDES = [
+    "X-Original-URL: /admin",
+    "X-Rewrite-URL: /admin",
+    "X-Forwarded-Prefix: /admin",
+    "X-HTTP-Method-Override: DELETE",
+    "X-HTTP-Method: DELETE",
+    "X-Method-Override: DELETE",
+    "X_Original_URL: /admin",
+    "X.Rewrite.URL: /admin",
+    "X_HTTP_Method_Override: DELETE",
+]
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_routing_override_headers_never_reach_the_upstream(recorder: Recorder, tmp_path: Path, trusted: bool) -> None:
+    server = {} if trusted else {"trusted_proxies": ["10.255.255.1/32"]}
+    gw = GatewayServer(make_config(tmp_path, upstream=recorder.url, server=server)).start()
+    try:
+        data = head("GET", "/public/x", *ROUTING_OVERRIDES, "X-Kept: yes")
+        answer, got = received_during(recorder, lambda: exchange(gw.port, data))
+    finally:
+        gw.stop()
+    assert answer is not None and answer.status == 200
+    [request] = got
+    names = {k.replace("_", "-").replace(".", "-") for k, _ in request.headers}
+    assert not names & {h.split(":")[0].lower().replace("_", "-").replace(".", "-") for h in ROUTING_OVERRIDES}
+    assert request.header("x-kept") == ["yes"]
+
+
+def test_keep_alive_sequence_reaches_the_upstream_request_by_request(wire: GatewayServer, recorder: Recorder) -> None:
+    # One client connection; each allowed request is one upstream request, the denied one none.
+    asks = [
+        head("POST", "/public/a", "Connection: keep-alive, Content-Length", "Content-Length: 6") + b"GET /x",
+        head("GET", "/admin", "Remote-User: admin"),
+        head("GET", "/public/b", "Connection: Transfer-Encoding", "Transfer-Encoding: chunked") + b"0\r\n\r\n",
+    ]
+
+    def run_all() -> list[int | None]:
+        with RawClient(wire.port) as client:
+            return [None if (a := client.ask(data)) is None else a.status for data in asks]
+
+    statuses, got = received_during(recorder, run_all)
+    assert statuses == [200, 403, 200]  # admin is not enrolled
+    assert [(r.method, r.target, r.body) for r in got] == [("POST", "/public/a", b"GET /x"), ("GET", "/public/b", b"")]
