@@ -24,9 +24,11 @@ from gateway.decision import Decider, Decision, Facts, client_address, is_truste
 from gateway.errors import Reason, StoreError
 from gateway.factors import SecondFactor
 from gateway.metrics import Metrics
+from gateway.pages import PAGE_HEADERS
 from gateway.paths import encode_path
 from gateway.proxy import Forwarder
 from gateway.responses import send_denial, send_json, send_response, wants_html
+from gateway.revocation import SessionWatch, poll_interval
 from gateway.store import Store, open_store_from_url
 
 log = logging.getLogger("gateway")
@@ -58,6 +60,8 @@ class Gateway:
         )
         self.factors = SecondFactor(config, self.store, clock)
         self.decider = Decider(config, self.factors)
+        # Open WebSockets end with the 2FA session that admitted them (revocation.py).
+        self.session_watch = SessionWatch(self.factors.session_user, poll_interval(config.store.cache_ttl))
         self.forwarder = Forwarder(config, transport) if config.upstream.url else None
         self.networks = config.server.trusted_proxies
         self._trust: dict[str, bool] = {}
@@ -140,7 +144,7 @@ class Gateway:
         elif kind == "websocket":
             from gateway.websocket import proxy_websocket
 
-            await proxy_websocket(self, scope, receive, send)
+            await proxy_websocket(self, scope, receive, send, self.session_watch)
         elif kind == "lifespan":
             await self.lifespan(receive, send)
 
@@ -165,6 +169,7 @@ class Gateway:
                 log.info("gateway ready: %s", self.config.summary())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.session_watch.stop()
                 if self.forwarder is not None:
                     await self.forwarder.aclose()
                 await self.store.close()
@@ -207,6 +212,14 @@ class Gateway:
                 headers_out = [(b"location", location.encode()), (b"cache-control", b"no-store")]
                 await send_response(send, 302, headers_out, b"")
                 return
+        if decision.reason is Reason.LOCKED and wants_html(accept) and decision.retry_after is not None:
+            # Issue 10: the lockout page says how long to wait and links back (gateway/templates/locked.html).
+            minutes = (decision.retry_after + 59) // 60
+            target = encode_path(decision.path or "/")
+            body = self.enrolment.pages.render("locked.html", title="Code entry locked", minutes=minutes, next=target)
+            retry = [(b"retry-after", str(decision.retry_after).encode())]
+            await send_response(send, 429, PAGE_HEADERS + retry, body)
+            return
         fields: dict[str, Any] = {}
         if decision.reason is Reason.NOT_ENROLLED:
             fields["setup"] = self.config.routes.setup

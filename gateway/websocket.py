@@ -7,6 +7,11 @@ After the upstream accepts, messages are relayed both ways unchanged; the subpro
 upstream chose is passed on, and so are close codes and reasons (RFC 6455 §7.4), except the
 codes that only report a closure and may never be sent, which are translated. Whatever ends the
 relay, the upstream connection is closed.
+
+A socket lives only as long as the 2FA session that admitted it (``revocation.py``): when that
+session ends, the client is closed with :data:`SESSION_ENDED` (4401) and the upstream with 1001
+("going away"). A socket opened with a code is bound to the session that code opened (its
+cookie is sent with the accept); one on an excluded path carries no session and is left alone.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import EXTERNAL_CLOSE_CODES, CloseCode
 
+from gateway.decision import Decision
 from gateway.errors import Reason
+from gateway.identity import read_cookie
 from gateway.paths import encode_path
+from gateway.revocation import SessionWatch
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -35,6 +43,11 @@ _HANDSHAKE = frozenset(
 )
 _POLICY_VIOLATION = 1008
 _BAD_GATEWAY = 1014
+# The 2FA session that admitted the socket has ended. RFC 6455 §7.4.2 leaves 4000-4999 to
+# applications; 4401 echoes HTTP 401, and unlike 1008 (which an upstream may send too, and is
+# relayed unchanged) it comes only from the gateway: get a new session, then reconnect.
+SESSION_ENDED = 4401
+_SESSION_ENDED_REASON = "2fa session ended"
 # RFC 3986 §3.4: the bytes a query may hold as they are, besides "%" (kept so that an escape is
 # passed on as sent, never encoded twice). Other printable ASCII ("|", "{", '"' ...) is outside the
 # grammar too, but servers take it and an HTTP proxy passes it on unchanged, so we do as well; only
@@ -63,7 +76,17 @@ def sendable_close_code(code: int | None, *, abnormal: int) -> int:
     return code
 
 
-async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+def admitting_session(decision: Decision, headers: Any, cookie: str) -> str | None:
+    """The id of the 2FA session that admitted this request: the one its code opened, or the one
+    its cookie carried (read as the decision read it); None for an excluded path."""
+    if decision.reason is Reason.CODE:
+        return decision.new_session
+    if decision.reason is Reason.SESSION:
+        return read_cookie(headers.get("cookie"), cookie)
+    return None
+
+
+async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send, sessions: SessionWatch) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -113,10 +136,17 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
     if decision.new_session:
         accept["headers"] = [gateway.session_cookie(decision.new_session)]
     await send(accept)
-    await _relay(upstream, receive, send)
+    session = admitting_session(decision, facts.headers, gateway.config.session.cookie)
+    if session is None or decision.user is None:
+        await _relay(upstream, receive, send, None)
+        return
+    with sessions.watching(session, decision.user) as ended:
+        await _relay(upstream, receive, send, ended)
 
 
-async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> None:
+async def _relay(
+    upstream: ClientConnection, receive: Receive, send: Send, session_ended: asyncio.Future[None] | None
+) -> None:
     async def client_to_upstream() -> None:
         while True:
             message = await receive()
@@ -145,8 +175,11 @@ async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> No
             await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
 
     tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    revoked = False
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [*tasks] if session_ended is None else [*tasks, session_ended]
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        revoked = session_ended in done and not any(task in done for task in tasks)
     finally:
         try:
             for task in tasks:
@@ -158,4 +191,9 @@ async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> No
                 elif isinstance(outcome, Exception):
                     log.error("websocket relay failed", exc_info=outcome)
         finally:
-            await upstream.close()
+            if revoked:
+                with contextlib.suppress(OSError, RuntimeError):
+                    await send({"type": "websocket.close", "code": SESSION_ENDED, "reason": _SESSION_ENDED_REASON})
+                await upstream.close(CloseCode.GOING_AWAY, _SESSION_ENDED_REASON)
+            else:
+                await upstream.close()

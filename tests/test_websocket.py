@@ -11,7 +11,8 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.app import Gateway, create_app
-from gateway.websocket import encode_query, sendable_close_code
+from gateway.config import Config
+from gateway.errors import Reason
+from gateway.factors import SecondFactor
+from gateway.store import open_store_from_url
+from gateway.websocket import SESSION_ENDED, encode_query, sendable_close_code
+from tests.conftest import RedisServer
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
 
 
@@ -116,9 +122,9 @@ def websocket_stats(upstream: UpstreamProcess) -> dict[str, Any]:
     return stats
 
 
-async def wait_until_ended(upstream: UpstreamProcess, query: str) -> tuple[int, int]:
+async def wait_until_ended(upstream: UpstreamProcess, query: str, within: float = 5) -> tuple[int, int]:
     """``(close code, websockets still open)`` once the upstream websocket opened with ``query`` ended."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         stats = await asyncio.to_thread(websocket_stats, upstream)
         for ended in stats["ended"]:
@@ -263,3 +269,154 @@ def test_encode_query(query: bytes, encoded: str) -> None:
 )
 def test_sendable_close_code(received: int | None, abnormal: int, sent: int) -> None:
     assert sendable_close_code(received, abnormal=abnormal) == sent
+
+
+# -- revocation reaches open sockets (revocation.py) ---------------------------------------------
+
+# Generous: the bound is store.cache_ttl + 1 s (2 s with the default cache_ttl of 1 s).
+_DEADLINE = 10
+
+
+class Offset:
+    """The gateway's clock: real time plus an offset a test can move forward (session expiry)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.seconds
+
+
+@pytest.fixture(scope="module")
+def clock() -> Offset:
+    return Offset()
+
+
+@pytest.fixture(scope="module")
+def rgw(upstream: UpstreamProcess, clock: Offset, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    config = make_config(tmp_path_factory.mktemp("ws-revoke"), upstream=upstream.url)
+    server = GatewayServer(config, clock=clock).start()
+    yield server
+    server.stop()
+
+
+async def with_factors(config: Config, work: Callable[[SecondFactor], Awaitable[Any]]) -> Any:
+    """Run ``work`` on the gateway's store from outside it, as ``gateway users ...`` does."""
+    store = open_store_from_url(config.store.url, config.store.prefix)
+    await store.open()
+    try:
+        return await work(SecondFactor(config, store))
+    finally:
+        await store.close()
+
+
+async def session_for(config: Config, user: str) -> str:
+    """An enrolled ``user`` and a 2FA session of theirs (its id, the cookie value)."""
+    await asyncio.to_thread(enrol, config, user)
+    session: str = await with_factors(config, lambda f: f.open_session(user))
+    return session
+
+
+async def re_enrol(factors: SecondFactor, user: str) -> None:
+    secret = await factors.begin_enrolment(user)
+    outcome = await factors.finish_enrolment(user, pyotp.TOTP(secret).now(), None)
+    assert outcome.reason is Reason.CODE
+
+
+async def assert_closed_for_session(ws: Any, upstream: UpstreamProcess, query: str) -> None:
+    """The client is closed with SESSION_ENDED and the upstream side of the socket is closed."""
+    with pytest.raises(ConnectionClosed):
+        while True:  # anything still in flight, then the close
+            await asyncio.wait_for(ws.recv(), _DEADLINE)
+    assert ws.close_code == SESSION_ENDED
+    code, _ = await wait_until_ended(upstream, query, within=_DEADLINE)
+    assert code == 1001  # "going away" (RFC 6455 §7.4.1)
+
+
+@pytest.mark.parametrize("route", ["logout-2fa", "users-logout", "users-reset", "re-enrol", "expiry"])
+async def test_ending_the_session_closes_its_open_socket(
+    rgw: GatewayServer, upstream: UpstreamProcess, clock: Offset, route: str
+) -> None:
+    config = rgw.config
+    user = f"rv-{route}-{uuid.uuid4().hex[:8]}"
+    session = await session_for(config, user)
+    cookie = f"{config.session.cookie}={session}"
+    query = f"revoke={route}&n={uuid.uuid4().hex}"
+    headers = {"Remote-User": user, "Cookie": cookie}
+    async with connect(ws_url(rgw, f"/ws?{query}"), additional_headers=headers) as ws:
+        assert await ws.recv() == f"hello {user}"
+        await ws.send("2+2")
+        assert await ws.recv() == "echo 2+2"
+        try:
+            if route == "logout-2fa":
+                async with httpx.AsyncClient(base_url=rgw.url) as client:
+                    r = await client.post("/logout-2fa", json={}, headers=headers)
+                assert r.status_code == 200
+            elif route == "users-logout":
+                assert await with_factors(config, lambda f: f.revoke_user_sessions(user)) == 1
+            elif route == "users-reset":
+                await with_factors(config, lambda f: f.reset_user(user))
+            elif route == "re-enrol":
+                await with_factors(config, lambda f: re_enrol(f, user))
+            else:
+                clock.seconds = config.session.ttl + 1
+            await assert_closed_for_session(ws, upstream, query)
+        finally:
+            clock.seconds = 0
+
+
+async def test_socket_opened_with_a_code_ends_with_the_session_it_opened(
+    rgw: GatewayServer, upstream: UpstreamProcess
+) -> None:
+    config = rgw.config
+    user = f"rv-code-{uuid.uuid4().hex[:8]}"
+    secret = await asyncio.to_thread(enrol, config, user)
+    query = f"revoke=code&n={uuid.uuid4().hex}"
+    headers = {"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()}
+    async with connect(ws_url(rgw, f"/ws?{query}"), additional_headers=headers) as ws:
+        assert ws.response.headers.get("set-cookie", "").startswith(config.session.cookie + "=")
+        assert await ws.recv() == f"hello {user}"
+        assert await with_factors(config, lambda f: f.revoke_user_sessions(user)) == 1
+        await assert_closed_for_session(ws, upstream, query)
+
+
+async def test_socket_on_an_excluded_path_is_left_alone(rgw: GatewayServer, upstream: UpstreamProcess) -> None:
+    config = rgw.config
+    user = f"rv-excl-{uuid.uuid4().hex[:8]}"
+    session = await session_for(config, user)
+    headers = {"Remote-User": user, "Cookie": f"{config.session.cookie}={session}"}
+    query = f"revoke=watched&n={uuid.uuid4().hex}"
+    async with (
+        connect(ws_url(rgw, "/public/ws"), additional_headers=headers) as public,
+        connect(ws_url(rgw, f"/ws?{query}"), additional_headers=headers) as watched,
+    ):
+        assert await public.recv() == "hello "
+        assert await watched.recv() == f"hello {user}"
+        await with_factors(config, lambda f: f.revoke_user_sessions(user))
+        await assert_closed_for_session(watched, upstream, query)
+        # The pass that closed the watched socket has run; the excluded one carries no session.
+        await public.send("still here")
+        assert await asyncio.wait_for(public.recv(), 5) == "echo still here"
+
+
+async def test_revoked_on_one_gateway_closes_the_socket_on_another(
+    redis_server: RedisServer, upstream: UpstreamProcess, tmp_path: Path
+) -> None:
+    store = {"url": redis_server.url, "prefix": f"t{uuid.uuid4().hex}"}
+    config = make_config(tmp_path, upstream=upstream.url, store=store)
+    a, b = GatewayServer(config).start(), GatewayServer(config).start()
+    try:
+        user = f"rv-redis-{uuid.uuid4().hex[:8]}"
+        session = await session_for(config, user)
+        headers = {"Remote-User": user, "Cookie": f"{config.session.cookie}={session}"}
+        query = f"revoke=replica&n={uuid.uuid4().hex}"
+        async with connect(ws_url(b, f"/ws?{query}"), additional_headers=headers) as ws:
+            assert await ws.recv() == f"hello {user}"
+            await ws.send("2+2")
+            assert await ws.recv() == "echo 2+2"
+            async with httpx.AsyncClient(base_url=a.url) as client:
+                assert (await client.post("/logout-2fa", json={}, headers=headers)).status_code == 200
+            await assert_closed_for_session(ws, upstream, query)
+    finally:
+        a.stop()
+        b.stop()

@@ -1,0 +1,121 @@
+"""Revocation reaches open connections: a WebSocket lives only as long as its 2FA session.
+
+A connection admitted on a 2FA session (a session cookie, or a code that opened a session for
+it) is registered here under that session. One timer per worker asks, every ``interval``, whether
+each *distinct* session still belongs to the user who opened the connection; when it does not
+(logged out, ``gateway users logout`` or ``reset``, expired, or ended by a new authenticator),
+every connection registered under it is told to close. So a thousand sockets of one browser cost
+one session read per interval, and a worker with no open socket does no work at all.
+
+The read goes through the same per-worker session cache as every request (entries live at most
+``store.cache_ttl``), so a session ended on another worker or replica is seen within
+``cache_ttl`` + ``interval``; one ended on this worker (its cache entry is dropped at once) within
+``interval``. ``interval`` is ``cache_ttl`` but never below :data:`MIN_INTERVAL`, so that a
+tiny or zero ``cache_ttl`` does not turn into a flood of store reads: with ``cache_ttl`` ≤ 1 s
+(the config's limit) the bound is ``cache_ttl`` + 1 s.
+
+A store that does not answer ends nothing: the connections stay open and the next pass asks
+again (the outage is logged). New requests are still refused while the store is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+
+from gateway.errors import StoreError
+
+log = logging.getLogger("gateway.revocation")
+
+# Poll no more often than this, whatever cache_ttl says (0 means "no cache", not "poll always").
+MIN_INTERVAL = 0.5
+# Sessions read at once in one pass: enough to hide the store's latency, few enough not to take
+# every store connection from the requests being served meanwhile.
+_CONCURRENT_READS = 32
+
+SessionLookup = Callable[[str], Awaitable[str | None]]
+
+
+def poll_interval(cache_ttl: float) -> float:
+    return max(cache_ttl, MIN_INTERVAL)
+
+
+class SessionWatch:
+    """Open connections grouped by the session that admitted them.
+
+    ``lookup(session_id)`` is the user a session belongs to, or None once it has ended.
+    """
+
+    def __init__(self, lookup: SessionLookup, interval: float) -> None:
+        self.lookup = lookup
+        self.interval = interval
+        # (session id, user) -> the futures of the connections it admitted
+        self._sessions: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
+        self._timer: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        """How many connections are watched."""
+        return sum(len(ends) for ends in self._sessions.values())
+
+    @contextlib.contextmanager
+    def watching(self, session_id: str, user: str) -> Iterator[asyncio.Future[None]]:
+        """A future that completes when ``session_id`` no longer admits ``user``; the connection is
+        watched until the block ends."""
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        key = (session_id, user)
+        ends = self._sessions.setdefault(key, set())
+        ends.add(ended)
+        self._ensure_timer()
+        try:
+            yield ended
+        finally:
+            ends.discard(ended)
+            if not ends and self._sessions.get(key) is ends:
+                del self._sessions[key]
+
+    async def check(self) -> int:
+        """One pass: end the connections of every session that has ended; returns how many."""
+        ended = 0
+        items = list(self._sessions.items())
+        for start in range(0, len(items), _CONCURRENT_READS):
+            batch = items[start : start + _CONCURRENT_READS]
+            owners = await asyncio.gather(*(self.lookup(key[0]) for key, _ in batch), return_exceptions=True)
+            for (key, ends), owner in zip(batch, owners, strict=True):
+                if isinstance(owner, BaseException):
+                    if not isinstance(owner, StoreError):
+                        raise owner
+                    log.warning("store unavailable, open connections kept until it answers: %s", owner)
+                    return ended
+                if owner == key[1]:
+                    continue
+                for end in ends:
+                    if not end.done():
+                        end.set_result(None)
+                        ended += 1
+                if self._sessions.get(key) is ends:
+                    del self._sessions[key]
+        if ended:
+            log.info("2fa session ended: %d open connection(s) closed", ended)
+        return ended
+
+    def _ensure_timer(self) -> None:
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.get_running_loop().create_task(self._run(), name="gateway-session-watch")
+
+    async def _run(self) -> None:
+        while self._sessions:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("session check failed; trying again in %ss", self.interval)
+        # Nothing left to watch: the timer stops; the next connection starts it again.
+
+    async def stop(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
