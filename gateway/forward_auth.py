@@ -11,6 +11,10 @@ them):
 * Traefik and Caddy: ``X-Forwarded-Uri``, ``X-Forwarded-Method``, ``X-Forwarded-Host``,
   ``X-Forwarded-Proto``, ``X-Forwarded-For``.
 
+A raw ``#`` in any of them is refused with 400: a fragment is never part of a request-target
+(RFC 9110 §7.1, RFC 9112 §3.2), yet nginx relays ``/healthz#/../admin`` as it came, in
+``$request_uri`` and to the app, which may resolve the dot segments after the ``#``.
+
 When a proxy sends more than one of these headers, they must agree: Caddy and Traefik pass
 the client's own headers to ``/auth``, so a client could add an ``X-Original-URI`` of an
 excluded path next to the ``X-Forwarded-Uri`` Caddy sets. A disagreement is denied.
@@ -45,7 +49,7 @@ _UNKNOWN_METHOD = "X-UNKNOWN-METHOD"  # a valid token that no method-qualified e
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """``(path, query)`` of a request target or absolute URL; a fragment is dropped."""
+    """``(path, query)`` of a request target or absolute URL (the caller refuses a ``#``)."""
     if target.startswith(("http://", "https://")):
         rest = target.split("://", 1)[1]
         slash = rest.find("/")
@@ -54,7 +58,6 @@ def split_target(target: str) -> tuple[str, str]:
             target = "/" + (rest[query_mark:] if query_mark != -1 else "")
         else:
             target = rest[slash:]
-    target = target.split("#", 1)[0]
     path, _, query = target.partition("?")
     return path, query
 
@@ -77,6 +80,9 @@ class ForwardAuth:
         methods: set[str] = set()
         for name, value in scope["headers"]:  # one pass: this runs on every request nginx sees
             if name in _URI_HEADERS:
+                if b"#" in value:
+                    await self._deny(send, Decision(Reason.MALFORMED_REQUEST), headers, "")
+                    return
                 targets.add(split_target(value.decode("latin-1")))
             elif name in _METHOD_HEADERS:
                 methods.add(value.decode("latin-1"))
