@@ -78,12 +78,15 @@ def sendable_close_code(code: int | None, *, abnormal: int) -> int:
 
 def admitting_session(decision: Decision, headers: Any, cookie: str) -> str | None:
     """The id of the 2FA session that admitted this request: the one its code opened, or the one
-    its cookie carried (read as the decision read it); None for an excluded path."""
+    its cookie carried; None for an excluded path, and for a session cookie that is absent or
+    ambiguous (two values: no way to tell which one the decision checked)."""
     if decision.reason is Reason.CODE:
         return decision.new_session
-    if decision.reason is Reason.SESSION:
-        return read_cookie(headers.get("cookie"), cookie)
-    return None
+    if decision.reason is not Reason.SESSION:
+        return None
+    # Every Cookie header (HTTP/2 may split one, RFC 9113 §8.2.3); ``headers`` is Starlette's.
+    values = {read_cookie(header, cookie) for header in headers.getlist("cookie")} - {None}
+    return values.pop() if len(values) == 1 else None
 
 
 async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send, sessions: SessionWatch) -> None:
@@ -93,8 +96,14 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
     forwarder = gateway.forwarder
     facts, _ = gateway.facts({**scope, "method": "GET"})
     decision = await gateway.decide(facts, "proxy")
+    session = admitting_session(decision, facts.headers, gateway.config.session.cookie)
     if not decision.allowed or forwarder is None or decision.path is None:
         log.info("websocket handshake denied: %s", decision.reason.value)
+        await send({"type": "websocket.close", "code": _POLICY_VIOLATION})
+        return
+    if decision.reason is not Reason.EXCLUDED and (session is None or decision.user is None):
+        # Fail closed: a socket that could not be ended with its session is not opened.
+        log.warning("websocket handshake denied: the admitting 2FA session is not unambiguous")
         await send({"type": "websocket.close", "code": _POLICY_VIOLATION})
         return
 
@@ -136,8 +145,7 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
     if decision.new_session:
         accept["headers"] = [gateway.session_cookie(decision.new_session)]
     await send(accept)
-    session = admitting_session(decision, facts.headers, gateway.config.session.cookie)
-    if session is None or decision.user is None:
+    if session is None or decision.user is None:  # an excluded path: no session to end with
         await _relay(upstream, receive, send, None)
         return
     with sessions.watching(session, decision.user) as ended:

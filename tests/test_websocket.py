@@ -380,6 +380,22 @@ async def test_socket_opened_with_a_code_ends_with_the_session_it_opened(
         await assert_closed_for_session(ws, upstream, query)
 
 
+async def test_session_cookie_in_a_second_cookie_header_is_watched(
+    rgw: GatewayServer, upstream: UpstreamProcess
+) -> None:
+    # HTTP/2 may split cookies over several Cookie headers (RFC 9113 §8.2.3): the session
+    # that admitted the socket is found wherever it is.
+    config = rgw.config
+    user = f"rv-split-{uuid.uuid4().hex[:8]}"
+    session = await session_for(config, user)
+    headers = [("Remote-User", user), ("Cookie", "theme=dark"), ("Cookie", f"{config.session.cookie}={session}")]
+    query = f"revoke=split&n={uuid.uuid4().hex}"
+    async with connect(ws_url(rgw, f"/ws?{query}"), additional_headers=headers) as ws:
+        assert await ws.recv() == f"hello {user}"
+        await with_factors(config, lambda f: f.revoke_user_sessions(user))
+        await assert_closed_for_session(ws, upstream, query)
+
+
 async def test_socket_on_an_excluded_path_is_left_alone(rgw: GatewayServer, upstream: UpstreamProcess) -> None:
     config = rgw.config
     user = f"rv-excl-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,88 @@
+"""SessionWatch: open connections grouped by session, each distinct session read once per pass."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import ExitStack
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.revocation import MIN_INTERVAL, SessionWatch, poll_interval
+
+
+class Sessions:
+    """A session table standing in for the store: id -> user, with every read counted."""
+
+    def __init__(self, **owners: str) -> None:
+        self.owners = dict(owners)
+        self.reads: list[str] = []
+        self.down = False
+
+    async def lookup(self, session_id: str) -> str | None:
+        self.reads.append(session_id)
+        if self.down:
+            raise StoreError("store unavailable")
+        return self.owners.get(session_id)
+
+
+def test_poll_interval_has_a_floor() -> None:
+    assert poll_interval(1.0) == 1.0
+    assert poll_interval(0.0) == MIN_INTERVAL  # cache_ttl 0 means "no cache", not "poll always"
+    assert poll_interval(0.1) == MIN_INTERVAL
+
+
+async def test_each_distinct_session_is_read_once_per_pass() -> None:
+    sessions = Sessions(s1="alice", s2="bob")
+    watch = SessionWatch(sessions.lookup, interval=3600)
+    with ExitStack() as stack:
+        alice = [stack.enter_context(watch.watching("s1", "alice")) for _ in range(1000)]
+        bob = [stack.enter_context(watch.watching("s2", "bob")) for _ in range(3)]
+        assert len(watch) == 1003
+        assert await watch.check() == 0
+        assert sorted(sessions.reads) == ["s1", "s2"]
+        del sessions.owners["s1"]  # alice's session ends
+        assert await watch.check() == 1000
+        assert all(f.done() for f in alice) and not any(f.done() for f in bob)
+        assert len(watch) == 3
+    assert len(watch) == 0
+    await watch.stop()
+
+
+async def test_a_session_of_another_user_ends_the_connection() -> None:
+    sessions = Sessions(s1="mallory")
+    watch = SessionWatch(sessions.lookup, interval=3600)
+    with watch.watching("s1", "alice") as ended:
+        assert await watch.check() == 1
+        assert ended.done()
+    await watch.stop()
+
+
+async def test_a_store_outage_ends_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    sessions = Sessions(s1="alice")
+    sessions.down = True
+    watch = SessionWatch(sessions.lookup, interval=3600)
+    with watch.watching("s1", "alice") as ended:
+        assert await watch.check() == 0
+        assert not ended.done()
+        assert "store unavailable" in caplog.text
+        sessions.down = False
+        del sessions.owners["s1"]
+        assert await watch.check() == 1
+    await watch.stop()
+
+
+async def test_the_timer_runs_only_while_something_is_watched() -> None:
+    sessions = Sessions(s1="alice")
+    watch = SessionWatch(sessions.lookup, interval=0.01)
+    await asyncio.sleep(0.05)
+    assert sessions.reads == []  # nothing watched: no reads at all
+    with watch.watching("s1", "alice") as ended:
+        while len(sessions.reads) < 2:
+            await asyncio.sleep(0.01)
+        del sessions.owners["s1"]
+        await asyncio.wait_for(ended, 5)
+    reads = len(sessions.reads)
+    await asyncio.sleep(0.05)
+    assert len(sessions.reads) == reads  # the timer stopped with the last connection
+    await watch.stop()
