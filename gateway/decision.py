@@ -1,7 +1,9 @@
 """The one access decision. Proxy mode and forward-auth mode both call :meth:`Decider.decide`
 and differ only in what they do with the answer, so they cannot disagree.
 
-Order: canonical path → excluded? → identity → lockout → 2FA session or code → allow/deny.
+Order: canonical path → excluded? → identity (one, unambiguous) → 2FA session → code (which
+takes an attempt, so a lockout refuses it) → allow/deny. A lockout refuses codes, never a live
+session of the same user.
 
 Every rule about who may pass is in this file. Every error path denies: an ambiguous path is
 a 400, a store outage a 503, anything unexpected a 500, and none of them lets a request
@@ -18,7 +20,7 @@ from typing import Any
 from gateway.config import Config, IPNetwork
 from gateway.errors import ALLOWED, AmbiguousPath, DecryptError, Reason, StoreError
 from gateway.factors import SecondFactor
-from gateway.identity import IdentityReader, read_cookie
+from gateway.identity import IdentityReader, read_one_cookie
 from gateway.paths import Exclusions, canonical_path, encode_path
 
 log = logging.getLogger("gateway.decision")
@@ -124,19 +126,22 @@ class Decider:
         def deny(reason: Reason, retry_after: int | None = None) -> Decision:
             return Decision(reason, path=path, user=user, label=identity.label, retry_after=retry_after)
 
-        # The lockout comes first: a locked user is refused even with a live session. Both are
-        # read at once (one store round trip when the caches miss).
-        locked, session_user = await self.factors.gate(
-            user, facts.client, read_cookie(facts.headers.get("cookie"), self.cookie)
-        )
-        if locked is not None:
-            return deny(Reason.LOCKED, locked.retry_after)
-
+        # Two different 2FA session cookies: refused, never one picked (the app might read the
+        # other one).
+        session_id, ambiguous = read_one_cookie(facts.headers, self.cookie)
+        if ambiguous:
+            return deny(Reason.AMBIGUOUS_IDENTITY)
+        # A live session passes even while the user or the address is locked out: a lockout
+        # stops guessing codes, not the people already in (issue 10). Operators who want a
+        # user out end the sessions (`gateway users logout` or `reset`).
         # A session belongs to the user who opened it: someone else's cookie is no session.
-        if session_user is not None and session_user == user:
+        if session_id is not None and await self.factors.session_user(session_id) == user:
             return Decision(Reason.SESSION, path=path, user=user, label=identity.label)
 
-        raw_code = facts.headers.get(self.code_header)
+        codes = facts.headers.getlist(self.code_header)
+        if len(codes) > 1:
+            return deny(Reason.BAD_REQUEST)  # one request, one code
+        raw_code = codes[0] if codes else None
         if raw_code is None:
             if not await self.factors.is_enrolled(user):
                 return deny(Reason.NOT_ENROLLED)

@@ -197,6 +197,12 @@ class Enrolment:
         if call.html and reason is Reason.NOT_ENROLLED:
             await self._redirect(call, send, self._setup_location(call))
             return
+        if call.html and reason is Reason.LOCKED and outcome.retry_after is not None:
+            # Issue 10: say how long, in minutes (Retry-After rounded up), and where to go back.
+            call.extra_headers.append((b"retry-after", str(outcome.retry_after).encode()))
+            minutes = (outcome.retry_after + 59) // 60
+            await self._page(call, send, "locked.html", 429, title="Code entry locked", minutes=minutes)
+            return
         if call.html:
             status, detail = DENIALS.get(reason, DENIALS[Reason.INVALID_CODE])
             if outcome.retry_after is not None:
@@ -315,19 +321,12 @@ class Enrolment:
             raise BadInput("neither code nor recovery_code")
         method = "code" if code else "recovery_code"
         if code:
-            enrolled = await self.factors.is_enrolled(user)
-            # A pending enrolment is finished by a code from the new secret. An enrolled user's
-            # code is then tried against the active secret; only that second check counts a miss.
-            outcome = await self.factors.finish_enrolment(user, code, client, count_failure=not enrolled)
-            if outcome.reason is Reason.CODE:
+            # A pending enrolment is finished by a code from the new secret, else the code is
+            # checked against the active one: one attempt for both (factors.verify_code).
+            outcome = await self.factors.verify_code(user, code, client)
+            if outcome.activated:
                 await self._enrolled(call, send)
                 return
-            if enrolled and outcome.reason in (Reason.NOT_ENROLLED, Reason.INVALID_CODE):
-                outcome = await self.factors.check_code(user, code, client)
-            elif outcome.reason is Reason.NOT_ENROLLED and await self.factors.is_enrolled(user):
-                # A concurrent request activated the pending secret meanwhile (a double-clicked
-                # button): this code is judged against it, and is a replay if it was that one.
-                outcome = await self.factors.check_code(user, code, client)
         else:
             outcome = await self.factors.check_recovery(user, recovery, client)
         if outcome.reason is not Reason.CODE:

@@ -58,6 +58,7 @@ class Reason(enum.StrEnum):
     MALFORMED_REQUEST = "malformed_request"
     IDENTITY_REQUIRED = "identity_required"
     INVALID_IDENTITY = "invalid_identity"
+    AMBIGUOUS_IDENTITY = "ambiguous_identity"
     NOT_ENROLLED = "2fa_not_enrolled"
     CODE_REQUIRED = "2fa_required"
     INVALID_CODE = "2fa_invalid"
@@ -87,6 +88,10 @@ DENIALS: dict[Reason, tuple[int, str]] = {
     Reason.MALFORMED_REQUEST: (400, "The request's framing or target is malformed or ambiguous and was refused."),
     Reason.IDENTITY_REQUIRED: (401, "No authenticated user: sign in to the application first."),
     Reason.INVALID_IDENTITY: (401, "The credentials identifying the user are invalid or expired."),
+    Reason.AMBIGUOUS_IDENTITY: (
+        401,
+        "The request carries more than one credential or 2FA session, and they differ: send exactly one.",
+    ),
     Reason.NOT_ENROLLED: (403, "Two-factor authentication is not set up for this user: enrol first."),
     Reason.CODE_REQUIRED: (401, "A two-factor code or a 2FA session is required."),
     Reason.INVALID_CODE: (401, "The two-factor code is wrong or expired."),

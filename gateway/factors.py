@@ -4,12 +4,19 @@ This joins the pure parts (``totp``, ``crypto``) to the store. It answers questi
 code good for this user?") with a :class:`Reason`; what to do with the answer is
 ``decision.py``'s business.
 
-Caches. The hot paths (a request with a 2FA session; a request from a locked-out user) are
-answered from small in-process caches whose entries live at most ``store.cache_ttl``
-seconds (≤ 1 s). So a session revoked, a user reset or unlocked on another worker or replica
-takes effect within that bound; on this worker it takes effect at once. Anything that
-*grants* on the strength of a code (code checks, recovery codes, enrolment) always reads the
-store.
+Attempts (issue 10). Every code, recovery code and enrolment code takes an attempt from the
+user's and the address's quota *before* it is judged, in one atomic store operation
+(``Store.take_attempt``), so no burst gets more than ``limits.max_failures`` codes judged for
+one user (``limits.ip_max_failures`` for one address) in a lockout window. A right code resets
+the user's count and gives the address its attempt back. A lockout stops attempts only: a
+live 2FA session of the user still passes (``decision.py``).
+
+Caches. The hot paths (a request with a 2FA session; a code from a locked-out user or
+address) are answered from small in-process caches whose entries live at most
+``store.cache_ttl`` seconds (≤ 1 s). So a session revoked, a user reset or unlocked on another
+worker or replica takes effect within that bound; on this worker it takes effect at once. A
+cached lock only refuses: anything that *grants* on the strength of a code has taken its
+attempt in the store.
 """
 
 from __future__ import annotations
@@ -19,14 +26,14 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway import totp
 from gateway.config import Config
 from gateway.crypto import SecretBox
 from gateway.errors import DecryptError, Reason
-from gateway.store import Store
+from gateway.store import Attempt, Quota, Store
 
 log = logging.getLogger("gateway.audit")
 
@@ -38,6 +45,12 @@ class Outcome:
     reason: Reason
     retry_after: int | None = None
     step: int | None = None
+    activated: bool = False  # the code finished an enrolment (a new secret is active)
+
+
+def _locked(until: float, now: float) -> Outcome:
+    # RFC 9110 §10.2.3: Retry-After in whole seconds, rounded up.
+    return Outcome(Reason.LOCKED, retry_after=max(1, int(until - now + 0.999)))
 
 
 def hash_session_id(session_id: str) -> str:
@@ -100,75 +113,58 @@ class SecondFactor:
         # costs no store read and no decryption. Process memory holds the keys anyway.
         self._secrets = _TtlCache(config.store.cache_ttl, clock)
 
-    # -- lockouts ------------------------------------------------------------------------------
+    # -- attempts and lockouts ---------------------------------------------------------------
 
-    async def locked(self, user: str, client: str | None, cached: bool = True) -> Outcome | None:
-        """A LOCKED outcome if the user or the client address is locked out, else None;
-        ``cached=False`` reads the store itself (before anything is granted on a code)."""
-        outcome, _ = await self.gate(user, client, None, cached)
-        return outcome
-
-    async def gate(
-        self, user: str, client: str | None, session_id: str | None, cached: bool = True
-    ) -> tuple[Outcome | None, str | None]:
-        """The lockout and the user of ``session_id`` (as :meth:`session_user`), read together:
-        from the caches first (the locks only when ``cached``), and whatever they miss from the
-        store concurrently, so a cold decision waits for one store round trip instead of three."""
-        now = self.clock()
-        scopes = [f"user:{user}", f"ip:{client}"] if client else [f"user:{user}"]
-        untils: dict[str, object] = {}
-        reads: dict[str, Awaitable[object]] = {}
-        for scope in scopes:
-            hit, until = self._locks.get(scope) if cached else (False, None)
-            if hit:
-                untils[scope] = until
-            else:
-                reads[scope] = self.store.locked_until(scope, now)
-        key = None
-        session: object = None
-        if session_id and len(session_id) <= 128:
-            key = hash_session_id(session_id)
-            hit, session = self._sessions.get(key)
-            if not hit:
-                reads[key] = self.store.get_session(key, now)
-        if reads:
-            if len(reads) == 1:
-                [(name, read)] = reads.items()
-                results = {name: await read}
-            else:
-                values = await asyncio.gather(*reads.values(), return_exceptions=True)
-                for value in values:
-                    if isinstance(value, BaseException):
-                        raise value  # a store error denies, after every read has finished
-                results = dict(zip(reads, values, strict=True))
-            for name, value in results.items():
-                if name == key:
-                    session = value
-                    self._sessions.put(name, value)
-                else:
-                    untils[name] = value
-                    self._locks.put(name, value, value if isinstance(value, float) else None)
-        for scope in scopes:
-            until = untils.get(scope)
-            if isinstance(until, float) and until > now:
-                return Outcome(Reason.LOCKED, retry_after=max(1, int(until - now + 0.999))), None
-        return None, session if isinstance(session, str) else None
-
-    async def _fail(self, user: str, client: str | None, reason: Reason) -> Outcome:
-        """Count a failure against the user and the client address (atomically, in the store)."""
-        now = self.clock()
+    def _quotas(self, user: str, client: str | None) -> list[Quota]:
         limits = self.limits
-        counts = [self.store.record_failure(f"user:{user}", limits.max_failures, limits.lockout, now)]
+        quotas = [Quota(f"user:{user}", limits.max_failures, limits.lockout)]
         if client:
-            counts.append(self.store.record_failure(f"ip:{client}", limits.ip_max_failures, limits.ip_lockout, now))
-        results = await asyncio.gather(*counts)
-        if results[0] is not None:
-            self._locks.put(f"user:{user}", results[0], results[0])
-            log.warning("lockout user=%r for %ss", user, limits.lockout)
-        if client and results[1] is not None:
-            self._locks.put(f"ip:{client}", results[1], results[1])
-            log.warning("lockout client=%s for %ss", client, limits.ip_lockout)
-        return Outcome(reason)
+            quotas.append(Quota(f"ip:{client}", limits.ip_max_failures, limits.ip_lockout))
+        return quotas
+
+    def _known_lock(self, user: str, client: str | None) -> Outcome | None:
+        """A lock this worker saw within ``store.cache_ttl``: refused with no store round trip,
+        which is what an attacker's flood meets. Only a hint: the store has the last word."""
+        now = self.clock()
+        for quota in self._quotas(user, client):
+            hit, until = self._locks.get(quota.scope)
+            if hit and isinstance(until, float) and until > now:
+                return _locked(until, now)
+        return None
+
+    async def _take_attempt(self, user: str, client: str | None) -> tuple[Attempt, Outcome | None]:
+        """Take the attempt *before* the code is judged (NIST 800-63B §5.2.2, issue 10): one
+        atomic store operation for the user's and the address's quota, so a burst of any size
+        gets at most ``limits.max_failures`` codes judged per user (``ip_max_failures`` per
+        address) per lockout window. The outcome is None when allowed, LOCKED when refused."""
+        now = self.clock()
+        attempt = await self.store.take_attempt(self._quotas(user, client), now)
+        if attempt.allowed:
+            return attempt, None
+        for scope, until in attempt.locks:
+            self._locks.put(scope, until, until)
+        return attempt, _locked(attempt.locked_until or now, now)
+
+    def _missed(self, attempt: Attempt, reason: Reason) -> Outcome:
+        """A judged code was wrong. If its attempt was the last one left, the lock it set holds
+        from now: the answer says so (429 with Retry-After), not "wrong or expired"."""
+        if not attempt.locks:
+            return Outcome(reason)
+        for scope, until in attempt.locks:
+            self._locks.put(scope, until, until)
+            kind, _, name = scope.partition(":")
+            log.warning("lockout %s=%r for %ds", "user" if kind == "user" else "client", name, until - self.clock())
+        return _locked(max(until for _, until in attempt.locks), self.clock())
+
+    async def _succeeded(self, user: str, client: str | None) -> None:
+        """A right code: the user's count starts again (as before issue 10); the address gets
+        its attempt back, so colleagues behind one NAT signing in never lock each other out."""
+        self._locks.drop(f"user:{user}")
+        done = [self.store.clear_failures(f"user:{user}")]
+        if client:
+            self._locks.drop(f"ip:{client}")
+            done.append(self.store.release_attempt(f"ip:{client}"))
+        await asyncio.gather(*done)
 
     async def unlock(self, user: str) -> None:
         await self.store.clear_failures(f"user:{user}")
@@ -199,45 +195,52 @@ class SecondFactor:
         return secret
 
     async def check_code(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
-        """Check a TOTP code for an enrolled user: format, lockout, match, replay (RFC 6238 §5.2)."""
-        # A lock known to this worker denies at once, cheaply: what an attacker's flood meets.
-        locked = await self.locked(user, client)
-        if locked:
-            return locked
-        code = totp.parse_code(raw_code, self.params.digits)
+        """Check a TOTP code for an enrolled user: lockout, attempt, match, replay (RFC 6238 §5.2)."""
+        known = self._known_lock(user, client)
+        if known:
+            return known
         secret = await self._secret(user)
         if secret is None:
             return Outcome(Reason.NOT_ENROLLED)
-        if code is None:
-            return await self._fail(user, client, Reason.INVALID_CODE)
-        step = totp.matching_step(secret, code, self.clock(), self.params)
+        return await self._judge(user, client, raw_code, secret)
+
+    async def _judge(self, user: str, client: str | None, raw_code: str | None, secret: str) -> Outcome:
+        attempt, refused = await self._take_attempt(user, client)
+        if refused:
+            return refused
+        step = self._matching_step(secret, raw_code)
         if step is None:
-            return await self._fail(user, client, Reason.INVALID_CODE)
-        # Only a matching code can grant, so only then is the lock read from the store itself:
-        # another worker may have locked the user within the last cache_ttl.
-        locked = await self.locked(user, client, cached=False)
-        if locked:
-            return locked
+            return self._missed(attempt, Reason.INVALID_CODE)
+        return await self._accept(user, client, attempt, step)
+
+    def _matching_step(self, secret: str, raw_code: str | None) -> int | None:
+        code = totp.parse_code(raw_code, self.params.digits)
+        return None if code is None else totp.matching_step(secret, code, self.clock(), self.params)
+
+    async def _accept(self, user: str, client: str | None, attempt: Attempt, step: int) -> Outcome:
         # RFC 6238 §5.2: a code may be accepted once; advance_step is atomic in the store, so
         # of many concurrent requests carrying one code exactly one wins.
         if not await self.store.advance_step(user, step):
-            return await self._fail(user, client, Reason.REPLAYED_CODE)
-        await self.store.clear_failures(f"user:{user}")
+            return self._missed(attempt, Reason.REPLAYED_CODE)
+        await self._succeeded(user, client)
         return Outcome(Reason.CODE, step=step)
 
     async def check_recovery(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
-        """Consume one recovery code; each works once."""
-        locked = await self.locked(user, client, cached=False)
-        if locked:
-            return locked
+        """Consume one recovery code; each works once. It takes an attempt like a code."""
+        known = self._known_lock(user, client)
+        if known:
+            return known
         if await self.store.get_secret(user) is None:
             return Outcome(Reason.NOT_ENROLLED)
+        attempt, refused = await self._take_attempt(user, client)
+        if refused:
+            return refused
         code = totp.normalize_recovery_code(raw_code)
         if code is None:
-            return await self._fail(user, client, Reason.INVALID_CODE)
+            return self._missed(attempt, Reason.INVALID_CODE)
         if not await self.store.consume_recovery_code(user, totp.hash_recovery_code(self.pepper, user, code)):
-            return await self._fail(user, client, Reason.INVALID_CODE)
-        await self.store.clear_failures(f"user:{user}")
+            return self._missed(attempt, Reason.INVALID_CODE)
+        await self._succeeded(user, client)
         log.warning("recovery code used user=%r", user)
         return Outcome(Reason.CODE)
 
@@ -253,32 +256,54 @@ class SecondFactor:
         await self.store.set_pending(user, self.box.encrypt(user, secret), now + self.pending_ttl)
         return secret
 
-    async def finish_enrolment(
-        self, user: str, raw_code: str | None, client: str | None, count_failure: bool = True
-    ) -> Outcome:
+    async def finish_enrolment(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """Activate the pending secret if ``raw_code`` matches it; the code's step is consumed.
-
-        ``count_failure=False`` is for a re-enrolling user whose code is checked against the
-        active secret next: that check counts the failure, so one wrong code counts once.
-        """
-        locked = await self.locked(user, client, cached=False)
-        if locked:
-            return locked
-        secret = await self._secret(user, pending=True)
-        if secret is None:
+        The code takes an attempt first, like any code."""
+        known = self._known_lock(user, client)
+        if known:
+            return known
+        pending = await self._secret(user, pending=True)
+        if pending is None:
             return Outcome(Reason.NOT_ENROLLED)
-        code = totp.parse_code(raw_code, self.params.digits)
-        step = None if code is None else totp.matching_step(secret, code, self.clock(), self.params)
+        attempt, refused = await self._take_attempt(user, client)
+        if refused:
+            return refused
+        step = self._matching_step(pending, raw_code)
         if step is None:
-            if not count_failure:
-                return Outcome(Reason.INVALID_CODE)
-            return await self._fail(user, client, Reason.INVALID_CODE)
+            return self._missed(attempt, Reason.INVALID_CODE)
+        return await self._activate(user, client, attempt, pending, step)
+
+    async def verify_code(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
+        """A code typed on the verify page: it finishes a pending enrolment if it matches the
+        pending secret, else it is checked against the active one. One attempt for both, so one
+        wrong code counts once. ``Outcome.activated`` tells the two successes apart."""
+        known = self._known_lock(user, client)
+        if known:
+            return known
+        pending = await self._secret(user, pending=True)
+        if pending is None:
+            # Nothing pending, or a concurrent request has just activated it (a double-clicked
+            # button): judged against the active secret, where that same code is a replay.
+            return await self.check_code(user, raw_code, client)
+        active = await self._secret(user)
+        attempt, refused = await self._take_attempt(user, client)
+        if refused:
+            return refused
+        step = self._matching_step(pending, raw_code)
+        if step is not None:
+            return await self._activate(user, client, attempt, pending, step)
+        step = None if active is None else self._matching_step(active, raw_code)
+        if step is None:
+            return self._missed(attempt, Reason.INVALID_CODE)
+        return await self._accept(user, client, attempt, step)
+
+    async def _activate(self, user: str, client: str | None, attempt: Attempt, secret: str, step: int) -> Outcome:
         # RFC 6238 §5.2, as for any code: the step is consumed atomically first, so of several
         # concurrent requests carrying the first code exactly one activates the secret (and
         # issues recovery codes). The step is time, not secret: the replay history carries
         # over, so a re-enrolling user whose old code used this step waits for the next one.
         if not await self.store.advance_step(user, step):
-            return await self._fail(user, client, Reason.REPLAYED_CODE)
+            return self._missed(attempt, Reason.REPLAYED_CODE)
         await self.store.set_secret(user, self.box.encrypt(user, secret))
         self._secrets.drop(user)
         # A new authenticator replaces the old one (a lost or stolen phone): every 2FA session
@@ -286,8 +311,8 @@ class SecondFactor:
         ended = await self.revoke_user_sessions(user)
         if ended:
             log.warning("new authenticator for user=%r: %d earlier 2FA session(s) ended", user, ended)
-        await self.store.clear_failures(f"user:{user}")
-        return Outcome(Reason.CODE, step=step)
+        await self._succeeded(user, client)
+        return Outcome(Reason.CODE, step=step, activated=True)
 
     async def pending_secret(self, user: str) -> str | None:
         """The unexpired pending secret, to show its QR code again after a mistyped first code."""

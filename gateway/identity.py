@@ -10,6 +10,23 @@ Two modes (``[identity] mode``):
 
 A user id is 1..256 characters with no control characters; anything else is refused
 rather than passed on to the store or upstream in a header.
+
+One request, one identity (issue 10). Frameworks disagree on which of several candidates
+counts: Starlette reads only the first ``Cookie`` header and, within it, the *last* cookie of a
+name; this module once read the Bearer token first, else the *first* cookie. A request whose
+candidates disagree would then be judged as one user and served as another. So every
+candidate is read (every ``Authorization`` and ``Cookie`` header, every cookie of the name,
+``Starlette Headers.getlist``, never ``get``, which returns the first of duplicates) and a
+request carrying two different values is refused ``ambiguous_identity``, never guessed:
+
+* JWT mode: a Bearer token and a cookie of the configured name that differ; two cookies of
+  that name that differ (in one ``Cookie`` header or in several); two ``Authorization``
+  headers;
+* header mode: two trusted headers, or one whose value holds a comma (how a proxy joins
+  duplicates, RFC 9110 §5.3);
+* the 2FA session cookie, likewise (``read_one_cookie``).
+
+Equal duplicates are one candidate: they cannot make two readers disagree.
 """
 
 from __future__ import annotations
@@ -37,6 +54,30 @@ def valid_user(user: object) -> bool:
     return isinstance(user, str) and 0 < len(user) <= MAX_USER_LENGTH and user.isprintable() and user == user.strip()
 
 
+def cookie_values(cookie_headers: list[str], name: str) -> list[str]:
+    """Every value of cookie ``name`` in every ``Cookie`` header (RFC 6265 §5.4; HTTP/2 may
+    split one header into several, RFC 9113 §8.2.3), in order; empty values count."""
+    values = []
+    for header in cookie_headers:
+        if name not in header:
+            continue
+        for part in header.split(";"):
+            key, sep, value = part.strip().partition("=")
+            if sep and key.strip() == name:
+                values.append(value.strip().strip('"'))
+    return values
+
+
+def read_one_cookie(headers: Any, name: str) -> tuple[str | None, bool]:
+    """``(value, ambiguous)`` of cookie ``name`` across every ``Cookie`` header: ambiguous when
+    two different values are present. ``headers`` is a Starlette ``Headers``."""
+    values = set(cookie_values(headers.getlist("cookie"), name))
+    if len(values) > 1:
+        return None, True
+    value = values.pop() if values else None
+    return value or None, False
+
+
 def read_cookie(cookie_header: str | None, name: str) -> str | None:
     """One cookie's value from a ``Cookie`` header (RFC 6265 §5.4), or None."""
     if not cookie_header or name not in cookie_header:
@@ -61,12 +102,15 @@ class IdentityReader:
 
     def read(self, headers: Any, peer_trusted: bool) -> tuple[Identity | None, Reason]:
         """``(identity, Reason.EXCLUDED)`` on success (the reason is unused then), else
-        ``(None, IDENTITY_REQUIRED or INVALID_IDENTITY)``. ``headers`` is a case-insensitive
+        ``(None, IDENTITY_REQUIRED, INVALID_IDENTITY or AMBIGUOUS_IDENTITY)``. ``headers`` is a case-insensitive
         mapping (Starlette ``Headers``)."""
         if self.mode == "header":
             if not peer_trusted:
                 return None, Reason.IDENTITY_REQUIRED
-            user = headers.get(self.header)
+            found = headers.getlist(self.header)
+            if len(found) > 1 or (found and "," in found[0]):
+                return None, Reason.AMBIGUOUS_IDENTITY
+            user = found[0] if found else None
             if user is None or user == "":
                 return None, Reason.IDENTITY_REQUIRED
             # Header values arrive as bytes read as Latin-1 (RFC 9110 §5.5); nginx and SSO
@@ -83,16 +127,21 @@ class IdentityReader:
 
     def _read_jwt(self, headers: Any) -> tuple[Identity | None, Reason]:
         assert self.jwt is not None
-        token = None
-        auth = headers.get("authorization")
-        if auth:
-            scheme, _, value = auth.partition(" ")
+        candidates = set()
+        auths = headers.getlist("authorization")
+        if len(auths) > 1:
+            return None, Reason.AMBIGUOUS_IDENTITY
+        if auths:
+            scheme, _, value = auths[0].partition(" ")
             if scheme.lower() == "bearer" and value.strip():
-                token = value.strip()
-        if token is None and self.jwt.cookie:
-            token = read_cookie(headers.get("cookie"), self.jwt.cookie)
-        if token is None:
+                candidates.add(value.strip())
+        if self.jwt.cookie:
+            candidates.update(v for v in cookie_values(headers.getlist("cookie"), self.jwt.cookie) if v)
+        if len(candidates) > 1:
+            return None, Reason.AMBIGUOUS_IDENTITY
+        if not candidates:
             return None, Reason.IDENTITY_REQUIRED
+        token = candidates.pop()
         if len(token) > 8192:
             return None, Reason.INVALID_IDENTITY
         now = time.time()

@@ -21,7 +21,7 @@ from gateway.config import Config
 from gateway.demo import demo_config, prepare_state
 from gateway.errors import Reason
 from gateway.factors import SecondFactor
-from gateway.store import Store, open_store_from_url
+from gateway.store import Quota, Store, open_store_from_url
 from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port
 
 
@@ -93,12 +93,12 @@ def seed(config: Config) -> None:
     async def work(store: Store, factors: SecondFactor) -> None:
         await factors.new_recovery_codes("alice")
         for _ in range(config.limits.max_failures):
-            await store.record_failure("user:alice", config.limits.max_failures, 900, time.time())
+            await store.take_attempt([Quota("user:alice", config.limits.max_failures, 900)], time.time())
         await factors.begin_enrolment("bob")
         await factors.open_session("alice")
         await factors.open_session("alice")
         for _ in range(config.limits.ip_max_failures):
-            await store.record_failure("ip:198.51.100.7", config.limits.ip_max_failures, 900, time.time())
+            await store.take_attempt([Quota("ip:198.51.100.7", config.limits.ip_max_failures, 900)], time.time())
 
     enrol(config, "alice")
     with_store(config, work)

@@ -96,7 +96,8 @@ async def test_concurrent_requests_with_one_code_give_exactly_one_success(tmp_pa
     code = pyotp.TOTP(secret).at(clock.now)
     results = await asyncio.gather(*(decider.decide(facts(code=code)) for _ in range(20)))
     assert sum(d.allowed for d in results) == 1
-    assert {d.reason for d in results if not d.allowed} == {Reason.REPLAYED_CODE}
+    # Each takes an attempt before it is judged: past the limit the rest are refused unjudged.
+    assert {d.reason for d in results if not d.allowed} <= {Reason.REPLAYED_CODE, Reason.LOCKED}
     await factors.store.close()
 
 

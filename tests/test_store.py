@@ -19,7 +19,7 @@ from redis.crc import key_slot
 
 import gateway.store.redis as redis_module
 from gateway.errors import StoreError
-from gateway.store import Store, UserState, open_store_from_url
+from gateway.store import Attempt, Quota, Store, UserState, open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import RedisServer, free_port
@@ -117,45 +117,104 @@ async def test_advance_step_two_sqlite_processes_one_winner(tmp_path: Path) -> N
         await b.close()
 
 
-# -- failures and lockouts -------------------------------------------------------------------
-async def test_record_failure_locks_at_max(store: Store, now: float) -> None:
-    scope = "user:alice"
-    assert await store.record_failure(scope, 3, 60, now) is None
-    assert await store.record_failure(scope, 3, 60, now + 1) is None
-    assert await store.locked_until(scope, now + 1) is None
-    until = await store.record_failure(scope, 3, 60, now + 2)
-    assert until == pytest.approx(now + 62)
-    assert await store.locked_until(scope, now + 3) == until
-    assert await store.locked_until(scope, now + 61.9) == until
-    assert await store.locked_until(scope, now + 62) is None
+# -- attempts and lockouts ------------------------------------------------------------------
+def _quota(scope: str, limit: int = 3, window: float = 60) -> Quota:
+    return Quota(scope, limit, window)
+
+
+async def test_take_attempt_locks_when_the_last_one_is_taken(store: Store, now: float) -> None:
+    user = _quota("user:alice")
+    assert await store.take_attempt([user], now) == Attempt(True)
+    assert await store.take_attempt([user], now + 1) == Attempt(True)
+    assert await store.locked_until("user:alice", now + 1) is None
+    # The third uses the last room: still allowed (its code is judged), and it locks.
+    third = await store.take_attempt([user], now + 2)
+    assert third.allowed and third.locks == (("user:alice", now + 62),)  # exact float back
+    assert await store.locked_until("user:alice", now + 3) == now + 62
+    # A full quota refuses, says until when, and does not move the window.
+    assert await store.take_attempt([user], now + 30) == Attempt(False, (("user:alice", now + 62),))
+    assert await store.locked_until("user:alice", now + 61.9) == now + 62
+    assert await store.locked_until("user:alice", now + 62) is None
     assert await store.locked_until("ip:192.0.2.1", now + 3) is None  # scopes are separate
-    # The counter restarted at the lock: two more failures do not lock again.
-    assert await store.record_failure(scope, 3, 60, now + 63) is None
-    assert await store.record_failure(scope, 3, 60, now + 64) is None
-    assert await store.record_failure("user:bob", 1, 30, now) == pytest.approx(now + 30)  # max 1: at once
+    # The window is over: a fresh count.
+    assert await store.take_attempt([user], now + 63) == Attempt(True)
+    assert (await store.take_attempt([_quota("user:bob", 1, 30)], now)).locked_until == now + 30
 
 
-async def test_failure_counter_forgets_after_window(store: Store, now: float) -> None:
-    scope = "ip:192.0.2.1"
-    assert await store.record_failure(scope, 3, 60, now) is None
-    assert await store.record_failure(scope, 3, 60, now + 1) is None
-    # 60 s without failures: the two above are forgotten.
-    assert await store.record_failure(scope, 3, 60, now + 61) is None
-    assert await store.record_failure(scope, 3, 60, now + 62) is None
-    assert await store.record_failure(scope, 3, 60, now + 63) == pytest.approx(now + 123)
+async def test_attempt_window_restarts_with_each_attempt(store: Store, now: float) -> None:
+    ip = _quota("ip:192.0.2.1")
+    assert (await store.take_attempt([ip], now)).allowed
+    assert (await store.take_attempt([ip], now + 1)).allowed
+    # 60 s without attempts: the two above are forgotten.
+    assert (await store.take_attempt([ip], now + 61)).locks == ()
+    assert (await store.take_attempt([ip], now + 62)).locks == ()
+    assert (await store.take_attempt([ip], now + 63)).locks == (("ip:192.0.2.1", now + 123),)
+
+
+async def test_take_attempt_needs_room_in_every_quota(store: Store, now: float) -> None:
+    user, ip = _quota("user:alice", 5), _quota("ip:192.0.2.1", 2)
+    assert (await store.take_attempt([user, ip], now)).allowed
+    assert (await store.take_attempt([user, ip], now)).locks == (("ip:192.0.2.1", now + 60),)
+    refused = await store.take_attempt([_quota("user:bob", 5), ip], now)
+    assert refused == Attempt(False, (("ip:192.0.2.1", now + 60),))
+    # The quota with room still counted the refused attempt: counts never fall short.
+    assert (await store.user_state("bob", now)).failures == 1
+    assert (await store.user_state("alice", now)).failures == 2
+
+
+async def test_release_attempt_gives_one_back_and_lifts_the_lock(store: Store, now: float) -> None:
+    ip = _quota("ip:192.0.2.1", 2)
+    await store.take_attempt([ip], now)
+    await store.take_attempt([ip], now)
+    assert await store.locked_until("ip:192.0.2.1", now) is not None
+    await store.release_attempt("ip:192.0.2.1")
+    assert await store.locked_until("ip:192.0.2.1", now) is None
+    assert (await store.take_attempt([ip], now)).locks == (("ip:192.0.2.1", now + 60),)
+    assert not (await store.take_attempt([ip], now)).allowed
+    await store.release_attempt("ip:never-tried")  # no error, and no count below zero
+    assert (await store.take_attempt([_quota("ip:never-tried", 1)], now)).locked_until == now + 60
+
+
+@pytest.mark.parametrize("burst", [200, 400])
+async def test_concurrent_attempts_never_exceed_the_limit(store: Store, now: float, burst: int) -> None:
+    """Issue 10: the limit holds under a burst, for the user and for the address alike."""
+    user, ip = _quota("user:alice", 5, 900), _quota("ip:192.0.2.1", 50, 900)
+    answers = await asyncio.gather(*(store.take_attempt([user, ip], now) for _ in range(burst)))
+    assert sum(a.allowed for a in answers) == 5
+    assert sum(bool(a.locks) for a in answers if a.allowed) == 1  # exactly one took the last
+    many = [_quota(f"user:u{i}", 5, 900) for i in range(burst)]
+    answers = await asyncio.gather(*(store.take_attempt([q, _quota("ip:198.51.100.1", 50, 900)], now) for q in many))
+    assert sum(a.allowed for a in answers) == 50
+
+
+async def test_take_attempt_from_two_connections_at_once(store: Store, now: float, tmp_path: Path) -> None:
+    """Two worker processes share the store: their attempts count together."""
+    other: Store
+    if isinstance(store, SqliteStore):
+        other = SqliteStore(store.path)
+    else:
+        assert isinstance(store, RedisStore)
+        other = RedisStore(store.url, prefix=store.prefix)
+    await other.open()
+    try:
+        quota = [_quota("user:alice", 5, 900)]
+        answers = await asyncio.gather(*(s.take_attempt(quota, now) for _ in range(100) for s in (store, other)))
+        assert sum(a.allowed for a in answers) == 5
+    finally:
+        await other.close()
 
 
 async def test_clear_failures_forgets_count_and_lock(store: Store, now: float) -> None:
-    scope = "user:alice"
-    await store.record_failure(scope, 3, 60, now)
-    await store.record_failure(scope, 3, 60, now)
-    await store.clear_failures(scope)
-    assert await store.record_failure(scope, 3, 60, now) is None
-    assert await store.record_failure(scope, 3, 60, now) is None
-    assert await store.record_failure(scope, 3, 60, now) is not None
-    assert await store.locked_until(scope, now) is not None
-    await store.clear_failures(scope)
-    assert await store.locked_until(scope, now) is None
+    user = _quota("user:alice")
+    await store.take_attempt([user], now)
+    await store.take_attempt([user], now)
+    await store.clear_failures("user:alice")
+    assert (await store.take_attempt([user], now)).locks == ()
+    assert (await store.take_attempt([user], now)).locks == ()
+    assert (await store.take_attempt([user], now)).locks != ()
+    assert await store.locked_until("user:alice", now) is not None
+    await store.clear_failures("user:alice")
+    assert await store.locked_until("user:alice", now) is None
     await store.clear_failures("user:never-failed")  # no error
 
 
@@ -204,8 +263,8 @@ async def _populate(store: Store, user: str, now: float) -> None:
     await store.set_recovery_codes(user, ["h1", "h2"])
     await store.create_session(f"{user}-s1", user, now + 300)
     await store.create_session(f"{user}-s2", user, now + 600)
-    await store.record_failure(f"user:{user}", 2, 60, now)
-    await store.record_failure(f"user:{user}", 2, 60, now)  # locked
+    await store.take_attempt([Quota(f"user:{user}", 2, 60)], now)
+    await store.take_attempt([Quota(f"user:{user}", 2, 60)], now)  # locked
 
 
 async def test_revoke_user_sessions_ends_only_that_users_sessions(store: Store, now: float) -> None:
@@ -225,7 +284,7 @@ async def test_revoke_user_sessions_ends_only_that_users_sessions(store: Store, 
 async def test_delete_user_removes_everything(store: Store, now: float) -> None:
     await _populate(store, "alice", now)
     await _populate(store, "bob", now)
-    await store.record_failure("ip:192.0.2.1", 1, 60, now)
+    await store.take_attempt([Quota("ip:192.0.2.1", 1, 60)], now)
     await store.delete_user("alice")
     assert await store.get_secret("alice") is None
     assert await store.get_pending("alice", now) is None
@@ -258,14 +317,13 @@ async def test_user_state(store: Store, now: float) -> None:
     assert await store.user_state("alice", now) == UserState("alice", False, False, None, 0, 0, 0)
     await _populate(store, "alice", now)
     await store.create_session("old", "alice", now + 10)
-    await store.record_failure("user:alice", 5, 60, now)
     state = await store.user_state("alice", now + 20)
     assert state == UserState(
         user="alice",
         enrolled=True,
         pending=True,
         locked_until=now + 60,  # exact: the store hands back the float it was given
-        failures=1,
+        failures=2,
         recovery_codes_left=2,
         sessions=2,
     )
@@ -374,7 +432,7 @@ async def test_sqlite_purges_expired_rows_lazily(tmp_path: Path, now: float) -> 
     try:
         await store.create_session("gone", "alice", now - 10)
         await store.set_pending("alice", b"p", now - 10)
-        await store.record_failure("ip:192.0.2.1", 5, 1, now - 10)
+        await store.take_attempt([Quota("ip:192.0.2.1", 5, 1)], now - 10)
         await store.create_session("live", "alice", now + 300)
         with sqlite3.connect(path) as raw:
             assert raw.execute("SELECT count(*) FROM sessions").fetchone()[0] == 2  # not yet: once a minute
@@ -500,3 +558,16 @@ def test_open_store_from_url_schemes() -> None:
 def test_open_store_from_url_rejects(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_store_from_url(url, "gw")
+
+
+async def test_redis_take_attempt_survives_a_script_flush(redis_server: RedisServer, now: float) -> None:
+    """A restarted Redis has no scripts: the pipeline loads them once and retries."""
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    await store.open()
+    try:
+        quota = [Quota("user:alice", 2, 60), Quota("ip:192.0.2.1", 2, 60)]
+        assert (await store.take_attempt(quota, now)).allowed
+        await store._r.script_flush()
+        assert (await store.take_attempt(quota, now)).locked_until == now + 60
+    finally:
+        await store.close()

@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-from gateway.store.base import Store, UserState
+from gateway.store.base import Attempt, Quota, Store, UserState
 
-__all__ = ["Store", "UserState", "open_store_from_url"]
+__all__ = ["Attempt", "Quota", "Store", "UserState", "open_store_from_url"]
 
 _SQLITE = "sqlite:///"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

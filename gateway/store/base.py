@@ -12,6 +12,7 @@ a frozen clock.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +28,30 @@ class UserState:
     failures: int
     recovery_codes_left: int
     sessions: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """At most ``limit`` attempts on ``scope`` in a window that lasts ``window`` seconds after
+    the last attempt taken; reaching the limit locks the scope for that window."""
+
+    scope: str
+    limit: int
+    window: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What :meth:`Store.take_attempt` answers. ``locks`` holds (scope, locked_until) pairs:
+    when refused, the quotas that were full; when allowed, those this attempt has just filled
+    (locked unless a success resets them)."""
+
+    allowed: bool
+    locks: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def locked_until(self) -> float | None:
+        return max((until for _, until in self.locks), default=None)
 
 
 class Store(Protocol):
@@ -58,17 +83,25 @@ class Store(Protocol):
         """Atomically record ``step`` as the last accepted time step if it is greater than the
         one recorded; True if it was recorded, False if ``step`` was already used or older."""
 
-    # -- failures and lockouts (scope is e.g. "user:alice" or "ip:192.0.2.1") -----------------
-    async def record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
-        """Atomically count one failure for ``scope``. The counter forgets after ``lockout``
-        seconds without failures. When it reaches ``max_failures`` the scope is locked until
-        ``now + lockout`` and the counter restarts; returns that time, else None."""
+    # -- attempts and lockouts (scope is e.g. "user:alice" or "ip:192.0.2.1") -----------------
+    async def take_attempt(self, quotas: Sequence[Quota], now: float) -> Attempt:
+        """Take one attempt from every quota *before* a code is judged, each atomically.
+
+        A quota with room counts the attempt and restarts its window (``now + window``); the
+        attempt that uses its last room locks the scope until then. A full quota refuses and
+        changes nothing. The attempt is allowed only if every quota had room; a quota that had
+        room still counts it when another refused (so counts never fall short of what was
+        judged). Each quota is one single-key atomic step, so on Redis Cluster each stays in
+        its own slot; several quotas still cost one round trip (SQLite: one transaction)."""
+
+    async def release_attempt(self, scope: str) -> None:
+        """Give one attempt back to ``scope`` (a success from that address), lifting its lock."""
 
     async def locked_until(self, scope: str, now: float) -> float | None:
         """When the lock on ``scope`` ends, or None if it is not locked at ``now``."""
 
     async def clear_failures(self, scope: str) -> None:
-        """Forget the failures and any lock of ``scope`` (after a success, or `users unlock`)."""
+        """Forget the attempts and any lock of ``scope`` (after a success, or `users unlock`)."""
 
     # -- recovery codes (already hashed) ---------------------------------------------------
     async def set_recovery_codes(self, user: str, hashes: list[str]) -> None:

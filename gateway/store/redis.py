@@ -8,8 +8,9 @@ so every key of one user lives in one slot and the Lua scripts stay cluster-safe
     P:{u}:step        string  last accepted TOTP time step
     P:{u}:recovery    set     recovery-code hashes
     P:{u}:sessions    set     session hashes of the user (found again by delete_user)
-    P:{scope}:fail    hash    n, reset_at  (scope escaped like a user: "user%3Aalice")
-    P:{scope}:lock    string  locked_until
+    P:{scope}:attempts hash   n, reset_at, locked_until: the attempts taken in the window
+                              ending at reset_at, when the key also expires (scope escaped
+                              like a user: "user%3Aalice"); locked_until while n is at its limit
     P:s:<hash>        string  packed (expires_at, user), expires at expires_at
 
 Inside the braces ``%``, ``{``, ``}`` and ``:`` are percent-encoded, so no user name can
@@ -24,7 +25,7 @@ import contextlib
 import functools
 import re
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote
 
@@ -32,11 +33,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreError
-from gateway.store.base import UserState
+from gateway.store.base import Attempt, Quota, UserState
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -61,20 +62,34 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: fail, lock. ARGV: now, max_failures, until (= now + lockout), until in ms.
-# Times travel as Python reprs and come back unchanged: Lua would truncate a returned float.
-_RECORD_FAILURE_LUA = """
-local f = redis.call('HMGET', KEYS[1], 'n', 'reset_at')
-local n = 1
-if f[1] and tonumber(f[2]) > tonumber(ARGV[1]) then n = tonumber(f[1]) + 1 end
+# KEYS: attempts. ARGV: now, limit, until (= now + window), until in ms. Returns {1, until or
+# ""} when the attempt was taken (until: it used the last room, the scope is now locked), {0,
+# locked_until} when the quota was full. Times travel as Python reprs and come back
+# unchanged: Lua would truncate a returned float.
+_TAKE_ATTEMPT_LUA = """
+local h = redis.call('HMGET', KEYS[1], 'n', 'reset_at')
+local n = 0
+if h[1] and tonumber(h[2]) > tonumber(ARGV[1]) then n = tonumber(h[1]) end
+if n >= tonumber(ARGV[2]) then return {0, h[2]} end
+n = n + 1
 if n >= tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[2], ARGV[3], 'PXAT', ARGV[4])
-  return 1
+  redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3], 'locked_until', ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'locked_until')
 end
-redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-return 0
+if n >= tonumber(ARGV[2]) then return {1, ARGV[3]} end
+return {1, ''}
+"""
+
+# KEYS: attempts. One attempt given back; the count is then below its limit, so no lock.
+_RELEASE_ATTEMPT_LUA = """
+local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
+if not n then return 0 end
+if n > 0 then redis.call('HSET', KEYS[1], 'n', n - 1) end
+redis.call('HDEL', KEYS[1], 'locked_until')
+return 1
 """
 
 # KEYS: sessions. ARGV: session hash, expires_at in ms. The index lives as long as its
@@ -177,7 +192,8 @@ class RedisStore:
         # EVALSHA with the script's digest, loading it once on NOSCRIPT (also after a restart).
         self._lua_advance_step = self._client.register_script(_ADVANCE_STEP_LUA)
         self._lua_replace_secret = self._client.register_script(_COMPARE_AND_SET_LUA)
-        self._lua_record_failure = self._client.register_script(_RECORD_FAILURE_LUA)
+        self._lua_take_attempt = self._client.register_script(_TAKE_ATTEMPT_LUA)
+        self._lua_release_attempt = self._client.register_script(_RELEASE_ATTEMPT_LUA)
         self._lua_index_session = self._client.register_script(_INDEX_SESSION_LUA)
         self._lua_delete_user = self._client.register_script(_DELETE_USER_LUA)
         self._lua_take_sessions = self._client.register_script(_TAKE_SESSIONS_LUA)
@@ -248,18 +264,43 @@ class RedisStore:
 
     # -- failures and lockouts -------------------------------------------------------------
     @_translate_errors
-    async def record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
-        until = now + lockout
-        locked = await self._lua_record_failure(
-            client=self._r,
-            keys=[self._key(scope, "fail"), self._key(scope, "lock")],
-            args=[repr(now), max_failures, repr(until), _ms(until)],
-        )
-        return until if locked else None
+    async def take_attempt(self, quotas: Sequence[Quota], now: float) -> Attempt:
+        # One script per quota, each on its own key (its own cluster slot), all in one
+        # pipeline: one round trip. EVALSHA, and the scripts are loaded once on NOSCRIPT
+        # (a restarted server); redis-py's pipeline scripts would ask SCRIPT EXISTS each time.
+        def add(pipe: Any, q: Quota) -> None:
+            until = now + q.window
+            keys_and_args = (self._key(q.scope, "attempts"), repr(now), q.limit, repr(until), _ms(until))
+            pipe.evalsha(self._lua_take_attempt.sha, 1, *keys_and_args)
+
+        for first in (True, False):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for q in quotas:
+                    add(pipe, q)
+                replies = await pipe.execute(raise_on_error=False)
+            if first and any(isinstance(r, NoScriptError) for r in replies):
+                await self._r.script_load(_TAKE_ATTEMPT_LUA)
+                continue
+            break
+        allowed, locks = True, []
+        for q, reply in zip(quotas, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            took, until = int(reply[0]), reply[1]
+            allowed = allowed and bool(took)
+            if until:
+                locks.append((q.scope, float(until)))
+        if not allowed:
+            return Attempt(False, tuple(lock for lock in locks if lock[1] > now))
+        return Attempt(True, tuple(locks))
+
+    @_translate_errors
+    async def release_attempt(self, scope: str) -> None:
+        await self._lua_release_attempt(client=self._r, keys=[self._key(scope, "attempts")])
 
     @_translate_errors
     async def locked_until(self, scope: str, now: float) -> float | None:
-        value = await self._r.get(self._key(scope, "lock"))
+        value = await self._r.hget(self._key(scope, "attempts"), "locked_until")
         if value is None:
             return None
         until = float(value)
@@ -267,7 +308,7 @@ class RedisStore:
 
     @_translate_errors
     async def clear_failures(self, scope: str) -> None:
-        await self._r.delete(self._key(scope, "fail"), self._key(scope, "lock"))
+        await self._r.delete(self._key(scope, "attempts"))
 
     # -- recovery codes --------------------------------------------------------------------
     @_translate_errors
@@ -325,7 +366,7 @@ class RedisStore:
         async with self._r.pipeline(transaction=False) as pipe:
             for session_hash in sessions:
                 pipe.delete(self._session_key(session_hash.decode()))
-            pipe.delete(self._key(scope, "fail"), self._key(scope, "lock"))
+            pipe.delete(self._key(scope, "attempts"))
             await pipe.execute()
 
     @_translate_errors
@@ -349,11 +390,10 @@ class RedisStore:
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.exists(self._key(user, "secret"))
             pipe.get(self._key(user, "pending"))
-            pipe.hmget(self._key(scope, "fail"), ["n", "reset_at"])
-            pipe.get(self._key(scope, "lock"))
+            pipe.hmget(self._key(scope, "attempts"), ["n", "reset_at", "locked_until"])
             pipe.scard(self._key(user, "recovery"))
             pipe.smembers(self._key(user, "sessions"))
-            enrolled, pending, (n, reset_at), lock, codes, hashes = await pipe.execute()
+            enrolled, pending, (n, reset_at, lock), codes, hashes = await pipe.execute()
         live = 0
         if hashes:
             ordered = sorted(hashes)

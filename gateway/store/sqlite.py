@@ -10,9 +10,10 @@ read-modify-write is either a single conditional statement (atomic on its own) o
 ``BEGIN IMMEDIATE`` (takes the write lock before reading, so two processes cannot both read
 the old value).
 
-Expired rows (pending secrets, sessions, failure windows, locks) are ignored by comparing
+Expired rows (pending secrets, sessions, attempt windows, locks) are ignored by comparing
 with ``now`` and deleted lazily, at most once a minute, from ``create_session`` and
-``record_failure``.
+``take_attempt``. The ``failures`` table counts attempts (``count`` within the window that
+ends at ``reset_at``); ``locked_until`` is set while the count is at its limit.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from gateway.errors import StoreError
-from gateway.store.base import UserState
+from gateway.store.base import Attempt, Quota, UserState
 
 T = TypeVar("T")
 
@@ -202,24 +203,43 @@ class SqliteStore:
         return cur.rowcount == 1
 
     # -- failures and lockouts -------------------------------------------------------------
-    async def record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
-        return await self._run(self._record_failure, scope, max_failures, lockout, now)
+    async def take_attempt(self, quotas: Sequence[Quota], now: float) -> Attempt:
+        return await self._run(self._take_attempt, quotas, now)
 
-    def _record_failure(self, scope: str, max_failures: int, lockout: float, now: float) -> float | None:
+    def _take_attempt(self, quotas: Sequence[Quota], now: float) -> Attempt:
         self._maybe_purge(time.time())  # the wall clock: a caller's `now` may be a test's
+        allowed, locks = True, []
+        # One BEGIN IMMEDIATE for every quota: the write lock is held from the first read, so
+        # no other worker process reads a count between our read and our write.
         with self._write() as db:
-            row = db.execute("SELECT count, reset_at FROM failures WHERE scope = ?", (scope,)).fetchone()
-            count = 1 if row is None or row[1] <= now else int(row[0]) + 1
-            until = now + lockout
-            locked = count >= max_failures
-            db.execute(
-                "INSERT INTO failures (scope, count, reset_at, locked_until) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (scope) DO UPDATE SET count = excluded.count,"
-                " reset_at = excluded.reset_at,"
-                " locked_until = coalesce(excluded.locked_until, failures.locked_until)",
-                (scope, 0 if locked else count, until, until if locked else None),
-            )
-        return until if locked else None
+            for q in quotas:
+                row = db.execute("SELECT count, reset_at FROM failures WHERE scope = ?", (q.scope,)).fetchone()
+                count = 0 if row is None or row[1] <= now else int(row[0])
+                if count >= q.limit:
+                    allowed = False
+                    locks.append((q.scope, float(row[1])))
+                    continue
+                count += 1
+                until = now + q.window
+                full = count >= q.limit
+                if full:
+                    locks.append((q.scope, until))
+                db.execute(
+                    "INSERT INTO failures (scope, count, reset_at, locked_until) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (scope) DO UPDATE SET count = excluded.count,"
+                    " reset_at = excluded.reset_at, locked_until = excluded.locked_until",
+                    (q.scope, count, until, until if full else None),
+                )
+        if allowed:
+            return Attempt(True, tuple(locks))
+        return Attempt(False, tuple(lock for lock in locks if lock[1] > now))
+
+    async def release_attempt(self, scope: str) -> None:
+        await self._run(self._release_attempt, scope)
+
+    def _release_attempt(self, scope: str) -> None:
+        # After one fewer the count is below any limit it had reached: no lock is left.
+        self._db.execute("UPDATE failures SET count = max(count - 1, 0), locked_until = NULL WHERE scope = ?", (scope,))
 
     async def locked_until(self, scope: str, now: float) -> float | None:
         return await self._run(self._locked_until, scope, now)
