@@ -28,7 +28,6 @@ from bench.harness import (
 )
 from bench.procs import ROOT, free_port, progress, uvicorn_argv
 from bench.report import NAIVE_PROXY_RPS, Row
-from gateway.errors import ConfigError
 
 ORIGINAL_VENV = ROOT / "bench" / ".venv-original"
 # two-fast-auth imports cryptography's Fernet without declaring it.
@@ -197,27 +196,13 @@ def auth_request(bench: Bench) -> None:
 
 def proxy_mode(bench: Bench) -> None:
     gateway = bench.with_session(bench.start_gateway("proxy", upstream_url=bench.upstream_url))
-    client = gateway.config.upstream.client
     try:
         for connections in (1, 32, 64):
             _proxy_row(
                 bench, gateway, connections, f"5-c{connections}", f"5. gateway proxy mode, session, c{connections}"
-            ).notes.append(f"upstream.client {client}")
+            )
     finally:
         bench.stop_gateway(gateway)
-    # The other upstream clients the configuration offers, at c64, for comparison (no target).
-    for other in ("httptools", "httpcore"):
-        if other == client:
-            continue
-        try:
-            gateway = bench.start_gateway(f"proxy-{other}", upstream_url=bench.upstream_url, upstream={"client": other})
-        except ConfigError:
-            continue
-        try:
-            bench.with_session(gateway)
-            _proxy_row(bench, gateway, 64, f"5-c64-{other}", f"5. gateway proxy mode, session, c64, {other}")
-        finally:
-            bench.stop_gateway(gateway)
 
 
 def _proxy_row(bench: Bench, gateway: Gateway, connections: int, key: str, label: str) -> Row:

@@ -63,7 +63,6 @@ class UpstreamConfig:
     pool_timeout: float = 5.0
     max_connections: int = 256
     user_header: str = "Remote-User"
-    client: str = "httptools"
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +204,6 @@ def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
         pool_timeout=t.number("pool_timeout", d.pool_timeout, 0.001, 3600),
         max_connections=t.number("max_connections", d.max_connections, 1, 100_000),
         user_header=header_name(t, "user_header", d.user_header),
-        client=t.choice("client", d.client, ("httptools", "httpcore")),
     )
     t.finish()
     return cfg

@@ -1,10 +1,10 @@
 """The forwarder: streams an allowed request to the upstream and the answer back, as nginx's
 ``proxy_pass`` would.
 
-httpx is the client API, used at the transport level (``AsyncBaseTransport``): no
-``Client``, hence no cookie jar shared between users, no default headers, no redirect
-following, no environment proxies. The transport is a constructor parameter, so what sits
-under httpx can be swapped and measured (see ``bench/``).
+httpx is the client API, used at the transport level (``AsyncBaseTransport``); under it,
+aiohttp (``gateway/upstream.py``) with no cookie jar, no automatic headers, no redirect
+following, no decompression and no environment proxies. The transport is a constructor
+parameter, so tests can put another under httpx.
 
 * Bodies are streamed both ways; nothing is buffered beyond one chunk.
 * The framing of what goes upstream is decided in one place, ``request_framing``, from the
@@ -47,7 +47,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.config import Config
 from gateway.errors import BadRequest, Reason
 from gateway.responses import send_denial
-from gateway.transport import HttpToolsTransport
+from gateway.upstream import AiohttpTransport
 
 log = logging.getLogger("gateway.proxy")
 
@@ -159,16 +159,8 @@ def strip_cookie(value: bytes, name: bytes) -> bytes:
 
 
 def default_transport(config: Config) -> httpx.AsyncBaseTransport:
-    """``upstream.client``: "httptools" (gateway/transport.py, the default) or "httpcore"
-    (httpx's own transport; slower under concurrency, kept to compare and as a fallback)."""
-    if config.upstream.client == "httpcore":
-        limits = httpx.Limits(
-            max_connections=config.upstream.max_connections,
-            max_keepalive_connections=config.upstream.max_connections,
-            keepalive_expiry=30.0,
-        )
-        return httpx.AsyncHTTPTransport(limits=limits, retries=0)
-    return HttpToolsTransport(max_connections=config.upstream.max_connections, keepalive_expiry=30.0)
+    """aiohttp under httpx (gateway/upstream.py), pooled to ``upstream.max_connections``."""
+    return AiohttpTransport(max_connections=config.upstream.max_connections, keepalive_expiry=30.0)
 
 
 class Forwarder:
@@ -292,7 +284,7 @@ class Forwarder:
         target = self.base_path + path.encode("ascii") + (b"?" + query if query else b"")
         stream: httpx.AsyncByteStream = _NO_BODY if length == 0 else _RequestBody(receive, length)
         # The URL is the constant upstream origin; the request line's target goes in the
-        # "target" extension (honoured by httpcore and by gateway.transport), which spares
+        # "target" extension (honoured by httpcore and by gateway.upstream), which spares
         # parsing a URL per request. ``stream=`` (not ``content=``) keeps httpx from adding
         # or rewriting framing headers: request_framing's are the only ones.
         request = httpx.Request(

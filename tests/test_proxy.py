@@ -28,17 +28,11 @@ from tests.support.upstream_app import GZIP_BODY, pattern
 USER = {"Remote-User": "alice"}
 
 
-@pytest.fixture(scope="module", params=["httptools", "httpcore"])
-def client(request: pytest.FixtureRequest) -> str:
-    """Every forwarder test runs over both transports under httpx (upstream.client)."""
-    return str(request.param)
-
-
 @pytest.fixture(scope="module")
-def gw(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory, client: str) -> Iterator[GatewayServer]:
+def gw(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
     tmp = tmp_path_factory.mktemp("proxy")
     # Each test enrols users of its own, so codes and lockouts never cross tests.
-    server = GatewayServer(make_config(tmp, upstream={"url": upstream.url, "client": client})).start()
+    server = GatewayServer(make_config(tmp, upstream={"url": upstream.url})).start()
     yield server
     server.stop()
 
@@ -373,8 +367,8 @@ def test_redirects_are_not_followed_and_location_is_rewritten(gw: GatewayServer)
     assert resp.getheader("location") == "http://app.example/echo/after?x=1"
 
 
-def test_upstream_refused_is_502(tmp_path: Path, client: str) -> None:
-    config = make_config(tmp_path, upstream={"url": f"http://127.0.0.1:{free_port()}", "client": client})
+def test_upstream_refused_is_502(tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream={"url": f"http://127.0.0.1:{free_port()}"})
     server = GatewayServer(config).start()
     try:
         r = httpx.get(server.url + "/public/x")
@@ -385,7 +379,7 @@ def test_upstream_refused_is_502(tmp_path: Path, client: str) -> None:
 
 
 def test_upstream_timeout_is_504_and_pool_exhaustion_503(
-    upstream: UpstreamProcess, tmp_path: Path, client: str
+    upstream: UpstreamProcess, tmp_path: Path
 ) -> None:
     config = make_config(
         tmp_path,
@@ -394,7 +388,6 @@ def test_upstream_timeout_is_504_and_pool_exhaustion_503(
             "read_timeout": 0.5,
             "max_connections": 1,
             "pool_timeout": 0.2,
-            "client": client,
         },
     )
     server = GatewayServer(config).start()

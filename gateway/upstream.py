@@ -1,0 +1,339 @@
+"""The upstream client: an httpx transport backed by aiohttp.
+
+httpx stays the API the forwarder codes against (``httpx.Request`` in, ``httpx.Response``
+out, httpx's exceptions); aiohttp's pool and C parser do the HTTP/1.1 underneath. The
+``httpx-aiohttp`` package was evaluated and not used: it keeps aiohttp's cookie jar and
+automatic headers, re-quotes the URL, has no pool timeout and maps a reset to a timeout.
+
+What the session is configured for, and why:
+
+* No cookie jar (``DummyCookieJar``): one jar would carry one user's ``Set-Cookie`` to the next.
+* No header the client did not send: ``Accept``, ``Accept-Encoding``, ``User-Agent`` and
+  ``Content-Type`` are skipped (aiohttp adds them otherwise). The one exception is framing:
+  a body-less request whose method defines a body gets ``Content-Length: 0`` (RFC 9110 §8.6).
+* No decompression, no redirects, no environment proxies or ``.netrc`` (``trust_env=False``).
+* The request-target is the ``target`` extension, forwarded byte for byte: it is built into
+  an already-encoded ``yarl.URL`` and checked to come back out unchanged.
+* Framing, from the body actually sent (RFC 9112 §6): a ``Content-Length`` from the caller
+  frames a streamed body of that length; ``Transfer-Encoding`` from the caller means a body of
+  unknown length, which aiohttp chunks itself; neither means no body. Never both.
+* Response heads are capped (``MAX_RESPONSE_HEADERS`` fields of at most ``MAX_FIELD_SIZE``
+  bytes); a larger head is a 502, not memory.
+* Only safe methods (RFC 9110 §9.2.1) are retried when a pooled connection turns out dead;
+  anything else is sent once (RFC 9110 §9.2.2, RFC 9112 §9.3.1) and a dead connection is a 502.
+* ``max_connections`` requests at once; one more waits at most the ``pool`` timeout.
+* aiohttp's exceptions become httpx's at one boundary, ``map_aiohttp_exceptions``:
+  refused → ``ConnectError``, reset or early close → ``ReadError``, malformed answer →
+  ``RemoteProtocolError``, timeouts → ``ConnectTimeout`` / ``ReadTimeout`` / ``WriteTimeout``
+  / ``PoolTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import httpx
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
+from yarl import URL
+
+_ORIGIN_FORM = re.compile(rb"/[\x21\x22\x24-\x7e]*")
+MAX_RESPONSE_HEADERS = 128
+MAX_FIELD_SIZE = 8190  # bytes in one response header line, as nginx's default 8k buffer
+# aiohttp adds these unless told not to; the client's own, if any, pass untouched.
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# RFC 9110 §9.2.1: safe methods may be resent on a fresh connection when a pooled one was dead.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, but a pooled connection on which bytes arrived while it was idle is
+    closed, not reused. aiohttp (3.14) parses such bytes into a response queued on the idle
+    connection and hands it to the next request that takes it: one user's planted ``302`` with
+    ``Set-Cookie`` would answer another user's request. ``should_close`` is True for such a
+    connection (anything queued, an error, an unfinished body); aiohttp checks it only when
+    the connection is released, so it is checked again here, when it is taken."""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while (conn := await super()._get(key, traces)) is not None:
+            protocol = conn.protocol
+            if protocol is not None and not protocol.should_close:
+                return conn
+            conn.close()
+        return None
+
+
+class _NotRetried(aiohttp.ClientConnectionError):
+    """A dead pooled connection under a request that must not be sent twice."""
+
+
+async def _send_once(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    # aiohttp resends an idempotent request (PUT, DELETE too) when the pooled connection was
+    # closed under it; re-raised as another type, the error passes its retry loop untouched.
+    try:
+        return await handler(request)
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            raise  # never connected: nothing was sent
+        raise _NotRetried(str(exc)) from exc
+
+
+_SEND_ONCE = (_send_once,)
+
+
+@contextlib.contextmanager
+def map_aiohttp_exceptions(upload: _Upload | None = None) -> Iterator[None]:
+    """aiohttp's errors as httpx's. An error from the request body's own stream (the client went
+    away) is re-raised as it was, not as an upstream failure."""
+    try:
+        yield
+    except Exception as exc:
+        if upload is not None and upload.error is not None:
+            raise upload.error from None
+        mapped = _mapped(exc, upload)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+def _mapped(exc: Exception, upload: _Upload | None) -> httpx.TransportError | None:
+    # Order matters: aiohttp's timeouts subclass its connection errors, and
+    # ClientConnectorError subclasses ClientOSError.
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout("connecting to the upstream timed out")
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return httpx.ReadTimeout("the upstream did not answer in time")
+    if isinstance(exc, TimeoutError):
+        # Not aiohttp's: the only other deadline is the upload's, armed while a chunk is written.
+        if upload is not None:
+            return httpx.WriteTimeout("the upstream stopped reading the request body")
+        return httpx.ReadTimeout("the upstream did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(f"cannot connect to the upstream: {type(exc.os_error).__name__}")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(f"malformed or incomplete response from the upstream: {type(exc).__name__}")
+    if isinstance(exc, aiohttp.ClientConnectionError | OSError):
+        return httpx.ReadError("the upstream closed or reset the connection")
+    if isinstance(exc, aiohttp.ClientError):
+        return httpx.RemoteProtocolError(f"upstream error: {type(exc).__name__}")
+    if isinstance(exc, ValueError):
+        # aiohttp refuses a control character in a header or the target (RFC 9110 §5.5).
+        return httpx.LocalProtocolError("a header field or the target cannot be sent as given")
+    return None
+
+
+class _Upload:
+    """The request body as aiohttp pulls it, with a write deadline that runs only while aiohttp
+    writes a chunk (not while the client is slow to send the next one)."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, timeout: float | None) -> None:
+        self.stream = stream
+        self.timeout = timeout
+        self.deadline: asyncio.Timeout | None = None
+        self.writing = False
+        self.error: BaseException | None = None
+
+    def _arm(self, on: bool) -> None:
+        self.writing = on
+        deadline = self.deadline
+        if deadline is not None and self.timeout is not None and not deadline.expired():
+            with contextlib.suppress(RuntimeError):  # the answer came first; the deadline is gone
+                deadline.reschedule(asyncio.get_running_loop().time() + self.timeout if on else None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.stream:
+                if chunk:
+                    self._arm(True)
+                    yield chunk
+                    self._arm(False)
+        except Exception as exc:
+            self.error = exc
+            raise
+        finally:
+            self._arm(False)
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, release: _Slot) -> None:
+        self.response = response
+        self.release = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with map_aiohttp_exceptions():
+            async for chunk in self.response.content.iter_any():
+                yield chunk
+
+    async def aclose(self) -> None:
+        # A body read to its end returns the connection to the pool; otherwise it is closed
+        # (aiohttp never reuses a connection with unread or unexpected bytes).
+        self.response.release()
+        self.release()
+
+
+class _Slot:
+    """One of ``max_connections``, given back once."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self.semaphore: asyncio.Semaphore | None = semaphore
+
+    def __call__(self) -> None:
+        if self.semaphore is not None:
+            self.semaphore.release()
+            self.semaphore = None
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    def __init__(
+        self,
+        max_connections: int = 256,
+        keepalive_expiry: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.max_connections = max_connections
+        self.keepalive_expiry = keepalive_expiry
+        self.ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(max_connections)
+        self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        # The pool is limited by self._slots, so aiohttp's connector never waits (its wait
+        # would be indistinguishable from a connect timeout); idle connections are at most
+        # the requests that ran at once.
+        connector = _Connector(
+            limit=0,
+            keepalive_timeout=self.keepalive_expiry,
+            ssl=self.ssl_context if self.ssl_context is not None else True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            auto_decompress=False,
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+            max_headers=MAX_RESPONSE_HEADERS,
+            max_line_size=MAX_FIELD_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+        )
+        return self._session
+
+    def _client_timeout(self, timeout: dict[str, float | None]) -> aiohttp.ClientTimeout:
+        key = (timeout.get("connect"), timeout.get("read"))
+        found = self._timeouts.get(key)
+        if found is None:
+            found = self._timeouts[key] = aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1])
+        return found
+
+    async def _acquire(self, timeout: float | None) -> _Slot:
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx.PoolTimeout("no free upstream connection") from None
+        else:
+            await self._slots.acquire()
+        return _Slot(self._slots)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        timeout: dict[str, float | None] = request.extensions.get("timeout", {})
+        url = _target_url(request)
+        headers, upload = _framing(request, timeout.get("write"))
+        release = await self._acquire(timeout.get("pool"))
+        try:
+            with map_aiohttp_exceptions(upload):
+                call = session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=upload.chunks() if upload is not None else None,
+                    allow_redirects=False,
+                    timeout=self._client_timeout(timeout),
+                    middlewares=None if request.method in _SAFE_METHODS else _SEND_ONCE,
+                )
+                if upload is None:
+                    response = await call
+                else:
+                    async with asyncio.timeout(None) as upload.deadline:
+                        response = await call
+                    upload.deadline = None
+            if 100 <= response.status < 200:
+                # RFC 9110 §15.2: interim answers are consumed below us; a 101 to a request
+                # that asked for no upgrade (Upgrade is hop-by-hop, never forwarded) is refused.
+                response.close()
+                raise httpx.RemoteProtocolError("unexpected protocol upgrade from the upstream")
+        except BaseException:
+            release()
+            raise
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            stream=_ResponseStream(response, release),
+            extensions={"http_version": b"HTTP/1.1"},
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _target_url(request: httpx.Request) -> URL:
+    """The upstream origin with the request-target exactly as given (no re-quoting)."""
+    origin = request.url
+    target: bytes = request.extensions.get("target") or origin.raw_path
+    # RFC 9112 §3.2 origin-form: visible ASCII, no whitespace (which would split the request
+    # line) and no "#" (a fragment is never sent, RFC 9110 §4.2.4).
+    if not _ORIGIN_FORM.fullmatch(target):
+        raise httpx.LocalProtocolError("request-target is not in origin-form")
+    text = target.decode("ascii")
+    try:
+        url = URL(f"{origin.scheme}://{origin.netloc.decode('ascii')}{text}", encoded=True)
+    except ValueError:
+        raise httpx.LocalProtocolError("request-target is not a valid URL") from None
+    # What goes on the request line is what was checked, or nothing is sent.
+    if url.raw_path_qs != text:
+        raise httpx.LocalProtocolError("request-target does not round-trip")
+    return url
+
+
+def _framing(request: httpx.Request, write_timeout: float | None) -> tuple[list[tuple[str, str]], _Upload | None]:
+    """The header fields as aiohttp wants them (text) and the body to stream, if any.
+
+    aiohttp writes header text as UTF-8 and refuses control characters (RFC 9110 §5.5): a
+    field is decoded as UTF-8, so what it writes back is the bytes that came in; bytes that
+    are not UTF-8 cannot be written unchanged, and the request is refused.
+    """
+    headers: list[tuple[str, str]] = []
+    length = chunked = False
+    try:
+        for name, value in request.headers.raw:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                chunked = True  # a body of unknown length: aiohttp writes the chunked framing
+                continue
+            if lower == b"content-length":
+                length = value.strip() not in (b"0", b"")
+            headers.append((name.decode("ascii"), value.decode("utf-8")))
+    except UnicodeDecodeError:
+        raise httpx.LocalProtocolError("a header field is not UTF-8") from None
+    if chunked:
+        # RFC 9112 §6.3: Content-Length beside Transfer-Encoding would let the upstream frame
+        # the body differently from us; only the chunked framing is sent.
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    if not (chunked or length):
+        return headers, None
+    stream = request.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    return headers, _Upload(stream, write_timeout)
