@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import logging
 import os
 import sys
 import time
@@ -27,7 +26,10 @@ from gateway import config as config_module
 from gateway.config import Config
 from gateway.crypto import SecretBox, decrypt_legacy, new_key
 from gateway.errors import ConfigError, DecryptError, StoreError
+from gateway.logs import configure_logging
+from gateway.server import HeadLimits, LimitedConfig, serve_uvicorn
 from gateway.store import Store, open_store_from_url
+from gateway.tables import redact_url
 
 T = TypeVar("T")
 
@@ -46,14 +48,6 @@ def _print_config_error(exc: ConfigError, path: str | None) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 async def _with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
     await store.open()
@@ -66,43 +60,63 @@ async def _with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> 
 # -- run -------------------------------------------------------------------------------------
 
 
+def _configure_logging(config: Config) -> None:
+    jwt_cookie = config.identity.jwt.cookie if config.identity.jwt else None
+    configure_logging(
+        config.server.log_level,
+        headers=(config.totp.header,),
+        cookies=tuple(c for c in (config.session.cookie, jwt_cookie) if c),
+    )
+
+
 def _app_factory() -> object:
-    """For uvicorn workers > 1: each worker process loads the config the parent checked."""
+    """For uvicorn workers > 1: each worker process loads the config the parent checked (and,
+    being a fresh process, sets up its own logging)."""
     from gateway.app import create_app
 
-    return create_app(_load(os.environ.get(config_module.ENV_CONFIG)))
+    config = _load(os.environ.get(config_module.ENV_CONFIG))
+    _configure_logging(config)
+    return create_app(config)
 
 
-def serve(config: Config, config_path: str | None = None) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
-
-    configure_logging(config.server.log_level)
-    try:
-        asyncio.run(_with_store(config, lambda store: store.ping()))
-    except StoreError as exc:
-        print(f"gateway: the store at {config.store.url.split('@')[-1]} is unreachable: {exc}", file=sys.stderr)
-        return 1
-    common: dict[str, object] = dict(
-        host=config.server.host,
-        port=config.server.port,
-        log_level=config.server.log_level,
-        access_log=config.server.access_log,
+def uvicorn_config(config: Config, app: object) -> LimitedConfig:
+    """The one uvicorn configuration of ``gateway run`` and ``gateway demo`` (tests use it too)."""
+    server = config.server
+    return LimitedConfig(
+        app,
+        head_limits=HeadLimits(server.max_head_bytes, server.max_headers, server.head_timeout),
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        access_log=server.access_log,
+        timeout_keep_alive=server.keepalive_timeout,
         # The gateway reads X-Forwarded-For itself, from trusted proxies only; uvicorn's
         # own rewriting of the client address would let it be spoofed.
         proxy_headers=False,
         server_header=False,
         lifespan="on",
         log_config=None,
+        workers=server.workers,
+        factory=isinstance(app, str),
     )
+
+
+def serve(config: Config, config_path: str | None = None) -> int:
+    from gateway.app import create_app
+
+    _configure_logging(config)
+    try:
+        asyncio.run(_with_store(config, lambda store: store.ping()))
+    except StoreError as exc:
+        print(f"gateway: the store at {redact_url(config.store.url)} is unreachable: {exc}", file=sys.stderr)
+        return 1
     if config.server.workers > 1:
         if config_path:
             os.environ[config_module.ENV_CONFIG] = os.path.abspath(config_path)
-        uvicorn.run("gateway.cli:_app_factory", factory=True, workers=config.server.workers, **common)  # type: ignore[arg-type]
+        started = serve_uvicorn(uvicorn_config(config, "gateway.cli:_app_factory"))
     else:
-        uvicorn.run(create_app(config), **common)  # type: ignore[arg-type]
-    return 0
+        started = serve_uvicorn(uvicorn_config(config, create_app(config)))
+    return 0 if started else 1
 
 
 # -- users -----------------------------------------------------------------------------------

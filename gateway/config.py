@@ -52,6 +52,11 @@ class ServerConfig:
     workers: int = 1
     log_level: str = "info"
     access_log: bool = False
+    # Limits on what a client may send before any rule runs (gateway/server.py).
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    head_timeout: float = 30.0
+    keepalive_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +193,10 @@ def _server(data: Any, problems: list[str]) -> ServerConfig:
         workers=t.number("workers", d.workers, 1, 64),
         log_level=t.choice("log_level", d.log_level, ("critical", "error", "warning", "info", "debug")),
         access_log=t.get("access_log", bool, d.access_log),
+        max_head_bytes=t.number("max_head_bytes", d.max_head_bytes, 1024, 1024 * 1024),
+        max_headers=t.number("max_headers", d.max_headers, 10, 1000),
+        head_timeout=t.number("head_timeout", d.head_timeout, 0.1, 300.0),
+        keepalive_timeout=t.number("keepalive_timeout", d.keepalive_timeout, 0.1, 3600.0),
     )
     t.finish()
     return cfg

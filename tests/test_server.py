@@ -1,0 +1,215 @@
+"""Limits on request heads (gateway/server.py), attacked with raw sockets against the real
+``gateway run`` process: huge heads, many headers, heads that never end, idle connections."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+from websockets.sync.client import connect
+
+from gateway import config as config_module
+from tests.support.servers import ROOT, UpstreamProcess, free_port, wait_for_port
+
+HEAD_TIMEOUT = 1.0
+KEEPALIVE_TIMEOUT = 1.0
+BOUND = 20.0  # "closed within a generous bound": far above the configured 1 s, never a timing claim
+
+
+class Gateway:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=BOUND)
+        return sock
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    path = tmp / "gateway.toml"
+    path.write_text(
+        f"""
+[server]
+port = {port}
+log_level = "warning"
+head_timeout = {HEAD_TIMEOUT}
+keepalive_timeout = {KEEPALIVE_TIMEOUT}
+
+[upstream]
+url = "{upstream.url}"
+
+[store]
+url = "sqlite:///{tmp}/gateway.db"
+
+[paths]
+exclude = ["/public/*"]
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env[config_module.ENV_KEYS] = Fernet.generate_key().decode()
+    env[config_module.ENV_PEPPER] = Fernet.generate_key().decode()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(path)], env=env, cwd=ROOT)
+    try:
+        wait_for_port(port)
+        yield Gateway(proc, port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    """Send what the server will read; it may close before the end (that is the point)."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (or resets) the connection."""
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def refused_or_closed(answer: bytes) -> bool:
+    return answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_huge_unfinished_header_is_refused_and_costs_no_memory(gateway: Gateway) -> None:
+    big = b"a" * (4 * 1024 * 1024)
+    before = gateway.rss()
+    socks = [gateway.connect() for _ in range(8)]
+    for sock in socks:
+        send_quietly(sock, b"GET /public/echo HTTP/1.1\r\nHost: x\r\nX-Big: " + big)  # never finished
+    grown = gateway.rss() - before
+    answers = [read_all(sock) for sock in socks]
+    for sock in socks:
+        sock.close()
+    assert all(refused_or_closed(a) for a in answers), [a[:40] for a in answers]
+    assert any(a.startswith(b"HTTP/1.1 431 ") for a in answers)
+    # 8 x 4 MiB were sent; what the process may keep of them is bounded by the head limit.
+    assert grown < 16 * 1024 * 1024, grown
+
+
+def test_a_complete_oversized_header_is_refused(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        send_quietly(sock, b"GET /public/echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 200_000 + b"\r\n\r\n")
+        answer = read_all(sock)
+    assert refused_or_closed(answer)
+    assert b"request_header_fields_too_large" in answer or answer == b""
+
+
+def test_a_thousand_headers_are_refused(gateway: Gateway) -> None:
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(1000))
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /public/echo HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:60]
+    assert b'"error":"request_header_fields_too_large"' in answer
+
+
+def test_a_head_within_the_limits_passes_and_a_large_body_is_not_a_head(gateway: Gateway) -> None:
+    body = os.urandom(1024 * 1024)
+    headers = {f"X-F{i}": "v" * 200 for i in range(60)}  # 60 fields, about 13 KiB
+    with httpx.Client(base_url=f"http://127.0.0.1:{gateway.port}", timeout=BOUND) as client:
+        for _ in range(3):  # keep-alive: each request on the same connection gets a fresh count
+            r = client.post("/public/echo", content=body, headers=headers)
+            assert r.status_code == 200
+            assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_pipelined_requests_still_work(gateway: Gateway) -> None:
+    request = b"GET /public/echo HTTP/1.1\r\nHost: x\r\n\r\n"
+    with gateway.connect() as sock:
+        sock.sendall(request * 3 + b"GET /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.count(b"HTTP/1.1 200 ") == 4
+
+
+def test_a_head_that_never_ends_is_closed_by_the_deadline(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /public/echo HTTP/1.1\r\nHost: x\r\n")
+        assert read_all(sock) == b""
+
+
+def test_a_trickled_head_is_closed_by_the_deadline(gateway: Gateway) -> None:
+    """Slowloris: a byte now and then does not extend the deadline."""
+    started = time.monotonic()
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /public/echo HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        while time.monotonic() - started < BOUND:
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.2)
+            try:
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                closed = True
+                break
+    assert closed
+
+
+def test_a_connection_that_sends_nothing_is_closed(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        assert read_all(sock) == b""
+
+
+def test_an_idle_keep_alive_connection_is_closed(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /public/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(
+            next(
+                v
+                for k, _, v in (line.partition(b": ") for line in head.split(b"\r\n"))
+                if k.lower() == b"content-length"
+            )
+        )
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        assert read_all(sock) == b""  # closed by the server, not by us
+
+
+def test_a_websocket_handshake_still_works(gateway: Gateway) -> None:
+    with connect(f"ws://127.0.0.1:{gateway.port}/public/ws", open_timeout=BOUND) as ws:
+        assert ws.recv(timeout=BOUND) == "hello "
+        ws.send("ping")
+        assert ws.recv(timeout=BOUND) == "echo ping"
