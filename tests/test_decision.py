@@ -165,7 +165,7 @@ class ExplodingStore:
 
 async def test_unexpected_exceptions_deny(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
-    decider = Decider(cfg, SecondFactor(cfg, ExplodingStore(None)))  # type: ignore[arg-type]
+    decider = Decider(cfg, SecondFactor(cfg, ExplodingStore(None)))
     result = await decider.decide(facts(code="123456"))
     assert result.reason is Reason.INTERNAL and not result.allowed
 
@@ -286,3 +286,46 @@ async def test_a_pending_secret_under_a_removed_key_is_no_enrolment(tmp_path: Pa
     assert not await after.is_enrolled("alice")
     await factors.store.close()
     await after.store.close()
+
+
+# -- issue 10: lockouts stop guessing, not sessions; one session per request ------------------
+async def test_a_lockout_does_not_refuse_a_live_session_of_the_same_user(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock, limits={"max_failures": 3, "ip_max_failures": 3})
+    secret = await enrol_direct(cfg, factors, "alice")
+    opened = await decider.decide(facts(code=pyotp.TOTP(secret).at(clock.now)))
+    assert opened.new_session is not None
+    cookie = f"{cfg.session.cookie}={opened.new_session}"
+    for _ in range(4):  # the user and the address are both locked out now
+        await decider.decide(facts(code="000000"))
+    assert (await decider.decide(facts(code="000000"))).reason is Reason.LOCKED
+    assert (await decider.decide(facts(cookie=cookie))).reason is Reason.SESSION
+    # The session is still Alice's alone.
+    assert (await decider.decide(facts(user="bob", cookie=cookie))).reason is not Reason.SESSION
+    await factors.store.close()
+
+
+async def test_the_code_that_reaches_the_limit_says_locked(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock, limits={"max_failures": 3, "lockout": 60})
+    await enrol_direct(cfg, factors, "alice")
+    assert (await decider.decide(facts(code="000000"))).reason is Reason.INVALID_CODE
+    assert (await decider.decide(facts(code="000000"))).reason is Reason.INVALID_CODE
+    third = await decider.decide(facts(code="000000"))
+    assert third.reason is Reason.LOCKED and third.retry_after == 60
+    await factors.store.close()
+
+
+async def test_two_different_session_cookies_are_ambiguous(tmp_path: Path) -> None:
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock)
+    name = cfg.session.cookie
+    await enrol_direct(cfg, factors, "alice")
+    mine = await factors.open_session("alice")
+    for cookie in (f"{name}=other; {name}={mine}", f"{name}={mine}; {name}=other"):
+        assert (await decider.decide(facts(cookie=cookie))).reason is Reason.AMBIGUOUS_IDENTITY
+    raw = [(b"remote-user", b"alice"), (b"cookie", f"{name}={mine}".encode()), (b"cookie", f"{name}=x".encode())]
+    split = Facts(method="GET", path="/admin", client="192.0.2.10", peer_trusted=True, headers=Headers(raw=raw))
+    assert (await decider.decide(split)).reason is Reason.AMBIGUOUS_IDENTITY
+    assert (await decider.decide(facts(cookie=f"{name}={mine}; {name}={mine}"))).reason is Reason.SESSION
+    await factors.store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,15 +11,17 @@ import httpx
 import jwt
 import pyotp
 import pytest
+import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.datastructures import Headers
 
 from gateway import config as config_module
+from gateway import identity as identity_module
 from gateway.config import IdentityConfig, JwtConfig
-from gateway.errors import Reason
+from gateway.errors import DENIALS, Reason
 from gateway.identity import IdentityReader, read_cookie, valid_user
-from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
+from tests.support.servers import GatewayServer, UpstreamProcess, enrol, free_port, make_config
 
 SECRET = "s3cret-" * 6
 AUD = "fastapi-users:auth"
@@ -149,3 +152,127 @@ def test_jwt_mode_end_to_end(upstream: UpstreamProcess, tmp_path: Path) -> None:
         assert seen["authorization"] == bearer["Authorization"]  # the app still gets its own token
     finally:
         server.stop()
+
+
+# -- one request, one identity (issue 10) ---------------------------------------------------
+def raw_read(reader: IdentityReader, raw: list[tuple[bytes, bytes]], trusted: bool = True) -> tuple[Any, Reason]:
+    """Headers exactly as they came off the wire, duplicates and all."""
+    return reader.read(Headers(raw=raw), trusted)
+
+
+def test_jwt_candidates_that_disagree_are_ambiguous() -> None:
+    reader = hs_reader()
+    alice, mallory = token({"sub": "alice"}), token({"sub": "mallory"})
+    ambiguous = (None, Reason.AMBIGUOUS_IDENTITY)
+    # Bearer (read first, before) and a cookie of the configured name (what the app reads).
+    assert (
+        raw_read(reader, [(b"authorization", f"Bearer {mallory}".encode()), (b"cookie", f"auth={alice}".encode())])
+        == ambiguous
+    )
+    # Two cookies of the name in one header: this module read the first, Starlette the last.
+    assert raw_read(reader, [(b"cookie", f"auth={mallory}; x=1; auth={alice}".encode())]) == ambiguous
+    # ...or in two Cookie headers (Starlette reads only the first header).
+    assert (
+        raw_read(reader, [(b"cookie", f"auth={mallory}".encode()), (b"cookie", f"auth={alice}".encode())]) == ambiguous
+    )
+    # Two Authorization headers, even with one token each.
+    assert (
+        raw_read(
+            reader, [(b"authorization", f"Bearer {mallory}".encode()), (b"authorization", f"Bearer {alice}".encode())]
+        )
+        == ambiguous
+    )
+    # An empty cookie of the name next to a token is no second candidate; equal copies are one.
+    identity, _ = raw_read(reader, [(b"authorization", f"Bearer {alice}".encode()), (b"cookie", b"auth=")])
+    assert identity is not None and identity.user == "alice"
+    identity, _ = raw_read(
+        reader, [(b"authorization", f"Bearer {alice}".encode()), (b"cookie", f"auth={alice}".encode())]
+    )
+    assert identity is not None and identity.user == "alice"
+
+
+def test_header_mode_duplicates_or_a_joined_value_are_ambiguous() -> None:
+    reader = IdentityReader(IdentityConfig())
+    ambiguous = (None, Reason.AMBIGUOUS_IDENTITY)
+    assert raw_read(reader, [(b"remote-user", b"mallory"), (b"remote-user", b"alice")]) == ambiguous
+    assert raw_read(reader, [(b"remote-user", b"alice"), (b"remote-user", b"alice")]) == ambiguous
+    assert raw_read(reader, [(b"remote-user", b"mallory, alice")]) == ambiguous
+    # From an untrusted peer the header is ignored altogether, duplicates or not.
+    assert (
+        raw_read(reader, [(b"remote-user", b"a"), (b"remote-user", b"b")], trusted=False)[1] is Reason.IDENTITY_REQUIRED
+    )
+
+
+def test_read_one_cookie_across_headers() -> None:
+    read_one_cookie = identity_module.read_one_cookie
+    assert read_one_cookie(Headers(raw=[(b"cookie", b"s=1; t=2"), (b"cookie", b"s=1")]), "s") == ("1", False)
+    assert read_one_cookie(Headers(raw=[(b"cookie", b"s=1"), (b"cookie", b"s=2")]), "s") == (None, True)
+    assert read_one_cookie(Headers(raw=[(b"cookie", b"s=1; s=2")]), "s") == (None, True)
+    assert read_one_cookie(Headers(raw=[(b"cookie", b"ss=1; xs=2")]), "s") == (None, False)
+    assert read_one_cookie(Headers(raw=[]), "s") == (None, False)
+
+
+def test_ambiguous_identity_is_a_401_with_the_json_error() -> None:
+    status, detail = DENIALS[Reason.AMBIGUOUS_IDENTITY]
+    assert status == 401 and detail and Reason.AMBIGUOUS_IDENTITY.value == "ambiguous_identity"
+
+
+async def _last_cookie_app(scope: Any, receive: Any, send: Any) -> None:
+    """A Starlette app that, like FastAPI Users, reads its JWT from ``request.cookies`` (the first
+    Cookie header, the last cookie of a name) and serves that user's private data."""
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+
+    request = Request(scope, receive)
+    try:
+        claims = jwt.decode(request.cookies.get("auth", ""), SECRET, algorithms=["HS256"], audience=AUD)
+        response = PlainTextResponse(f"private data of {claims['sub']}")
+    except jwt.PyJWTError:
+        response = PlainTextResponse("who are you?", status_code=401)
+    await response(scope, receive, send)
+
+
+def test_differential_the_app_never_gets_another_users_cookie(tmp_path: Path) -> None:
+    """Mallory's token and 2FA session, plus Alice's cookie: the gateway used to pass the request
+    on Mallory's token while the app served Alice (issue 10). Now it never reaches the app."""
+    app_server = uvicorn.Server(
+        uvicorn.Config(_last_cookie_app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=app_server.run, daemon=True)
+    thread.start()
+    while not app_server.started:
+        assert thread.is_alive()
+        time.sleep(0.01)
+    cfg = make_config(
+        tmp_path,
+        upstream=f"http://127.0.0.1:{app_server.config.port}",
+        identity={"mode": "jwt", "jwt": {"audience": AUD, "cookie": "auth"}},
+        env={config_module.ENV_JWT_SECRET: SECRET},
+    )
+    gateway = GatewayServer(cfg).start()
+    try:
+        alice, mallory = token({"sub": "alice"}), token({"sub": "mallory"})
+        secret = enrol(cfg, "mallory")
+        enrol(cfg, "alice")
+        opened = httpx.get(
+            gateway.url + "/", headers={"Cookie": f"auth={mallory}", "X-2FA-Code": pyotp.TOTP(secret).now()}
+        )
+        assert opened.status_code == 200 and opened.text == "private data of mallory"
+        session = f"{cfg.session.cookie}={opened.cookies[cfg.session.cookie]}"
+        attacks: list[list[tuple[str, str]]] = [
+            [("Authorization", f"Bearer {mallory}"), ("Cookie", f"{session}; auth={alice}")],
+            [("Cookie", f"auth={mallory}; {session}; auth={alice}")],
+            [("Cookie", f"{session}; auth={mallory}"), ("Cookie", f"auth={alice}")],
+            [("Cookie", f"auth={alice}; {session}"), ("Cookie", f"auth={mallory}")],
+        ]
+        for headers in attacks:
+            r = httpx.get(gateway.url + "/", headers=headers)
+            assert "alice" not in r.text
+            assert r.status_code == 401 and r.json()["error"] == "ambiguous_identity", headers
+        # Mallory alone still works; his cookie twice is still one identity.
+        r = httpx.get(gateway.url + "/", headers=[("Cookie", f"auth={mallory}; {session}; auth={mallory}")])
+        assert r.status_code == 200 and r.text == "private data of mallory"
+    finally:
+        gateway.stop()
+        app_server.should_exit = True
+        thread.join(timeout=15)
