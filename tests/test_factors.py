@@ -185,3 +185,18 @@ async def test_a_lockout_leaves_a_live_session_alone(gateway: Gateway) -> None:
     # Someone else's session is no session, locked or not.
     mallory = {**with_session, "Remote-User": "mallory"}
     assert (await gateway.client.get("/auth", headers=mallory)).status_code != 200
+
+
+async def test_the_lockout_page_says_how_long_and_links_back(gateway: Gateway) -> None:
+    totp = await gateway.enrol("alice")
+    headers = {"Remote-User": "alice", "X-Forwarded-For": "203.0.113.7", "Accept": "text/html"}
+    answers = [
+        await gateway.client.post("/verify-2fa", data={"code": wrong_code(totp, i), "next": "/app/x"}, headers=headers)
+        for i in range(LIMITS["max_failures"])
+    ]
+    assert [r.status_code for r in answers] == [401] * (LIMITS["max_failures"] - 1) + [429]
+    page = answers[-1]
+    assert page.headers["content-type"].startswith("text/html") and page.headers["retry-after"] == "900"
+    assert "Try again in 15 minutes" in page.text
+    assert 'href="/verify-2fa?next=/app/x"' in page.text and 'href="/app/x"' in page.text
+    assert "wrong or expired" not in page.text
