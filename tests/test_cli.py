@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from gateway.demo import demo_config, prepare_state
 from gateway.errors import Reason
 from gateway.factors import SecondFactor
 from gateway.store import Quota, Store, open_store_from_url
-from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port
+from tests.conftest import need_binary
+from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port, wait_for_port
 
 
 def encrypt_secret(secret: str, encryption_key: str) -> str:
@@ -320,3 +322,70 @@ def test_run_with_an_unreachable_redis_fails_fast(cli: Cli) -> None:
     assert result.returncode == 1
     assert "is unreachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "redis://:{pw}@127.0.0.1:{port}/0",
+        "redis://gw:{pw}@127.0.0.1:{port}/0",
+        "redis://:{pw}@x@127.0.0.1:{port}/0",  # an unencoded "@" inside the password
+        "redis://127.0.0.1:{port}/0?password={pw}",
+        "unix:///nonexistent/redis.sock?db=0&password={pw}",
+    ],
+)
+def test_run_never_prints_the_store_password_when_the_store_is_down(cli: Cli, template: str) -> None:
+    password = "pw" + secrets.token_hex(12)
+    cli.path.write_text("")
+    cli.env[config_module.ENV_STORE_URL] = template.format(pw=password, port=free_port())
+    result = cli("run")
+    leaked = password in result.stdout + result.stderr
+    assert not leaked, "the password appears in the output"
+    assert result.returncode == 1 and "is unreachable" in result.stderr
+    assert "***" in result.stderr  # the URL is shown whole, with the password redacted
+
+
+def test_run_never_prints_the_store_password_at_start_up(cli: Cli, tmp_path: Path) -> None:
+    """A real Redis that requires the password: ``gateway run`` starts, serves, stops; nothing
+    it printed on the way (at debug level, access log on) holds the password."""
+    password = "pw" + secrets.token_hex(12)
+    redis_port, port = free_port(), free_port()
+    redis = subprocess.Popen(
+        [
+            need_binary("redis-server"),
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--requirepass",
+            password,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(redis_port)
+        cli.path.write_text(f'[server]\nport = {port}\nlog_level = "debug"\naccess_log = true\n')
+        cli.env[config_module.ENV_STORE_URL] = f"redis://default:{password}@127.0.0.1:{redis_port}/0"
+        argv = [sys.executable, "-m", "gateway", "run", "--config", str(cli.path)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | cli.env
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for_port(port)
+            ready = httpx.get(f"http://127.0.0.1:{port}/_gateway/ready", timeout=30)
+        finally:
+            proc.terminate()
+            output, _ = proc.communicate(timeout=30)
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+    assert ready.status_code == 200  # it did reach Redis with the password
+    assert "gateway ready" in output and "default:***@127.0.0.1" in output
+    leaked = password in output
+    assert not leaked, "the password appears in the output"
