@@ -131,7 +131,10 @@ class Recorder:
                         status_code=200,
                         headers=[(SEQ_HEADER, str(current.seq)), ("content-length", str(len(body)))],
                     )
-                    writer.write(conn.send(response) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+                    out = conn.send(response)
+                    if current.method != "HEAD":  # RFC 9110 §9.3.2: the same head, no content
+                        out += conn.send(h11.Data(data=body))
+                    writer.write(out + conn.send(h11.EndOfMessage()))
                     await writer.drain()
                     current = None
                     if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
@@ -164,12 +167,16 @@ class _ResponseParser:
 
     def __init__(self) -> None:
         self.answers: list[Answer] = []
+        self.head: Answer | None = None
         self._headers: dict[str, str] = {}
         self._body = b""
         self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.head = Answer(self.parser.get_status_code(), dict(self._headers))
 
     def on_body(self, body: bytes) -> None:
         self._body += body
@@ -198,6 +205,8 @@ class RawClient:
     def ask(self, data: bytes) -> Answer | None:
         if self.closed:
             return None
+        if data.startswith(b"HEAD "):
+            return self._ask_head(data)
         wanted = len(self.parser.answers) + 1
         try:
             self.sock.sendall(data)
@@ -210,6 +219,28 @@ class RawClient:
         except (OSError, httptools.HttpParserError):
             self.closed = True
         return self.parser.answers[wanted - 1] if len(self.parser.answers) >= wanted else None
+
+    def _ask_head(self, data: bytes) -> Answer | None:
+        # RFC 9110 §9.3.2: the answer to HEAD has the framing headers of a GET but no content,
+        # which a response parser cannot know: parse its head alone.
+        buffer = b""
+        try:
+            self.sock.sendall(data)
+            while b"\r\n\r\n" not in buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    self.closed = True
+                    return None
+                buffer += chunk
+        except OSError:
+            self.closed = True
+            return None
+        parser = _ResponseParser()
+        try:
+            parser.parser.feed_data(buffer.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+        except httptools.HttpParserError:
+            self.closed = True
+        return parser.head
 
 
 def exchange(port: int, data: bytes, timeout: float = 5.0) -> Answer | None:
