@@ -199,7 +199,7 @@ def requests(draw: st.DrawFn, cookies: dict[str, str]) -> Spec:
     users = [proven] if proven else draw(st.lists(st.sampled_from([*USERS, "mallory"]), max_size=2))
     headers += [("Remote-User", u) for u in users]
     sessions = [proven] if proven else draw(st.lists(st.sampled_from(USERS), max_size=2))
-    if sessions or draw(st.booleans()):
+    if bool(sessions) or draw(st.booleans()):
         jar = [f"{SESSION_COOKIE}={cookies[u]}" for u in sessions] + ["theme=dark"]
         headers.append(("Cookie", "; ".join(draw(st.permutations(jar)))))
     headers += draw(st.lists(st.sampled_from(EXTRA_HEADERS), max_size=4, unique=True))
