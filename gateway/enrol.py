@@ -38,7 +38,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
@@ -46,7 +46,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.errors import DENIALS, DecryptError, Reason, StoreError
 from gateway.factors import Outcome
 from gateway.identity import read_cookie
-from gateway.inputs import BadInput, negotiate, read_fields, safe_target
+from gateway.inputs import BadInput, negotiate, read_fields, read_query, safe_target
 from gateway.pages import PAGE_HEADERS, Pages, group_secret
 from gateway.qr import png_data_url, qr_png
 from gateway.responses import send_denial, send_json, send_response
@@ -142,7 +142,7 @@ class Enrolment:
                 await send_denial(tracked, why, accept)
                 return
             call = _Call(scope, headers, facts.client, identity.user, identity.label, html)
-            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), max_num_fields=20))
+            query = read_query(scope)
             if method == "POST":
                 call.fields = await read_fields(scope, receive, headers)
             call.next = safe_target(call.fields.get("next") or query.get("next"), self.own)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -23,6 +23,7 @@ from gateway.paths import canonical_path, encode_path
 
 MAX_BODY = 16 * 1024
 _MAX_FIELD = 4096
+_MAX_FIELDS = 20  # a query or form with more is not one of our forms (and parsing it costs)
 _FIELDS = ("code", "recovery_code", "next")
 _TARGET_MAX = 2048
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
@@ -107,6 +108,26 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+def _unique(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """``pairs`` as a dict; BadInput when one of our fields comes twice: which one would the
+    reader of a log, a proxy or another framework have taken?"""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data and key in _FIELDS:
+            raise BadInput(f"{key} is given more than once")
+        data[key] = value
+    return data
+
+
+def read_query(scope: Scope) -> dict[str, str]:
+    """The query's fields: at most 20, ours at most once each; BadInput otherwise."""
+    try:
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), max_num_fields=_MAX_FIELDS)
+    except ValueError:
+        raise BadInput("too many query parameters") from None
+    return _unique(pairs)
+
+
 async def read_fields(scope: Scope, receive: Receive, headers: Headers) -> dict[str, str]:
     """The known fields of a JSON or form body, each a string; BadInput otherwise."""
     body = await _read_body(receive)
@@ -114,16 +135,17 @@ async def read_fields(scope: Scope, receive: Receive, headers: Headers) -> dict[
     data: Any
     if content_type == "application/json":
         try:
-            data = json.loads(body)
+            data = json.loads(body, object_pairs_hook=_unique)
         except (ValueError, RecursionError):
             raise BadInput("not JSON") from None
         if not isinstance(data, dict):
             raise BadInput("not a JSON object")
     elif content_type == "application/x-www-form-urlencoded":
         try:
-            data = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20, errors="strict"))
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=_MAX_FIELDS, errors="strict")
         except (UnicodeDecodeError, ValueError):
             raise BadInput("not a form") from None
+        data = _unique(pairs)
     elif content_type == "multipart/form-data":
         data = await _multipart(scope, body)
     elif not body.strip():
@@ -154,10 +176,10 @@ async def _multipart(scope: Scope, body: bytes) -> dict[str, Any]:
 
     request = Request(scope, replay)
     try:
-        form = await request.form(max_files=0, max_fields=20)
+        form = await request.form(max_files=0, max_fields=_MAX_FIELDS)
     except Exception:  # python-multipart's and Starlette's parse errors: all one answer
         raise BadInput("not a multipart form") from None
     try:
-        return {key: value for key, value in form.items()}
+        return _unique(form.multi_items())
     finally:
         await form.close()

@@ -325,11 +325,29 @@ def test_every_route_needs_an_identity(gateway: GatewayServer, route: str, metho
         ("application/x-www-form-urlencoded", b"code=%ff%fe"),
         ("multipart/form-data; boundary=x", b"--x\r\nnot a part"),
         ("application/json", b'{"code": "' + b"1" * 20000 + b'"}'),
+        # A field given twice: which one would another reader of the request have taken?
+        ("application/json", b'{"code": "123456", "code": "654321"}'),
+        ("application/x-www-form-urlencoded", b"code=123456&code=654321"),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="code"\r\n\r\n1\r\n'
+            b'--x\r\nContent-Disposition: form-data; name="code"\r\n\r\n2\r\n--x--\r\n',
+        ),
+        ("application/x-www-form-urlencoded", b"&".join(b"f%d=v" % i for i in range(21))),
     ],
 )
 def test_malformed_bodies_are_400(gateway: GatewayServer, content_type: str, body: bytes) -> None:
     with client(gateway) as c:
         r = c.post("/verify-2fa", content=body, headers={"Content-Type": content_type})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_input"
+
+
+@pytest.mark.parametrize("query", ["&".join(f"q{i}=1" for i in range(21)), "next=/a&next=/b"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_too_many_or_duplicated_query_parameters_are_400(gateway: GatewayServer, query: str, method: str) -> None:
+    """Issue 10.5: 21 parameters were a 500 and a traceback."""
+    with client(gateway) as c:
+        r = c.request(method, f"/verify-2fa?{query}", json={})
         assert r.status_code == 400 and r.json()["error"] == "invalid_input"
 
 
