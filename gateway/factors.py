@@ -126,8 +126,8 @@ class SecondFactor:
         """A lock this worker saw within ``store.cache_ttl``: refused with no store round trip,
         which is what an attacker's flood meets. Only a hint: the store has the last word."""
         now = self.clock()
-        for quota in self._quotas(user, client):
-            hit, until = self._locks.get(quota.scope)
+        for scope in (f"user:{user}", f"ip:{client}" if client else None):
+            hit, until = self._locks.get(scope) if scope else (False, None)
             if hit and isinstance(until, float) and until > now:
                 return _locked(until, now)
         return None

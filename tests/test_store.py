@@ -571,3 +571,24 @@ async def test_redis_take_attempt_survives_a_script_flush(redis_server: RedisSer
         assert (await store.take_attempt(quota, now)).locked_until == now + 60
     finally:
         await store.close()
+
+
+async def test_redis_batched_attempts_fail_closed_together(
+    redis_server: RedisServer, now: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent attempts share one pipeline: when it fails, every caller gets a StoreError."""
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    await store.open()
+    try:
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise redis_module.RedisConnectionError("down")
+
+        monkeypatch.setattr(store._client, "pipeline", broken)
+        quota = [Quota("user:alice", 5, 60)]
+        results = await asyncio.gather(*(store.take_attempt(quota, now) for _ in range(10)), return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in results)
+        monkeypatch.undo()
+        assert (await store.take_attempt(quota, now)).allowed  # nothing was counted, nothing is stuck
+    finally:
+        await store.close()
