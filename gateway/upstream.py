@@ -325,6 +325,11 @@ def _framing(request: httpx.Request, write_timeout: float | None) -> tuple[list[
                 continue
             if lower == b"content-length":
                 length = value.strip() not in (b"0", b"")
+            elif lower == b"expect":
+                # RFC 9110 §10.1.1: the ASGI server already answered the client's 100-continue;
+                # aiohttp would hold the body back until the upstream sent one, and an upstream
+                # that waits for the body instead would never answer.
+                continue
             headers.append((name.decode("ascii"), value.decode("utf-8")))
     except UnicodeDecodeError:
         raise httpx.LocalProtocolError("a header field is not UTF-8") from None

@@ -311,7 +311,8 @@ async def _capture(tmp_path: Path, req: Callable[[int], httpx.Request]) -> bytes
     async with RawUpstream(handler) as up:
         transport = make_transport(tmp_path, up.port)
         try:
-            response, _ = await send(transport, req(up.port))
+            async with asyncio.timeout(30):  # a hang is a failure, not a stuck run
+                response, _ = await send(transport, req(up.port))
             assert response.status_code == 200
         finally:
             await transport.aclose()
@@ -367,6 +368,12 @@ async def test_one_framing_matching_the_body(
     assert wire.endswith(expected)
     lower = wire.lower()
     assert not (b"content-length" in lower and b"transfer-encoding" in lower)
+
+
+async def test_an_expectation_is_not_forwarded(tmp_path: Path) -> None:
+    headers = [(b"expect", b"100-continue"), (b"content-length", b"5")]
+    wire = await _capture(tmp_path, lambda port: request(port, "POST", b"/", headers, Chunks([b"abc", b"de"])))
+    assert wire == b"POST / HTTP/1.1\r\nhost: up.test\r\ncontent-length: 5\r\n\r\nabcde"
 
 
 async def test_a_header_that_is_not_utf8_or_would_split_a_line_is_refused(tmp_path: Path) -> None:
