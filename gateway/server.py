@@ -37,6 +37,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from gateway.config import ServerConfig
+
 log = logging.getLogger("gateway.server")
 
 
@@ -45,6 +47,10 @@ class HeadLimits:
     max_bytes: int = 64 * 1024
     max_fields: int = 100
     timeout: float = 30.0
+
+
+def head_limits(server: ServerConfig) -> HeadLimits:
+    return HeadLimits(server.max_head_bytes, server.max_headers, server.head_timeout)
 
 
 class LimitedConfig(uvicorn.Config):

@@ -56,7 +56,7 @@ class Table:
         kind: tuple[type, ...] = (int, float) if isinstance(default, float) else (int,)
         value = self.get(key, kind, default)
         if not low <= value <= high:  # type: ignore[operator]
-            self.problem(key, f"{value} is outside {low:g}..{high:g}")
+            self.problem(key, f"{value} is outside {_number(low)}..{_number(high)}")
             return default
         return value
 
@@ -100,6 +100,11 @@ class Table:
     def finish(self) -> None:
         for key in sorted(set(self.data) - self.seen):
             self.problem(key, "unknown key")
+
+
+def _number(x: float) -> str:
+    """1048576 as written, not 1.04858e+06 (``:g`` keeps six digits)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def kind_name(kinds: tuple[type, ...]) -> str:

@@ -37,6 +37,7 @@ def test_example_file_is_valid_and_documents_defaults() -> None:
     assert cfg.session.secure is True
     # every dataclass default is what the example says
     assert cfg.store == config.StoreConfig()
+    assert cfg.server == config.ServerConfig()
     assert cfg.routes == config.RoutesConfig(auth="")  # proxy mode: no /auth unless set
     assert cfg.session == config.SessionConfig()
 
@@ -74,6 +75,9 @@ def test_check_config_command(tmp_path: Path) -> None:
 
 def test_minimal_config_has_safe_defaults() -> None:
     cfg = config.parse({}, env=ENV)
+    # Issue 9.5: request heads are limited with no configuration at all.
+    assert cfg.server.max_head_bytes <= 64 * 1024 and cfg.server.max_headers <= 100
+    assert cfg.server.head_timeout <= 30 and cfg.server.keepalive_timeout <= 30
     assert cfg.upstream.url is None  # forward-auth only until told otherwise
     assert cfg.identity.mode == "header"
     assert cfg.paths.exclude == ()  # nothing is open by default
@@ -113,6 +117,12 @@ def test_minimal_config_has_safe_defaults() -> None:
         ({"limits": {"max_failures": 0}}, "limits.max_failures:"),
         ({"nonsense": {}}, "nonsense: unknown table or key"),
         ({"session": {"secure": "yes"}}, "session.secure: expected a boolean, got str"),
+        ({"server": {"max_head_bytes": 10 * 1024 * 1024}}, "server.max_head_bytes: 10485760 is outside 1024..1048576"),
+        ({"server": {"max_head_bytes": "64k"}}, "server.max_head_bytes: expected an integer, got str"),
+        ({"server": {"max_headers": 5000}}, "server.max_headers: 5000 is outside 10..1000"),
+        ({"server": {"head_timeout": 0}}, "server.head_timeout: 0.0 is outside 0.1..300"),
+        ({"server": {"head_timeout": True}}, "server.head_timeout: expected an integer or a number, got a boolean"),
+        ({"server": {"keepalive_timeout": 7200}}, "server.keepalive_timeout: 7200.0 is outside 0.1..3600"),
     ],
 )
 def test_bad_values_are_named_by_key(data: dict[str, Any], expected: str) -> None:

@@ -213,3 +213,17 @@ def test_a_websocket_handshake_still_works(gateway: Gateway) -> None:
         assert ws.recv(timeout=BOUND) == "hello "
         ws.send("ping")
         assert ws.recv(timeout=BOUND) == "echo ping"
+
+
+def test_gateway_run_and_demo_build_the_same_limited_server(tmp_path: Path) -> None:
+    """`gateway demo` serves through cli.serve too: its uvicorn config carries the limits."""
+    from gateway.cli import uvicorn_config
+    from gateway.demo import demo_config, prepare_state
+    from gateway.server import HeadLimits, LimitedHttpToolsProtocol
+
+    prepare_state(tmp_path / "demo")
+    config = demo_config(tmp_path / "demo", "127.0.0.1", 8080, 9999)
+    built = uvicorn_config(config, "gateway.cli:_app_factory")
+    assert built.http is LimitedHttpToolsProtocol
+    assert built.head_limits == HeadLimits(64 * 1024, 100, 30.0)
+    assert built.timeout_keep_alive == config.server.keepalive_timeout
