@@ -28,7 +28,7 @@ from gateway.pages import PAGE_HEADERS
 from gateway.paths import encode_path
 from gateway.proxy import Forwarder
 from gateway.responses import send_denial, send_json, send_response, wants_html
-from gateway.revocation import SessionWatch, poll_interval
+from gateway.revocation import ReceiveUntilEnded, SessionWatch, admitting_session, poll_interval
 from gateway.store import Store, open_store_from_url
 
 log = logging.getLogger("gateway")
@@ -186,6 +186,11 @@ class Gateway:
         if decision.allowed:
             assert decision.path is not None
             extra = [self.session_cookie(decision.new_session)] if decision.new_session else None
+            # A long response or upload ends with its 2FA session, as a WebSocket does.
+            session = admitting_session(decision, headers, self.config.session.cookie)
+            watched = None
+            if session is not None and decision.user is not None:
+                receive = watched = ReceiveUntilEnded(self.session_watch, session, decision.user, receive)
             try:
                 await self.forwarder.forward(
                     scope,
@@ -199,6 +204,9 @@ class Gateway:
             except Exception:
                 # After the response has started there is nothing left to say but to close.
                 log.exception("forwarding failed")
+            finally:
+                if watched is not None:
+                    watched.close()
             return
         await self.deny(scope, send, decision, headers)
 

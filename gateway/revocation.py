@@ -16,6 +16,14 @@ tiny or zero ``cache_ttl`` does not turn into a flood of store reads: with ``cac
 
 A store that does not answer ends nothing: the connections stay open and the next pass asks
 again (the outage is logged). New requests are still refused while the store is down.
+
+Streaming HTTP responses follow the same rule at no cost to the common request:
+:class:`ReceiveUntilEnded` starts watching only when the forwarder first listens to the client,
+which it does for a request body and for a large or unbounded response (server-sent events, long
+downloads), never for a small answer. When the session ends it reports the client gone
+(``http.disconnect``), so the forwarder stops relaying and closes the upstream response; the
+client's connection is closed mid-body (uvicorn logs "ASGI callable returned without completing
+response"), so a download is never mistaken for complete.
 """
 
 from __future__ import annotations
@@ -24,8 +32,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
-from gateway.errors import StoreError
+from starlette.types import Message, Receive
+
+from gateway.decision import Decision
+from gateway.errors import Reason, StoreError
+from gateway.identity import read_cookie
 
 log = logging.getLogger("gateway.revocation")
 
@@ -40,6 +53,19 @@ SessionLookup = Callable[[str], Awaitable[str | None]]
 
 def poll_interval(cache_ttl: float) -> float:
     return max(cache_ttl, MIN_INTERVAL)
+
+
+def admitting_session(decision: Decision, headers: Any, cookie: str) -> str | None:
+    """The id of the 2FA session that admitted a request: the one its code opened, or the one
+    its cookie carried; None for an excluded path, and for a session cookie that is absent or
+    ambiguous (two values: no way to tell which one the decision checked)."""
+    if decision.reason is Reason.CODE:
+        return decision.new_session
+    if decision.reason is not Reason.SESSION:
+        return None
+    # Every Cookie header (HTTP/2 may split one, RFC 9113 §8.2.3); ``headers`` is Starlette's.
+    values = {read_cookie(header, cookie) for header in headers.getlist("cookie")} - {None}
+    return values.pop() if len(values) == 1 else None
 
 
 class SessionWatch:
@@ -119,3 +145,31 @@ class SessionWatch:
             timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await timer
+
+
+class ReceiveUntilEnded:
+    """An ASGI ``receive`` for one HTTP request that reports the client gone once the session
+    that admitted it ends; the session is watched from the first call until :meth:`close`."""
+
+    def __init__(self, watch: SessionWatch, session_id: str, user: str, receive: Receive) -> None:
+        self._watch = watch
+        self._session = (session_id, user)
+        self._receive = receive
+        self._stack = contextlib.ExitStack()
+        self._ended: asyncio.Future[None] | None = None
+
+    async def __call__(self) -> Message:
+        if self._ended is None:
+            self._ended = self._stack.enter_context(self._watch.watching(*self._session))
+        if not self._ended.done():
+            message = asyncio.ensure_future(self._receive())
+            waits: list[asyncio.Future[Any]] = [message, self._ended]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if message.done():
+                return message.result()
+            message.cancel()
+        log.info("2fa session ended: open HTTP request closed")
+        return {"type": "http.disconnect"}
+
+    def close(self) -> None:
+        self._stack.close()

@@ -26,11 +26,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import EXTERNAL_CLOSE_CODES, CloseCode
 
-from gateway.decision import Decision
 from gateway.errors import Reason
-from gateway.identity import read_cookie
 from gateway.paths import encode_path
-from gateway.revocation import SessionWatch
+from gateway.revocation import SessionWatch, admitting_session
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -74,19 +72,6 @@ def sendable_close_code(code: int | None, *, abnormal: int) -> int:
     if code is None or not (code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000):
         return int(abnormal)
     return code
-
-
-def admitting_session(decision: Decision, headers: Any, cookie: str) -> str | None:
-    """The id of the 2FA session that admitted this request: the one its code opened, or the one
-    its cookie carried; None for an excluded path, and for a session cookie that is absent or
-    ambiguous (two values: no way to tell which one the decision checked)."""
-    if decision.reason is Reason.CODE:
-        return decision.new_session
-    if decision.reason is not Reason.SESSION:
-        return None
-    # Every Cookie header (HTTP/2 may split one, RFC 9113 §8.2.3); ``headers`` is Starlette's.
-    values = {read_cookie(header, cookie) for header in headers.getlist("cookie")} - {None}
-    return values.pop() if len(values) == 1 else None
 
 
 async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send, sessions: SessionWatch) -> None:

@@ -1,14 +1,22 @@
-"""SessionWatch: open connections grouped by session, each distinct session read once per pass."""
+"""SessionWatch: open connections grouped by session, each distinct session read once per pass;
+a streaming HTTP response ends with its session. (WebSockets: tests/test_websocket.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from gateway.errors import StoreError
 from gateway.revocation import MIN_INTERVAL, SessionWatch, poll_interval
+from tests.support.servers import GatewayServer, UpstreamProcess, make_config
+from tests.test_websocket import session_for, with_factors
 
 
 class Sessions:
@@ -86,3 +94,39 @@ async def test_the_timer_runs_only_while_something_is_watched() -> None:
     await asyncio.sleep(0.05)
     assert len(sessions.reads) == reads  # the timer stopped with the last connection
     await watch.stop()
+
+
+async def stream_stats(upstream: UpstreamProcess) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        stats: dict[str, Any] = (await client.get(upstream.url + "/stats")).json()
+        return stats
+
+
+async def test_ending_the_session_closes_a_streaming_response(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream=upstream.url)
+    gw = GatewayServer(config).start()
+    try:
+        user = f"rv-stream-{uuid.uuid4().hex[:8]}"
+        session = await session_for(config, user)
+        headers = {"Remote-User": user, "Cookie": f"{config.session.cookie}={session}"}
+        cancelled = (await stream_stats(upstream))["cancelled_streams"]
+        # An unbounded body (chunked, like server-sent events): far more than can pass in the test.
+        async with (
+            httpx.AsyncClient(base_url=gw.url) as client,
+            client.stream("GET", "/stream/1000000000000", headers=headers) as response,
+        ):
+            assert response.status_code == 200
+            body = response.aiter_raw()
+            assert await anext(body)
+            await with_factors(config, lambda f: f.revoke_user_sessions(user))
+            # The upstream response is closed...
+            deadline = time.monotonic() + 10
+            while (await stream_stats(upstream))["cancelled_streams"] == cancelled:
+                assert time.monotonic() < deadline, "the upstream stream is still open"
+                await asyncio.sleep(0.1)
+            # ... and so is the client's, mid-body: never mistaken for a complete download.
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for _ in body:
+                    pass
+    finally:
+        gw.stop()
