@@ -18,9 +18,10 @@ A store that does not answer ends nothing: the connections stay open and the nex
 again (the outage is logged). New requests are still refused while the store is down.
 
 Streaming HTTP responses follow the same rule at no cost to the common request:
-:class:`ReceiveUntilEnded` starts watching only when the forwarder first listens to the client,
-which it does for a request body and for a large or unbounded response (server-sent events, long
-downloads), never for a small answer. When the session ends it reports the client gone
+:class:`ReceiveUntilEnded` starts watching only when the forwarder listens to the client after
+the request body is complete, which it does for a large or unbounded response (server-sent events,
+long downloads), never for a small answer. (So an upload still being sent is not cut: its response
+is.) When the session ends it reports the client gone
 (``http.disconnect``), so the forwarder stops relaying and closes the upstream response; the
 client's connection is closed mid-body (uvicorn logs "ASGI callable returned without completing
 response"), so a download is never mistaken for complete.
@@ -149,27 +150,36 @@ class SessionWatch:
 
 class ReceiveUntilEnded:
     """An ASGI ``receive`` for one HTTP request that reports the client gone once the session
-    that admitted it ends; the session is watched from the first call until :meth:`close`."""
+    that admitted it ends; the session is watched from the first call after the request body is
+    complete (what only a streaming relay asks for) until :meth:`close`."""
 
     def __init__(self, watch: SessionWatch, session_id: str, user: str, receive: Receive) -> None:
         self._watch = watch
         self._session = (session_id, user)
         self._receive = receive
-        self._stack = contextlib.ExitStack()
+        self._stack: contextlib.ExitStack | None = None
         self._ended: asyncio.Future[None] | None = None
+        self._body_done = False
 
     async def __call__(self) -> Message:
+        if not self._body_done:
+            # The request body passes straight through: one call per chunk, nothing watched.
+            message = await self._receive()
+            self._body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
         if self._ended is None:
+            self._stack = contextlib.ExitStack()
             self._ended = self._stack.enter_context(self._watch.watching(*self._session))
         if not self._ended.done():
-            message = asyncio.ensure_future(self._receive())
-            waits: list[asyncio.Future[Any]] = [message, self._ended]
+            received = asyncio.ensure_future(self._receive())
+            waits: list[asyncio.Future[Any]] = [received, self._ended]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if message.done():
-                return message.result()
-            message.cancel()
+            if received.done():
+                return received.result()
+            received.cancel()
         log.info("2fa session ended: open HTTP request closed")
         return {"type": "http.disconnect"}
 
     def close(self) -> None:
-        self._stack.close()
+        if self._stack is not None:
+            self._stack.close()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.errors import StoreError
-from gateway.revocation import MIN_INTERVAL, SessionWatch, poll_interval
+from gateway.revocation import MIN_INTERVAL, ReceiveUntilEnded, SessionWatch, poll_interval
 from tests.support.servers import GatewayServer, UpstreamProcess, make_config
 from tests.test_websocket import session_for, with_factors
 
@@ -93,6 +93,29 @@ async def test_the_timer_runs_only_while_something_is_watched() -> None:
     reads = len(sessions.reads)
     await asyncio.sleep(0.05)
     assert len(sessions.reads) == reads  # the timer stopped with the last connection
+    await watch.stop()
+
+
+async def test_a_request_is_watched_only_once_its_body_is_in() -> None:
+    sessions = Sessions(s1="alice")
+    watch = SessionWatch(sessions.lookup, interval=3600)
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for more in (True, False):
+        incoming.put_nowait({"type": "http.request", "body": b"x", "more_body": more})
+    receive = ReceiveUntilEnded(watch, "s1", "alice", incoming.get)
+    try:
+        assert (await receive())["more_body"] is True
+        assert (await receive())["more_body"] is False
+        assert len(watch) == 0  # a small request costs no watching at all
+        waiting = asyncio.ensure_future(receive())  # what a streaming relay listens for
+        while len(watch) == 0:
+            await asyncio.sleep(0)
+        del sessions.owners["s1"]
+        assert await watch.check() == 1
+        assert await asyncio.wait_for(waiting, 5) == {"type": "http.disconnect"}
+    finally:
+        receive.close()
+    assert len(watch) == 0
     await watch.stop()
 
 
