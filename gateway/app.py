@@ -61,7 +61,7 @@ class Gateway:
         self.factors = SecondFactor(config, self.store, clock)
         self.decider = Decider(config, self.factors)
         # Open WebSockets end with the 2FA session that admitted them (revocation.py).
-        self.session_watch = SessionWatch(self.factors.session_user, poll_interval(config.store.cache_ttl))
+        self.session_watch = SessionWatch(self.factors.live_session_user, poll_interval(config.store.cache_ttl))
         self.forwarder = Forwarder(config, transport) if config.upstream.url else None
         self.networks = config.server.trusted_proxies
         self._trust: dict[str, bool] = {}

@@ -348,6 +348,16 @@ class SecondFactor:
         self._sessions.put(key, found)
         return found
 
+    async def live_session_user(self, session_id: str) -> str | None:
+        """:meth:`session_user` read from the store itself, past the cache (which it refreshes):
+        for watching open connections, so a revocation on another worker is seen within one poll."""
+        if len(session_id) > 128:
+            return None
+        key = hash_session_id(session_id)
+        found = await self.store.get_session(key, self.clock())
+        self._sessions.put(key, found)
+        return found
+
     async def revoke_session(self, session_id: str) -> None:
         key = hash_session_id(session_id)
         await self.store.revoke_session(key)
