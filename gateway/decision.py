@@ -138,10 +138,7 @@ class Decider:
         if session_id is not None and await self.factors.session_user(session_id) == user:
             return Decision(Reason.SESSION, path=path, user=user, label=identity.label)
 
-        codes = facts.headers.getlist(self.code_header)
-        if len(codes) > 1:
-            return deny(Reason.BAD_REQUEST)  # one request, one code
-        raw_code = codes[0] if codes else None
+        raw_code = facts.headers.get(self.code_header)
         if raw_code is None:
             if not await self.factors.is_enrolled(user):
                 return deny(Reason.NOT_ENROLLED)
