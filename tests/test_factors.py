@@ -200,3 +200,23 @@ async def test_the_lockout_page_says_how_long_and_links_back(gateway: Gateway) -
     assert "Try again in 15 minutes" in page.text
     assert 'href="/verify-2fa?next=/app/x"' in page.text and 'href="/app/x"' in page.text
     assert "wrong or expired" not in page.text
+
+
+async def test_the_proxy_mode_lockout_page_for_a_browser(tmp_path: Path) -> None:
+    """A browser sending codes in the header (proxy mode) meets the same page, not a bare heading."""
+    config = make_config(tmp_path, upstream="http://127.0.0.1:9", limits=LIMITS)  # never reached: all denied
+    store = open_store_from_url(config.store.url, config.store.prefix)
+    await store.open()
+    secret = new_secret()
+    await store.set_secret("alice", SecretBox(config.encryption.keys).encrypt("alice", secret))
+    transport = httpx.ASGITransport(app=create_app(config, store=store), client=("127.0.0.1", 40000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            headers = {"Remote-User": "alice", "Accept": "text/html"}
+            for i in range(LIMITS["max_failures"]):
+                r = await client.get("/app/page", headers={**headers, "X-2FA-Code": wrong_code(pyotp.TOTP(secret), i)})
+            assert r.status_code == 429 and r.headers["retry-after"] == "900"
+            assert "Try again in 15 minutes" in r.text and 'href="/app/page"' in r.text
+            assert 'href="/verify-2fa?next=/app/page"' in r.text
+    finally:
+        await store.close()
