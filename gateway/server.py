@@ -27,6 +27,7 @@ counting and one timer; llhttp still does all the parsing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -68,26 +69,38 @@ class _HeadTooLarge(Exception):
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that refuses heads over a size or field count and closes connections
-    whose head does not arrive in time."""
+    whose head does not arrive in time.
+
+    The deadline costs no timer per request: a request only notes when its head began, and one
+    timer per connection wakes every ``timeout`` seconds to close a connection whose head is
+    overdue (arming and cancelling a timer per request cost more than the rest of this class)."""
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.head_limits: HeadLimits = getattr(config, "head_limits", HeadLimits())
         self._awaiting_head = True  # between requests, or inside a head
         self._head_bytes = 0  # received since the head began (an upper bound on its size)
+        self._head_since: float | None = None  # loop.time() when the awaited head began
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
+        # A connection that sends nothing at all is waiting for a head too.
+        self._head_since = self.loop.time()
+        self._head_timer = self.loop.call_later(self.head_limits.timeout, self._check_head_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
 
+    def handle_websocket_upgrade(self) -> None:
+        self._cancel_head_timer()  # the connection now belongs to the WebSocket protocol
+        super().handle_websocket_upgrade()
+
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head:
-            self._arm_head_timer()
+            if self._head_since is None:  # the first bytes after an idle keep-alive wait
+                self._head_since = self.loop.time()
             self._head_bytes += len(data)
         self._unset_keepalive_if_required()
         try:
@@ -114,12 +127,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
-        self._cancel_head_timer()
-        # Exact now that the head is parsed (the count in data_received may include body bytes).
-        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        self._head_since = None
+        # Exact now that the head is parsed (the count in data_received may include body bytes,
+        # or miss the start of a pipelined head).
+        headers = self.headers
+        size = len(self.url) + len(b"".join(itertools.chain.from_iterable(headers))) + 4 * len(headers)
         if size > self.head_limits.max_bytes:
             raise _HeadTooLarge(f"the request head exceeds {self.head_limits.max_bytes} bytes")
-        if len(self.headers) > self.head_limits.max_fields:
+        if len(headers) > self.head_limits.max_fields:
             raise _HeadTooLarge(f"more than {self.head_limits.max_fields} header fields")
         super().on_headers_complete()
 
@@ -131,20 +146,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.head_limits.timeout, self._head_timed_out)
+    def _check_head_deadline(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        now, timeout = self.loop.time(), self.head_limits.timeout
+        if self._head_since is not None and now - self._head_since >= timeout:
+            log.debug("closing a connection whose request head took over %g s", timeout)
+            self.transport.close()
+            return
+        wait = timeout if self._head_since is None else self._head_since + timeout - now
+        self._head_timer = self.loop.call_later(wait, self._check_head_deadline)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self._awaiting_head and not self.transport.is_closing():
-            log.debug("closing a connection whose request head took over %g s", self.head_limits.timeout)
-            self.transport.close()
 
     def _bad_request(self) -> None:
         self.logger.warning("Invalid HTTP request received.")
