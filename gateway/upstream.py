@@ -5,13 +5,18 @@ out, httpx's exceptions); aiohttp's pool and C parser do the HTTP/1.1 underneath
 ``httpx-aiohttp`` package was evaluated and not used: it keeps aiohttp's cookie jar and
 automatic headers, re-quotes the URL, has no pool timeout and maps a reset to a timeout.
 
-What the session is configured for, and why:
+aiohttp is driven one level below ``ClientSession``, with its public ``ClientRequest``,
+``TCPConnector.connect``, ``ClientRequest.send`` and ``ClientResponse.start`` (``_exchange``):
+what ``ClientSession._request`` does per request, without its cookie jar, redirects, netrc,
+environment proxies, tracing, middlewares and total deadline, which cost about a quarter of the
+client's CPU per request (``python -m bench.transport_micro``). What this client does, and why:
 
-* No cookie jar (``DummyCookieJar``): one jar would carry one user's ``Set-Cookie`` to the next.
+* No cookie jar at all (there is no session): one jar would carry one user's ``Set-Cookie`` to
+  the next.
 * No header the client did not send: ``Accept``, ``Accept-Encoding``, ``User-Agent`` and
   ``Content-Type`` are skipped (aiohttp adds them otherwise). The one exception is framing:
   a body-less request whose method defines a body gets ``Content-Length: 0`` (RFC 9110 §8.6).
-* No decompression, no redirects, no environment proxies or ``.netrc`` (``trust_env=False``).
+* No decompression, no redirects, no environment proxies or ``.netrc`` (nothing here reads them).
 * The request-target is the ``target`` extension, forwarded byte for byte: it is built into
   an already-encoded ``yarl.URL`` and checked to come back out unchanged.
 * Framing, from the body actually sent (RFC 9112 §6): a ``Content-Length`` from the caller
@@ -47,6 +52,7 @@ from yarl import URL
 _ORIGIN_FORM = re.compile(rb"/[\x21\x22\x24-\x7e]*")
 MAX_RESPONSE_HEADERS = 128
 MAX_FIELD_SIZE = 8190  # bytes in one response header line, as nginx's default 8k buffer
+_READ_BUFSIZE = 2**16  # aiohttp's default: reading pauses past this much unread body
 # aiohttp adds these unless told not to; the client's own, if any, pass untouched.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # RFC 9110 §9.2.1: safe methods may be resent on a fresh connection when a pooled one was dead.
@@ -68,24 +74,6 @@ class _Connector(aiohttp.TCPConnector):
                 return conn
             conn.close()
         return None
-
-
-class _NotRetried(aiohttp.ClientConnectionError):
-    """A dead pooled connection under a request that must not be sent twice."""
-
-
-async def _send_once(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
-    # aiohttp resends an idempotent request (PUT, DELETE too) when the pooled connection was
-    # closed under it; re-raised as another type, the error passes its retry loop untouched.
-    try:
-        return await handler(request)
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            raise  # never connected: nothing was sent
-        raise _NotRetried(str(exc)) from exc
-
-
-_SEND_ONCE = (_send_once,)
 
 
 @contextlib.contextmanager
@@ -167,14 +155,17 @@ class _ResponseStream(httpx.AsyncByteStream):
         self.release = release
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self.response.content
         with map_aiohttp_exceptions():
-            async for chunk in self.response.content.iter_any():
+            while chunk := await content.readany():  # b"" only at the end of the body
                 yield chunk
 
     async def aclose(self) -> None:
-        # A body read to its end returns the connection to the pool; otherwise it is closed
-        # (aiohttp never reuses a connection with unread or unexpected bytes).
-        self.response.release()
+        # A body read to its end has already returned the connection to the pool (``closed``);
+        # otherwise it is closed here (aiohttp never reuses a connection with unread or
+        # unexpected bytes).
+        if not self.response.closed:
+            self.response.release()
         self.release()
 
 
@@ -200,31 +191,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self.ssl_context = ssl_context
-        self._session: aiohttp.ClientSession | None = None
+        self._connector: _Connector | None = None
         self._slots = asyncio.Semaphore(max_connections)
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self) -> _Connector:
         # The pool is limited by self._slots, so aiohttp's connector never waits (its wait
         # would be indistinguishable from a connect timeout); idle connections are at most
         # the requests that ran at once.
-        connector = _Connector(
+        self._connector = _Connector(
             limit=0,
             keepalive_timeout=self.keepalive_expiry,
             ssl=self.ssl_context if self.ssl_context is not None else True,
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            auto_decompress=False,
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None),
-            max_headers=MAX_RESPONSE_HEADERS,
-            max_line_size=MAX_FIELD_SIZE,
-            max_field_size=MAX_FIELD_SIZE,
-        )
-        return self._session
+        return self._connector
 
     def _client_timeout(self, timeout: dict[str, float | None]) -> aiohttp.ClientTimeout:
         key = (timeout.get("connect"), timeout.get("read"))
@@ -245,27 +225,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return _Slot(self._slots)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session or self._open()
+        connector = self._connector or self._open()
         timeout: dict[str, float | None] = request.extensions.get("timeout", {})
         url = _target_url(request)
         headers, upload = _framing(request, timeout.get("write"))
         release = await self._acquire(timeout.get("pool"))
         try:
             with map_aiohttp_exceptions(upload):
-                call = session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=upload.chunks() if upload is not None else None,
-                    allow_redirects=False,
-                    timeout=self._client_timeout(timeout),
-                    middlewares=None if request.method in _SAFE_METHODS else _SEND_ONCE,
-                )
+                exchange = _exchange(connector, request.method, url, headers, upload, self._client_timeout(timeout))
                 if upload is None:
-                    response = await call
+                    response = await exchange
                 else:
                     async with asyncio.timeout(None) as upload.deadline:
-                        response = await call
+                        response = await exchange
                     upload.deadline = None
             if 100 <= response.status < 200:
                 # RFC 9110 §15.2: interim answers are consumed below us; a 101 to a request
@@ -284,9 +256,72 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._connector is not None:
+            await self._connector.close()
+            self._connector = None
+
+
+async def _exchange(
+    connector: _Connector,
+    method: str,
+    url: URL,
+    headers: list[tuple[str, str]],
+    upload: _Upload | None,
+    timeout: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
+    """One request and its response head, through aiohttp's public request, connector and
+    response classes: what ``ClientSession._request`` does, without what this client must not
+    do (cookie jar, redirects, netrc and environment proxies, automatic headers) and without
+    what it does not use (tracing, middlewares, a total deadline), which cost more per request
+    than the exchange itself.
+
+    RFC 9110 §9.2.1: a safe request without a body is sent again, once, on a fresh connection
+    when the pooled one turns out dead (as aiohttp's own retry does); anything else is sent
+    once (RFC 9110 §9.2.2, RFC 9112 §9.3.1) and a dead connection is an error.
+    """
+    retry = upload is None and method in _SAFE_METHODS
+    while True:
+        request = aiohttp.ClientRequest(
+            method,
+            url,
+            headers=headers,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            data=upload.chunks() if upload is not None else None,
+            loop=asyncio.get_running_loop(),
+        )
+        try:
+            conn = await connector.connect(request, traces=[], timeout=timeout)
+        except TimeoutError as exc:
+            raise aiohttp.ConnectionTimeoutError(f"connecting to {url.host} timed out") from exc
+        protocol = conn.protocol
+        assert protocol is not None
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,
+            read_timeout=timeout.sock_read,
+            read_bufsize=_READ_BUFSIZE,
+            max_line_size=MAX_FIELD_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+            max_headers=MAX_RESPONSE_HEADERS,
+        )
+        try:
+            response = await request.send(conn)
+            try:
+                await response.start(conn)
+            except BaseException:
+                response.close()
+                raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            conn.close()
+            if not retry:
+                raise
+            retry = False
+            continue
+        except BaseException:
+            conn.close()
+            raise
+        return response
 
 
 def _target_url(request: httpx.Request) -> URL:
