@@ -44,8 +44,8 @@ class Spec:
     users: list[str] = field(default_factory=list)  # the identities sent (Remote-User, Basic ...)
     sessions: list[str] = field(default_factory=list)  # whose 2FA session cookie was sent
 
-    def encode(self) -> bytes:
-        lines = [f"{self.method} {self.target} HTTP/1.1", "Host: gw", *(f"{k}: {v}" for k, v in self.headers)]
+    def encode(self, host: str = "gw") -> bytes:
+        lines = [f"{self.method} {self.target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in self.headers)]
         body = self.body
         chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n" if body else b"0\r\n\r\n"
         wire = body
