@@ -15,8 +15,9 @@ What the filter hides (values only; names stay, so a line still says what happen
   ``(b'name', b'value')`` pair;
 - ``Basic``/``Bearer``/``Digest`` credentials and ``name=value`` of the session and JWT cookies,
   wherever they appear;
-- every query string (a code or token typed into a URL); ``otpauth://`` URIs whole (they carry
-  the TOTP secret);
+- the password of any URL (``redis://:pw@host``), by ``tables.redact_url``, the one function
+  every message of the gateway uses for that; every query string (a code or token typed into a
+  URL); ``otpauth://`` URIs whole (they carry the TOTP secret);
 - WebSocket frame payloads in the websockets library's debug lines (application data the
   gateway cannot judge).
 
@@ -31,12 +32,15 @@ import re
 import sys
 from collections.abc import Iterable
 
+from gateway.tables import redact_url
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-2fa-code")
 SECRET_COOKIES = ("gateway_session",)
 
 _MASK = "***"
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'<>]+")
 _QUERY = re.compile(r"\?[^\s\"'<>]+")
 _OTPAUTH = re.compile(r"(?i)otpauth://[^\s\"'<>]*")
 _SCHEME_CREDENTIALS = re.compile(r"(?i)\b(Basic|Bearer|Digest)\s+[^\s\"',]+")
@@ -58,6 +62,7 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         text = _OTPAUTH.sub("otpauth://" + _MASK, text)
+        text = _URL.sub(lambda m: redact_url(m.group()), text)
         text = self._header_pair.sub(rf"\g<1>\g<3>{_MASK}\g<3>", text)
         text = self._header_line.sub(rf"\g<1>{_MASK}", text)
         text = _SCHEME_CREDENTIALS.sub(rf"\g<1> {_MASK}", text)

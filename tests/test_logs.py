@@ -42,6 +42,7 @@ from tests.support.servers import ROOT, UpstreamProcess, enrol, free_port, wait_
         ("Set-Cookie: gateway_session=S3SS; HttpOnly", "S3SS"),
         ("a jwt=abc.def.ghi in a sentence", "abc.def.ghi"),
         ("> TEXT 'my password is hunter2' [22 bytes]", "hunter2"),
+        ("cannot reach redis://gw:hunter2@10.0.0.5:6379/0 now", "hunter2"),
     ],
 )
 def test_each_rule_hides_the_value(line: str, secret: str) -> None:
