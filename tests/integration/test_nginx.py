@@ -290,3 +290,44 @@ def test_redis_stopped_denies(tmp_path: Path, upstream: UpstreamProcess) -> None
             gateway.stop()
         redis.stop()
         shutil.rmtree(redis.dir, ignore_errors=True)
+
+
+# -- issue 9: a raw "#", routing overrides, h2c headers ---------------------------------------------
+
+OVERRIDES = {
+    "X-Original-URL": "/admin",
+    "X-Rewrite-URL": "/admin",
+    "X-Forwarded-Prefix": "/admin",
+    "X-HTTP-Method-Override": "DELETE",
+    "X-HTTP-Method": "DELETE",
+    "X-Method-Override": "DELETE",
+    "X_Original_URL": "/admin",
+    "X.HTTP.Method.Override": "DELETE",
+    "Upgrade": "h2c",
+    "Connection": "Upgrade, HTTP2-Settings",
+    "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+}
+NEVER_TO_THE_APP = {"x-original-url", "x-rewrite-url", "x-forwarded-prefix", "x-http-method-override"}
+NEVER_TO_THE_APP |= {"x-http-method", "x-method-override", "upgrade", "http2-settings"}
+
+
+def assert_no_overrides(seen: dict[str, object]) -> None:
+    names = {name.replace("_", "-").replace(".", "-") for name in seen["headers"]}  # type: ignore[attr-defined]
+    assert not names & NEVER_TO_THE_APP, names
+
+
+@pytest.mark.parametrize("target", ["/healthz#/../admin", "/public/x#", "/admin#/public"])
+def test_a_raw_fragment_is_400(nginx: NginxFront, proxied: tuple[NginxFront, str], target: str) -> None:
+    for front in (nginx, proxied[0]):
+        status, _, body = raw_request(front.port, target, ALICE)
+        assert status == 400, (front.source.name, target)
+        assert b"raw_path" not in body
+
+
+def test_routing_overrides_and_h2c_never_reach_the_app(nginx: NginxFront, proxied: tuple[NginxFront, str]) -> None:
+    for front in (nginx, proxied[0]):
+        status, _, body = raw_request(front.port, "/public/echo", {**ALICE, **OVERRIDES})
+        assert status == 200, front.source.name
+        seen = echoed(body)
+        assert seen["method"] == "GET" and seen["raw_path"] == "/public/echo"
+        assert_no_overrides(seen)
