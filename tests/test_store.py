@@ -592,3 +592,19 @@ async def test_redis_batched_attempts_fail_closed_together(
         assert (await store.take_attempt(quota, now)).allowed  # nothing was counted, nothing is stuck
     finally:
         await store.close()
+
+
+async def test_redis_a_bad_name_fails_only_its_own_caller_in_a_batch(redis_server: RedisServer, now: float) -> None:
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    await store.open()
+    try:
+        await store.set_secret("alice", b"a")
+        results = await asyncio.gather(
+            store.get_secret("alice"),
+            store.get_secret("eve\ud800"),
+            store.take_attempt([Quota("user:alice", 5, 60)], now),
+            return_exceptions=True,
+        )
+        assert results[0] == b"a" and isinstance(results[1], StoreError) and results[2] == Attempt(True)
+    finally:
+        await store.close()

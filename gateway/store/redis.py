@@ -194,7 +194,7 @@ class RedisStore:
         self._lua_advance_step = self._client.register_script(_ADVANCE_STEP_LUA)
         self._lua_replace_secret = self._client.register_script(_COMPARE_AND_SET_LUA)
         self._lua_take_attempt = self._client.register_script(_TAKE_ATTEMPT_LUA)
-        self._attempts: list[tuple[Sequence[Quota], float, asyncio.Future[list[Any]]]] = []
+        self._queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._lua_release_attempt = self._client.register_script(_RELEASE_ATTEMPT_LUA)
         self._lua_index_session = self._client.register_script(_INDEX_SESSION_LUA)
@@ -238,7 +238,8 @@ class RedisStore:
     # -- secrets ---------------------------------------------------------------------------
     @_translate_errors
     async def get_secret(self, user: str) -> bytes | None:
-        value = await self._r.get(self._key(user, "secret"))
+        # Batched: a flood of codes for many users reads their secrets beside their attempts.
+        [value] = await self._pipelined([("GET", self._key(user, "secret"))])
         return value if isinstance(value, bytes) else None
 
     @_translate_errors
@@ -269,21 +270,16 @@ class RedisStore:
     @_translate_errors
     async def take_attempt(self, quotas: Sequence[Quota], now: float) -> Attempt:
         # One script per quota, each on its own key (its own cluster slot), so each is atomic
-        # alone. The attempts of every request that asks in the same event-loop turn travel in
-        # one pipeline (one round trip, one pool connection): under a flood of codes redis-py's
-        # per-call cost, not Redis, is the bottleneck, and batching shares it (issue 10, bench
-        # row 2). Nothing waits for a batch to fill: it leaves on the next turn of the loop.
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._attempts.append((quotas, now, future))
-        if len(self._attempts) == 1:
-            flush = asyncio.create_task(self._send_attempts())
-            self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
-        replies = await future
+        # alone; all of them in the shared pipeline of this event-loop turn (_pipelined).
+        commands = []
+        for q in quotas:
+            until = now + q.window
+            key = self._key(q.scope, "attempts")
+            commands.append(
+                ("EVALSHA", self._lua_take_attempt.sha, 1, key, repr(now), q.limit, repr(until), _ms(until))
+            )
         allowed, locks = True, []
-        for q, reply in zip(quotas, replies, strict=True):
-            if isinstance(reply, Exception):
-                raise reply
+        for q, reply in zip(quotas, await self._pipelined(commands), strict=True):
             took, until = int(reply[0]), reply[1]
             allowed = allowed and bool(took)
             if until:
@@ -292,38 +288,54 @@ class RedisStore:
             return Attempt(False, tuple(lock for lock in locks if lock[1] > now))
         return Attempt(True, tuple(locks))
 
-    async def _send_attempts(self) -> None:
-        """Send every attempt queued so far in one pipeline and hand each caller its replies."""
-        batch, self._attempts = self._attempts, []
+    async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to ``commands``, sent in one pipeline with those of every other caller in
+        the same event-loop turn: one round trip and one pool connection for them all. Under a
+        flood of codes redis-py's per-call cost, not Redis, is the bottleneck, and batching
+        shares it (issue 10, bench row 2). Nothing waits for a batch to fill: it leaves on the
+        next turn of the loop. Only for commands that are safe to send twice on NOSCRIPT."""
+        # Encoded here, so a name that cannot be encoded fails its own caller, not the batch.
+        encoded = [tuple(a.encode() if isinstance(a, str) else a for a in command) for command in commands]
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((encoded, future))
+        if len(self._queue) == 1:
+            flush = asyncio.create_task(self._flush())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        replies = await future
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _flush(self) -> None:
+        """Send every command queued so far in one pipeline and hand each caller its replies."""
+        batch, self._queue = self._queue, []
         try:
             for first in (True, False):
-                # EVALSHA; the script is loaded once on NOSCRIPT (a restarted server): redis-py's
-                # own pipeline scripts would ask SCRIPT EXISTS on every execute.
                 async with self._r.pipeline(transaction=False) as pipe:
-                    for quotas, now, _ in batch:
-                        for q in quotas:
-                            until = now + q.window
-                            key = self._key(q.scope, "attempts")
-                            pipe.evalsha(
-                                self._lua_take_attempt.sha, 1, key, repr(now), q.limit, repr(until), _ms(until)
-                            )
+                    for commands, _ in batch:
+                        for command in commands:
+                            pipe.execute_command(*command)
                     replies = await pipe.execute(raise_on_error=False)
+                # EVALSHA; on NOSCRIPT (a restarted server) no script of the batch ran: load it
+                # once and send again. redis-py's pipeline scripts would ask SCRIPT EXISTS each time.
                 if first and any(isinstance(r, NoScriptError) for r in replies):
                     await self._r.script_load(_TAKE_ATTEMPT_LUA)
                     continue
                 break
         except BaseException as exc:  # every caller gets the error (translated where it awaits)
-            for _, _, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(exc if isinstance(exc, Exception) else RedisConnectionError("cancelled"))
             if not isinstance(exc, Exception):
                 raise
             return
         at = 0
-        for quotas, _, future in batch:
+        for commands, future in batch:
             if not future.done():  # a caller that went away (cancelled) is skipped
-                future.set_result(replies[at : at + len(quotas)])
-            at += len(quotas)
+                future.set_result(replies[at : at + len(commands)])
+            at += len(commands)
 
     @_translate_errors
     async def release_attempt(self, scope: str) -> None:
