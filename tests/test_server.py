@@ -227,3 +227,14 @@ def test_gateway_run_and_demo_build_the_same_limited_server(tmp_path: Path) -> N
     assert built.http is LimitedHttpToolsProtocol
     assert built.head_limits == HeadLimits(64 * 1024, 100, 30.0)
     assert built.timeout_keep_alive == config.server.keepalive_timeout
+
+
+def test_a_websocket_handshake_over_the_limits_is_refused(gateway: Gateway) -> None:
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(200))
+    handshake = (
+        b"GET /public/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    with gateway.connect() as sock:
+        sock.sendall(handshake + fields + b"\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 431 ")
