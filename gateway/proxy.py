@@ -111,15 +111,24 @@ def request_framing(scope: Scope) -> tuple[list[tuple[bytes, bytes]], int | None
     ``Transfer-Encoding: gzip, chunked`` through, h11 ``Transfer-Encoding`` next to
     ``Content-Length``). Anything but one plain framing raises ``AmbiguousFraming``: RFC 9112
     §6.3 says a server MAY treat these as errors; a proxy that re-frames them is how
-    smuggling starts.
+    smuggling starts. So is a body after an upgrade request.
     """
     lengths: list[bytes] = []
     codings: list[bytes] = []
+    upgrade = False
     for name, value in scope["headers"]:
         if name == b"content-length":
             lengths.append(value)
         elif name == b"transfer-encoding":
             codings.append(value)
+        elif name == b"upgrade":
+            upgrade = True
+    # An upgrade request (Upgrade, and "upgrade" in Connection) other than a WebSocket
+    # handshake: uvicorn's httptools parser stops at its head, so a body after it is never
+    # read, and the bytes are left for the connection to misread. Refused when it has a body.
+    body = bool(codings) or any(value.strip(b"0") for value in lengths)
+    if upgrade and body and b"upgrade" in connection_tokens(scope["headers"]):
+        raise AmbiguousFraming
     if codings:
         # RFC 9112 §6.1: chunked must be the final coding; the gateway decodes no other, so
         # exactly one "chunked" (case-insensitive) and nothing else. HTTP/1.0 has no chunked:

@@ -26,7 +26,10 @@ The upstream must receive nothing the gateway did not decide on:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pyotp
@@ -60,21 +63,35 @@ def recorder() -> Iterator[Recorder]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def gateway(
-    recorder: Recorder, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[GatewayServer, dict[str, str]]]:
-    config = make_config(tmp_path_factory.mktemp("differential"), upstream=recorder.url)
+def _serve(recorder: Recorder, tmp: Path, **server: Any) -> Iterator[Gateway]:
+    config = make_config(tmp, upstream=recorder.url, server=server)
     assert config.session.cookie == SESSION_COOKIE
     secrets = {user: enrol(config, user) for user in USERS}
-    server = GatewayServer(config).start()
+    gw = GatewayServer(config).start()
+    trusted = not server
     cookies = {}
     for user, secret in secrets.items():
-        r = httpx.get(server.url + "/open", headers={"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()})
+        if not trusted:
+            # Nothing names a user from an untrusted peer (header identity), so no session opens.
+            cookies[user] = f"session-of-{user}"
+            continue
+        r = httpx.get(gw.url + "/open", headers={"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()})
         assert r.status_code == 200, r.text
         cookies[user] = r.cookies[SESSION_COOKIE]
-    yield server, cookies
-    server.stop()
+    yield Gateway(gw, cookies, trusted)
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Behind a front proxy: the client is a trusted peer, Remote-User names the user."""
+    yield from _serve(recorder, tmp_path_factory.mktemp("differential"))
+
+
+@pytest.fixture(scope="module")
+def untrusted(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A client from an untrusted address: no Remote-User or X-Forwarded-* is believed."""
+    yield from _serve(recorder, tmp_path_factory.mktemp("untrusted"), trusted_proxies=["10.255.255.1/32"])
 
 
 def _checked_target(spec: Spec) -> str:
@@ -82,11 +99,19 @@ def _checked_target(spec: Spec) -> str:
     target = spec.target.split("#", 1)[0]
     if target.startswith("http://gw"):
         target = target[len("http://gw") :]
-    path, mark, query = target.partition("?")
-    return encode_path(canonical_path(path)) + mark + query
+    path, _, query = target.partition("?")
+    return encode_path(canonical_path(path)) + ("?" + query if query else "")  # "?" alone: no query
 
 
-def check(spec: Spec, answer: Answer, received: Received, cookies: dict[str, str]) -> None:
+@dataclass
+class Gateway:
+    server: GatewayServer
+    cookies: dict[str, str]
+    trusted: bool
+
+
+def check(spec: Spec, received: Received, gateway: Gateway) -> None:
+    cookies = gateway.cookies
     assert spec.framing not in AMBIGUOUS, "a request with ambiguous framing was forwarded"
     assert received.method == spec.method
     try:
@@ -102,6 +127,7 @@ def check(spec: Spec, answer: Answer, received: Received, cookies: dict[str, str
     users = received.header("remote-user")
     assert names.count("remote-user") == len(users) <= 1, "a look-alike or second user header reached the app"
     if users:
+        assert gateway.trusted, "a user was named from an untrusted client"
         [user] = users
         sent_path = spec.target.split("#", 1)[0].removeprefix("http://gw").split("?", 1)[0]
         assert not (excluded(spec.method, path) and sent_path == path), "an excluded path was sent a user"
@@ -116,23 +142,47 @@ def check(spec: Spec, answer: Answer, received: Received, cookies: dict[str, str
     assert not (lengths and codings) and len(lengths) <= 1 and len(codings) <= 1
     assert codings in ([], ["chunked"])
     assert received.body == spec.body
-    assert received.header("x-kept") == (["yes"] if ("X-Kept", "yes") in spec.headers else [])
+    # An ordinary end-to-end header passes, unless Connection made it hop-by-hop (RFC 9110 §7.6.1).
+    hop = {t.strip().lower() for k, v in spec.headers if k == "Connection" for t in v.split(",")}
+    kept = ("X-Kept", "yes") in spec.headers and "x-kept" not in hop
+    assert received.header("x-kept") == (["yes"] if kept else [])
+    if not gateway.trusted:
+        assert received.header("x-forwarded-for") == ["127.0.0.1"]
+        assert received.header("x-forwarded-host") == ["gw"] and received.header("forwarded") == []
 
 
-@settings(
+FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# Forwarding headers a client may send; the gateway believes them only from a trusted peer.
+FORWARDING = [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-Host", "evil.example"), ("Forwarded", "for=6.6.6.6")]
+
+
+@FUZZ
 @given(data=st.data())
 def test_upstream_receives_only_what_the_gateway_decided(
-    gateway: tuple[GatewayServer, dict[str, str]], recorder: Recorder, data: st.DataObject
+    gateway: Gateway, recorder: Recorder, data: st.DataObject
 ) -> None:
-    server, cookies = gateway
-    specs = data.draw(st.lists(requests(cookies), min_size=1, max_size=4), label="conversation")
+    converse(gateway, recorder, data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_an_untrusted_client_gets_nothing_through_but_excluded_paths(
+    untrusted: Gateway, recorder: Recorder, data: st.DataObject
+) -> None:
+    converse(untrusted, recorder, data, FORWARDING)
+
+
+def converse(gateway: Gateway, recorder: Recorder, data: st.DataObject, extra: Sequence[tuple[str, str]] = ()) -> None:
+    """One conversation on one client connection; then the differential check."""
+    strategy = requests(gateway.cookies, extra=extra)
+    specs = data.draw(st.lists(strategy, min_size=1, max_size=4), label="conversation")
     before, errors_before = (len(x) for x in recorder.snapshot())
     answers: list[tuple[Spec, Answer]] = []
-    with RawClient(server.port, timeout=5) as client:
+    with RawClient(gateway.server.port, timeout=5) as client:
         for spec in specs:
             answer = client.ask(spec.encode())
             if answer is None:
@@ -141,13 +191,12 @@ def test_upstream_receives_only_what_the_gateway_decided(
     requests_seen, errors = recorder.snapshot()
     assert errors[errors_before:] == [], "the upstream could not parse what it received"
     got = {r.seq: r for r in requests_seen[before:]}
-    claimed = [(spec, answer) for spec, answer in answers if answer.upstream_seq is not None]
+    claimed = [(spec, answer.upstream_seq) for spec, answer in answers if answer.upstream_seq is not None]
     # One upstream request per answer from the upstream, and none that answered nobody.
-    assert sorted(answer.upstream_seq for _, answer in claimed) == sorted(got)  # type: ignore[type-var]
+    assert sorted(seq for _, seq in claimed) == sorted(got)
     event(f"{len(claimed)} of {len(specs)} forwarded, {len(answers)} answered")
-    for spec, answer in claimed:
-        assert answer.upstream_seq is not None
-        check(spec, answer, got[answer.upstream_seq], cookies)
+    for spec, seq in claimed:
+        check(spec, got[seq], gateway)
     for _, answer in answers:
         if answer.upstream_seq is None:
             assert 400 <= answer.status < 500 or answer.status == 503, answer.status

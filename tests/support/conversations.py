@@ -182,7 +182,7 @@ def requests(
         headers.append(("Connection", ", ".join(tokens)))
     headers = draw(st.permutations(headers))
     body = draw(st.sampled_from([b"", b"", b"hello", SMUGGLED, SMUGGLED + SMUGGLED]))
-    variants = ["cl", "chunked"] * 3 + sorted(AMBIGUOUS) + (["none"] * 3 if not body else [])
+    variants = ["cl", "chunked"] * 8 + sorted(AMBIGUOUS) + (["none"] * 8 if not body else [])
     framing = draw(st.sampled_from(variants))
     target = draw(st.one_of(st.sampled_from(PLAIN_TARGETS), targets()))
     return Spec(method, target, list(headers), body, framing, users, sessions)
