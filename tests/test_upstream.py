@@ -7,6 +7,7 @@ T1..T5 are the defects a review found in the hand-written client this module rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import socket
@@ -341,6 +342,27 @@ async def test_nothing_is_added_to_a_get(tmp_path: Path) -> None:
     assert wire == b"GET / HTTP/1.1\r\nhost: up.test\r\nx-a: 1\r\nCookie: a=b\r\n\r\n"
 
 
+async def test_a_set_cookie_from_the_upstream_is_never_sent_back(tmp_path: Path) -> None:
+    # No cookie jar: one user's Set-Cookie must not ride along on the next user's request.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nSet-Cookie: sid=alice; Path=/\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        transport = make_transport(tmp_path, up.port)
+        try:
+            first, _ = await send(transport, request(up.port, target=b"/alice"))
+            assert first.headers["set-cookie"] == "sid=alice; Path=/"
+            await send(transport, request(up.port, target=b"/bob"))
+            wire = b"".join(up.received)
+            assert wire.count(b"GET ") == 2
+            assert b"cookie" not in wire.lower()
+        finally:
+            await transport.aclose()
+
+
 async def test_utf8_header_bytes_go_unchanged(tmp_path: Path) -> None:
     headers = [(b"x-name", "Zoë €".encode())]
     wire = await _capture(tmp_path, lambda port: request(port, headers=headers))
@@ -450,6 +472,33 @@ async def test_refused_is_a_connect_error(tmp_path: Path) -> None:
             await send(transport, request(port))
     finally:
         await transport.aclose()
+
+
+async def test_a_connect_that_never_completes_is_a_connect_timeout(tmp_path: Path) -> None:
+    # A listening socket whose accept queue is full: Linux drops further SYNs, so the connect
+    # neither succeeds nor fails until the connect timeout.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers: list[socket.socket] = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                fillers.append(filler)
+            transport = make_transport(tmp_path, port)
+            try:
+                with pytest.raises(httpx.ConnectTimeout):
+                    async with asyncio.timeout(10):
+                        await send(transport, request(port, timeout={**TIMEOUT, "connect": 0.3}))
+            finally:
+                await transport.aclose()
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 async def test_a_reset_is_a_read_error_not_a_timeout(tmp_path: Path) -> None:
