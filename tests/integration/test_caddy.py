@@ -299,3 +299,11 @@ def test_routing_overrides_and_h2c_never_reach_the_app(caddy: CaddyFront) -> Non
     assert seen["method"] == "GET" and seen["raw_path"] == "/public/echo"
     names = {name.replace("_", "-").replace(".", "-") for name in seen["headers"]}  # type: ignore[attr-defined]
     assert not names & NEVER_TO_THE_APP, names
+
+
+def test_two_authorization_headers_are_refused(caddy: CaddyFront) -> None:
+    # basicauth checks the first; an app that reads Authorization might take the second.
+    status = raw_request(
+        caddy.port, "/public/echo", [("Authorization", ALICE["Authorization"]), ("Authorization", BOB["Authorization"])]
+    )[0]
+    assert status == 400

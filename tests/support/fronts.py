@@ -197,7 +197,11 @@ class CaddyFront:
 
 
 def raw_request(
-    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET", body: bytes = b""
+    port: int,
+    target: str,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    method: str = "GET",
+    body: bytes = b"",
 ) -> tuple[int, dict[str, str], bytes]:
     """Send ``target`` exactly as given (no client-side normalisation): ``(status, headers, body)``.
     Header names in the answer are lower case; repeated ones are joined with ``", "``."""
@@ -205,7 +209,8 @@ def raw_request(
     try:
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", f"127.0.0.1:{port}")
-        for name, value in (headers or {}).items():
+        pairs = headers.items() if isinstance(headers, dict) else headers or []
+        for name, value in pairs:
             conn.putheader(name, value)
         conn.endheaders(body or None)
         response = conn.getresponse()

@@ -143,7 +143,9 @@ class Recorder:
                         return
                 elif isinstance(event, h11.ConnectionClosed):
                     return
-        except (ConnectionError, h11.LocalProtocolError) as exc:
+        except ConnectionError:
+            pass  # the peer closed its end (a pooled connection retired): not a parse error
+        except h11.LocalProtocolError as exc:
             with self._lock:
                 self.errors.append(f"connection {number}: {type(exc).__name__}")
         finally:
