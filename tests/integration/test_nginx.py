@@ -331,3 +331,11 @@ def test_routing_overrides_and_h2c_never_reach_the_app(nginx: NginxFront, proxie
         seen = echoed(body)
         assert seen["method"] == "GET" and seen["raw_path"] == "/public/echo"
         assert_no_overrides(seen)
+
+
+def test_two_authorization_headers_are_refused(nginx: NginxFront, proxied: tuple[NginxFront, str]) -> None:
+    # nginx's own rule (a duplicate Authorization is a 400); Caddy needs its Caddyfile for it.
+    both = [("Authorization", ALICE["Authorization"]), ("Authorization", BOB["Authorization"])]
+    for front in (nginx, proxied[0]):
+        status, _, body = raw_request(front.port, "/public/echo", both)
+        assert status == 400 and b"raw_path" not in body
