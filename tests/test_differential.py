@@ -20,7 +20,7 @@ The upstream must receive nothing the gateway did not decide on:
 * one unambiguous framing that carries exactly the body the client sent; a request whose
   framing was ambiguous never reaches the upstream.
 
-``GATEWAY_FUZZ_EXAMPLES`` sets the number of conversations (default 150, a few seconds).
+``GATEWAY_FUZZ_EXAMPLES`` sets the number of conversations (default 300, a few seconds; CI can raise it).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from tests.support.conversations import (
 from tests.support.recorder import Answer, RawClient, Received, Recorder
 from tests.support.servers import GatewayServer, enrol, make_config
 
-EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "300"))
 
 
 @pytest.fixture(scope="module")

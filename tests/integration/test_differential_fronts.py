@@ -10,7 +10,7 @@ header, an upgrade, a routing override or an ambiguous framing. Proxy mode behin
 (``proxy_pass.conf``) is checked the same way.
 
 ``GATEWAY_FUZZ_EXAMPLES`` scales the number of conversations (a third of it per front,
-default 40).
+default 100).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tests.support.servers import GatewayServer, enrol, make_config
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = max(10, int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "120")) // 3)
+EXAMPLES = max(10, int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "300")) // 3)
 PASSWORD = "first-factor"
 EXAMPLE_HASH = "$2a$14$1bc0Yf8WIEjgFeiwVmnb1eDexb5nunQFlGiuP/jMPnIObPgzNjmeG"
 # Go's reverse proxy keeps "TE: trailers" (RFC 9110 §10.1.4 allows it end to end).
