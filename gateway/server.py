@@ -130,6 +130,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_since = None
         # Exact now that the head is parsed (the count in data_received may include body bytes,
         # or miss the start of a pipelined head).
+        # RFC 9110 §7.1: a fragment is never part of a request target. llhttp drops one
+        # silently, so "/healthz#/../admin" would be judged (and forwarded) as "/healthz" while
+        # the client wrote something else: a 400, as for a "#" in X-Original-URI (issue 9.4).
+        if b"#" in self.url:
+            raise ValueError("a raw # in the request target")
         headers = self.headers
         size = len(self.url) + len(b"".join(itertools.chain.from_iterable(headers))) + 4 * len(headers)
         if size > self.head_limits.max_bytes:

@@ -631,6 +631,15 @@ def test_framing_upstream_is_decided_from_the_body_sent(
     assert request.body == (b"hello" if b"hello" in body else b"")
 
 
+@pytest.mark.parametrize("target", ["/healthz#/../admin", "/public/x#", "/public/x?a#b"])
+def test_a_raw_fragment_in_the_request_target_is_400(wire: GatewayServer, recorder: Recorder, target: str) -> None:
+    # The server's parser would drop "#..." silently; the client wrote another target.
+    answer, got = received_during(recorder, lambda: exchange(wire.port, head("GET", target)))
+    assert answer is not None and answer.status == 400
+    assert json.loads(answer.body)["error"] == "bad_request"
+    assert got == []
+
+
 def test_h2c_upgrade_never_reaches_the_upstream(wire: GatewayServer, recorder: Recorder) -> None:
     data = head(
         "GET",
