@@ -60,7 +60,8 @@ def _rss_at_most(key: str, mib: float) -> Callable[[dict[str, Row]], bool | None
 TARGETS: dict[str, list[Target]] = {
     "1": [Target("≥ 0.8x A", _ratio_at_least("1", 0.8)), Target("p99 ≤ 5 ms", _p99_at_most("1", 5.0))],
     "2-lockout": [Target("≥ 0.6x A", _ratio_at_least("2-lockout", 0.6))],
-    "2-full": [Target("≥ 0.6x A", _ratio_at_least("2-full", 0.6))],
+    # Issue 10: one store round trip per judged code; the floor for a flood checked in full.
+    "2-full": [Target("≥ 0.3x A", _ratio_at_least("2-full", 0.3))],
     "4": [Target("≥ 0.5x B", _ratio_at_least("4", 0.5))],
     "5-c64": [
         Target("≥ 0.2x B", _ratio_at_least("5-c64", 0.2)),
