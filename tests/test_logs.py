@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,12 +14,11 @@ from pathlib import Path
 import httpx
 import pyotp
 import pytest
-from cryptography.fernet import Fernet
 from websockets.sync.client import connect
 
 from gateway import config as config_module
 from gateway.logs import RedactingFilter, Redactor
-from tests.support.servers import ROOT, UpstreamProcess, enrol, free_port, wait_for_port
+from tests.support.servers import UpstreamProcess, enrol, free_port, gateway_process, fresh_keys
 
 # -- the rules, one line each ----------------------------------------------------------------
 
@@ -95,27 +92,10 @@ url = "sqlite:///{tmp_path}/gateway.db"
 secure = false
 """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    keys = {
-        config_module.ENV_KEYS: Fernet.generate_key().decode(),
-        config_module.ENV_PEPPER: Fernet.generate_key().decode(),
-    }
-    env.update(keys)
+    keys = fresh_keys()
     output = tmp_path / "output.log"
-    with output.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(path)],
-            env=env,
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port)
+    with gateway_process(path, port, keys, output):
         yield f"127.0.0.1:{port}", path, keys, output
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def test_no_secret_reaches_the_output_at_debug_level(

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +14,9 @@ from typing import Any
 import httpx
 import pyotp
 import pytest
-from cryptography.fernet import Fernet
 
 from gateway import config as config_module
-from tests.support.servers import ROOT, enrol, free_port, wait_for_port
+from tests.support.servers import enrol, free_port, gateway_process, fresh_keys
 
 ROUTES = (
     "/setup-2fa",
@@ -120,28 +116,11 @@ max_failures = 1000
 ip_max_failures = 100000
 """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    keys = {
-        config_module.ENV_KEYS: Fernet.generate_key().decode(),
-        config_module.ENV_PEPPER: Fernet.generate_key().decode(),
-    }
-    env.update(keys)
+    keys = fresh_keys()
     enrol(config_module.load(path, env=keys), "fuzz", pyotp.random_base32())
     output = tmp / "output.log"
-    with output.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(path)],
-            env=env,
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port)
+    with gateway_process(path, port, keys, output):
         yield f"http://127.0.0.1:{port}", output
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def check(response: httpx.Response, what: str) -> None:

@@ -8,18 +8,15 @@ import hashlib
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.fernet import Fernet
 from websockets.sync.client import connect
 
-from gateway import config as config_module
-from tests.support.servers import ROOT, UpstreamProcess, free_port, wait_for_port
+from tests.support.servers import UpstreamProcess, free_port, gateway_process, fresh_keys
 
 HEAD_TIMEOUT = 1.0
 KEEPALIVE_TIMEOUT = 1.0
@@ -65,16 +62,8 @@ url = "sqlite:///{tmp}/gateway.db"
 exclude = ["/public/*"]
 """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env[config_module.ENV_KEYS] = Fernet.generate_key().decode()
-    env[config_module.ENV_PEPPER] = Fernet.generate_key().decode()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(path)], env=env, cwd=ROOT)
-    try:
-        wait_for_port(port)
+    with gateway_process(path, port, fresh_keys()) as proc:
         yield Gateway(proc, port)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -8,12 +8,14 @@ server, real store), so tests can build its config as data and seed its store di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,7 @@ class UpstreamProcess:
             self.proc.wait(timeout=10)
 
 
-def test_keys() -> dict[str, str]:
+def fresh_keys() -> dict[str, str]:
     """Fresh secrets for one gateway, as the environment would give them."""
     return {
         config_module.ENV_KEYS: Fernet.generate_key().decode(),
@@ -100,7 +102,7 @@ def make_config(tmp_path: Path, upstream: str | dict[str, Any] | None = None, **
     }
     if upstream:
         data["upstream"] = {"url": upstream} if isinstance(upstream, str) else dict(upstream)
-    env = test_keys()
+    env = fresh_keys()
     for name, table in tables.items():
         if name == "env":
             env.update(table)
@@ -169,16 +171,31 @@ def enrol(config: Config, user: str, secret: str | None = None) -> str:
     return secret
 
 
-def gateway_process(config_path: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    """``gateway run --config PATH`` as a real process; waits until it listens."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
-        env={**os.environ, **env},
-        cwd=ROOT,
-    )
-    try:
-        wait_for_port(port)
-    except RuntimeError:
-        proc.kill()
-        raise
-    return proc
+@contextlib.contextmanager
+def gateway_process(
+    config_path: Path, port: int, keys: dict[str, str], output: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``gateway run --config PATH`` as a real process, with ``keys`` as its only ``GATEWAY_*``
+    environment (none inherited from the caller's) and its output in ``output`` if given;
+    yields once it listens on ``port``, and stops it afterwards."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(keys)
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(output.open("wb")) if output is not None else None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
+            env=env,
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT if sink is not None else None,
+        )
+        try:
+            wait_for_port(port)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
