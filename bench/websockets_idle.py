@@ -27,7 +27,7 @@ from gateway import config as config_module
 from gateway.factors import SecondFactor
 from gateway.store import open_store_from_url
 from tests.conftest import RedisServer
-from tests.support.servers import ROOT, UpstreamProcess, free_port, make_config, test_keys, wait_for_port
+from tests.support.servers import ROOT, UpstreamProcess, free_port, fresh_keys, make_config, wait_for_port
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -73,7 +73,7 @@ async def run(args: argparse.Namespace) -> None:
         f'[store]\nurl = "{store_url}"\nprefix = "{prefix}"\ncache_ttl = {args.cache_ttl}\n'
         "[session]\nsecure = false\n"
     )
-    env = {**os.environ, **test_keys(), config_module.ENV_CONFIG: str(work / "gateway.toml")}
+    env = {**os.environ, **fresh_keys(), config_module.ENV_CONFIG: str(work / "gateway.toml")}
     gateway = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "bench.apps:gateway", "--factory", "--port", str(port), *UVICORN_FLAGS],
         env=env,

@@ -18,7 +18,7 @@ from websockets.sync.client import connect
 
 from gateway import config as config_module
 from gateway.logs import RedactingFilter, Redactor
-from tests.support.servers import UpstreamProcess, enrol, free_port, gateway_process, fresh_keys
+from tests.support.servers import UpstreamProcess, enrol, free_port, fresh_keys, gateway_process
 
 # -- the rules, one line each ----------------------------------------------------------------
 

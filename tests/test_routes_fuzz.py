@@ -16,7 +16,7 @@ import pyotp
 import pytest
 
 from gateway import config as config_module
-from tests.support.servers import enrol, free_port, gateway_process, fresh_keys
+from tests.support.servers import enrol, free_port, fresh_keys, gateway_process
 
 ROUTES = (
     "/setup-2fa",

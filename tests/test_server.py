@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from tests.support.servers import UpstreamProcess, free_port, gateway_process, fresh_keys
+from tests.support.servers import UpstreamProcess, free_port, fresh_keys, gateway_process
 
 HEAD_TIMEOUT = 1.0
 KEEPALIVE_TIMEOUT = 1.0
