@@ -10,6 +10,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from tests.conftest import RedisServer, need_binary
 from tests.support.fronts import CaddyFront, basic_auth, raw_request, totp_now
@@ -22,6 +24,7 @@ PASSWORD = "first-factor"  # one password for all: bcrypt is slow on purpose, ha
 ALICE = {"Authorization": basic_auth("alice", PASSWORD)}  # enrolled
 BOB = {"Authorization": basic_auth("bob", PASSWORD)}  # has a password, not enrolled
 CAROL = {"Authorization": basic_auth("carol", PASSWORD)}  # enrolled by the test that uses her
+DAVE = {"Authorization": basic_auth("dave", PASSWORD)}  # enrolled by the WebSocket test
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 BYPASSES = [
     "/public/../admin",
@@ -56,7 +59,7 @@ def users(caddy_binary: str) -> str:
         hashed = hasher.hash_password(PASSWORD)
     finally:
         hasher.stop()
-    return "\n\t\t".join(f"{user} {hashed}" for user in ("alice", "bob", "carol"))
+    return "\n\t\t".join(f"{user} {hashed}" for user in ("alice", "bob", "carol", "dave"))
 
 
 def start_caddy(binary: str, users: str, gateway: GatewayServer, upstream: UpstreamProcess) -> CaddyFront:
@@ -307,3 +310,27 @@ def test_two_authorization_headers_are_refused(caddy: CaddyFront) -> None:
         caddy.port, "/public/echo", [("Authorization", ALICE["Authorization"]), ("Authorization", BOB["Authorization"])]
     )[0]
     assert status == 400
+
+
+# -- WebSocket through forward auth -----------------------------------------------------------------
+
+
+def test_websocket_with_a_session_reaches_the_app(caddy: CaddyFront, gateway: tuple[GatewayServer, str]) -> None:
+    # The question to /auth must be a plain GET: with the client's Upgrade and Connection Caddy
+    # opened it as a WebSocket, the gateway refused that (403), and no handshake ever passed.
+    dave = enrol(gateway[0].config, "dave")
+    status, headers, _ = raw_request(caddy.port, "/echo/x", {**DAVE, "X-2FA-Code": totp_now(dave)})
+    assert status == 200
+    session = {**DAVE, "Cookie": headers["set-cookie"].split(";", 1)[0], "Remote-User": "mallory"}
+    with connect(f"ws://127.0.0.1:{caddy.port}/ws/chat", additional_headers=session, proxy=None) as ws:
+        assert ws.recv(timeout=10) == "hello dave"
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "echo hi"
+
+
+@pytest.mark.parametrize("who", [ALICE, BOB, {}], ids=["no session", "not enrolled", "no first factor"])
+def test_websocket_without_a_session_is_refused(caddy: CaddyFront, who: dict[str, str]) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{caddy.port}/ws/chat", additional_headers=who, proxy=None, open_timeout=10)
+    assert refused.value.response.status_code in (401, 403)
+    assert b"raw_path" not in refused.value.response.body

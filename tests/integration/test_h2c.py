@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import h2.config
@@ -58,17 +59,40 @@ class HypercornApp:
         self.proc.wait(timeout=10)
 
 
-def h2c_attack(port: int, headers: dict[str, str]) -> int:
-    """Ask for an excluded path with an h2c upgrade; on a 101, ask for /admin/users over HTTP/2
-    on the same connection. Returns the status of the HTTP/1.1 answer."""
+UPGRADE = ("Connection", "Upgrade, HTTP2-Settings")
+# The h2c upgrade alone and hidden next to a WebSocket: two Upgrade headers in either order,
+# any case, or one list. None of them is exactly one "websocket", so none may reach the app
+# with an Upgrade. (Caddy's `header Upgrade websocket` matched "h2c" + "websocket", and its
+# reverse_proxy relayed the first: h2c.)
+VARIANTS = {
+    "h2c": [UPGRADE, ("Upgrade", "h2c")],
+    "h2c then websocket": [UPGRADE, ("Upgrade", "h2c"), ("Upgrade", "websocket")],
+    "websocket then h2c": [UPGRADE, ("Upgrade", "websocket"), ("Upgrade", "h2c")],
+    "h2c then WebSocket": [UPGRADE, ("Upgrade", "h2c"), ("Upgrade", "WebSocket")],
+    "WebSocket then h2c": [UPGRADE, ("Upgrade", "WebSocket"), ("Upgrade", "h2c")],
+    "list h2c, websocket": [UPGRADE, ("Upgrade", "h2c, websocket")],
+    "list websocket, h2c": [UPGRADE, ("Upgrade", "websocket, h2c")],
+    "lower-case connection": [("Connection", "upgrade, HTTP2-Settings"), ("Upgrade", "websocket"), ("Upgrade", "h2c")],
+    "two connection headers": [
+        ("Connection", "Upgrade"),
+        ("Connection", "HTTP2-Settings"),
+        ("Upgrade", "h2c"),
+        ("Upgrade", "websocket"),
+    ],
+}
+
+
+def h2c_attack(port: int, headers: dict[str, str], upgrade: list[tuple[str, str]] = VARIANTS["h2c"]) -> int:
+    """Ask for an excluded path with an h2c upgrade (``upgrade``: the Connection and Upgrade
+    header lines, in order); on a 101, ask for /admin/users over HTTP/2 on the same
+    connection. Returns the status of the HTTP/1.1 answer."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     settings = conn.initiate_upgrade_connection()
     assert settings is not None  # the client side always has settings to send
     lines = [
         "GET /public/x HTTP/1.1",
         f"Host: 127.0.0.1:{port}",
-        "Connection: Upgrade, HTTP2-Settings",
-        "Upgrade: h2c",
+        *(f"{k}: {v}" for k, v in upgrade),
         f"HTTP2-Settings: {settings.decode('ascii')}",
         *(f"{k}: {v}" for k, v in headers.items()),
     ]
@@ -108,28 +132,57 @@ def h2c_attack(port: int, headers: dict[str, str]) -> int:
         return status
 
 
-def assert_never_upgraded(app: HypercornApp, status: int) -> None:
-    seen = app.seen()
+def assert_never_upgraded(app: HypercornApp, before: int, status: int) -> None:
+    """What the app served since ``before``: nothing over HTTP/2, never the smuggled path, no
+    Upgrade or HTTP2-Settings at all, and at most the allowed request itself. The front either
+    stripped the upgrade (200) or refused the request (4xx: the Caddyfile's and nginx's 400, the
+    gateway's server 426 for an upgrade it will not make) before it reached the app."""
+    seen = app.seen()[before:]
     assert [r for r in seen if r["http_version"] != "1.1" or r["path"] == "/admin/users"] == []
-    assert status == 200, f"the upgrade was relayed: {status}"
-    assert [r["path"] for r in seen] == ["/public/x"]  # the allowed request itself did arrive
+    assert [(r["upgrade"], r["http2_settings"]) for r in seen if r["upgrade"] or r["http2_settings"]] == []
+    assert status == 200 or 400 <= status < 500, f"the upgrade was relayed: {status}"
+    assert [r["path"] for r in seen] == (["/public/x"] if status == 200 else [])
 
 
-@pytest.fixture
+ALICE = {"Authorization": basic_auth("alice", PASSWORD)}
+
+
+@pytest.fixture(scope="module")
 def app() -> Iterator[HypercornApp]:
     server = HypercornApp()
     yield server
     server.stop()
 
 
-@pytest.fixture
-def forward_auth(tmp_path: Any) -> Iterator[GatewayServer]:
-    server = GatewayServer(make_config(tmp_path)).start()
+def _gateway(tmp: Path, upstream: str | None = None) -> GatewayServer:
+    return GatewayServer(make_config(tmp, upstream=upstream)).start()
+
+
+@pytest.fixture(scope="module")
+def forward_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    server = _gateway(tmp_path_factory.mktemp("h2c-fa"))
     yield server
     server.stop()
 
 
-def test_caddy_forward_auth(app: HypercornApp, forward_auth: GatewayServer) -> None:
+@pytest.fixture(scope="module")
+def proxy_mode(app: HypercornApp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    server = _gateway(tmp_path_factory.mktemp("h2c-proxy"), f"http://127.0.0.1:{app.port}")
+    yield server
+    server.stop()
+
+
+def _nginx(site: str, gateway: GatewayServer, app: HypercornApp | None) -> NginxFront:
+    replacements = {"server 127.0.0.1:8080;": f"server 127.0.0.1:{gateway.port};"}
+    if app is not None:
+        replacements["server 127.0.0.1:3000;"] = f"server 127.0.0.1:{app.port};"
+    front = NginxFront(need_binary("nginx"), site, replacements)
+    front.replacements["/etc/nginx/gateway.htpasswd"] = front.htpasswd({"alice": PASSWORD})
+    return front.start()
+
+
+@pytest.fixture(scope="module")
+def caddy(app: HypercornApp, forward_auth: GatewayServer) -> Iterator[CaddyFront]:
     binary = need_binary("caddy")
     hasher = CaddyFront(binary, {})
     try:
@@ -145,40 +198,45 @@ def test_caddy_forward_auth(app: HypercornApp, forward_auth: GatewayServer) -> N
             EXAMPLE_HASH: hashed,
         },
     ).start()
-    try:
-        status = h2c_attack(front.port, {"Authorization": basic_auth("alice", PASSWORD)})
-    finally:
-        front.stop()
-    assert_never_upgraded(app, status)
+    yield front
+    front.stop()
 
 
-def _nginx(site: str, gateway: GatewayServer, app: HypercornApp | None) -> NginxFront:
-    replacements = {"server 127.0.0.1:8080;": f"server 127.0.0.1:{gateway.port};"}
-    if app is not None:
-        replacements["server 127.0.0.1:3000;"] = f"server 127.0.0.1:{app.port};"
-    front = NginxFront(need_binary("nginx"), site, replacements)
-    front.replacements["/etc/nginx/gateway.htpasswd"] = front.htpasswd({"alice": PASSWORD})
-    return front.start()
-
-
-def test_nginx_auth_request(app: HypercornApp, forward_auth: GatewayServer) -> None:
+@pytest.fixture(scope="module")
+def nginx_auth_request(app: HypercornApp, forward_auth: GatewayServer) -> Iterator[NginxFront]:
     front = _nginx("auth_request.conf", forward_auth, app)
-    try:
-        status = h2c_attack(front.port, {"Authorization": basic_auth("alice", PASSWORD)})
-    finally:
-        front.stop()
-    assert_never_upgraded(app, status)
+    yield front
+    front.stop()
 
 
-@pytest.mark.parametrize("front", ["none", "nginx proxy_pass"])
-def test_proxy_mode(app: HypercornApp, tmp_path: Any, front: str) -> None:
-    gateway = GatewayServer(make_config(tmp_path, upstream=f"http://127.0.0.1:{app.port}")).start()
-    nginx = _nginx("proxy_pass.conf", gateway, None) if front != "none" else None
-    try:
-        port = nginx.port if nginx is not None else gateway.port
-        status = h2c_attack(port, {"Authorization": basic_auth("alice", PASSWORD)})
-    finally:
-        if nginx is not None:
-            nginx.stop()
-        gateway.stop()
-    assert_never_upgraded(app, status)
+@pytest.fixture(scope="module")
+def nginx_proxy_pass(proxy_mode: GatewayServer) -> Iterator[NginxFront]:
+    front = _nginx("proxy_pass.conf", proxy_mode, None)
+    yield front
+    front.stop()
+
+
+def _attack(app: HypercornApp, port: int, variant: str) -> None:
+    before = len(app.seen())
+    status = h2c_attack(port, ALICE, VARIANTS[variant])
+    assert_never_upgraded(app, before, status)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_caddy_forward_auth(app: HypercornApp, caddy: CaddyFront, variant: str) -> None:
+    _attack(app, caddy.port, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nginx_auth_request(app: HypercornApp, nginx_auth_request: NginxFront, variant: str) -> None:
+    _attack(app, nginx_auth_request.port, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_proxy_mode(app: HypercornApp, proxy_mode: GatewayServer, variant: str) -> None:
+    _attack(app, proxy_mode.port, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_proxy_mode_behind_nginx(app: HypercornApp, nginx_proxy_pass: NginxFront, variant: str) -> None:
+    _attack(app, nginx_proxy_pass.port, variant)
