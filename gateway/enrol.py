@@ -45,7 +45,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import DENIALS, DecryptError, Reason, StoreError
 from gateway.factors import Outcome
-from gateway.identity import read_cookie
+from gateway.identity import cookie_values
 from gateway.inputs import BadInput, negotiate, read_fields, read_query, safe_target
 from gateway.pages import PAGE_HEADERS, Pages, group_secret
 from gateway.qr import png_data_url, qr_png
@@ -216,9 +216,9 @@ class Enrolment:
     async def _open_session(self, call: _Call) -> None:
         """A fresh 2FA session for this browser; a session id it already held is revoked, so an
         id planted before verification (session fixation) never becomes a verified one."""
-        old = read_cookie(call.headers.get("cookie"), self.config.session.cookie)
-        if old:
-            await self.factors.revoke_session(old)
+        for old in cookie_values(call.headers.getlist("cookie"), self.config.session.cookie):
+            if old:
+                await self.factors.revoke_session(old)
         session = await self.factors.open_session(call.user)
         call.extra_headers.append(self.gateway.session_cookie(session))
 
@@ -388,9 +388,11 @@ class Enrolment:
 
     async def logout(self, call: _Call, send: Send) -> None:
         s = self.config.session
-        session = read_cookie(call.headers.get("cookie"), s.cookie)
-        if session:
-            await self.factors.revoke_session(session)
+        # Every session cookie the request carries: two different ones are refused by the
+        # decision, but a logout ends whatever it is shown.
+        for session in cookie_values(call.headers.getlist("cookie"), s.cookie):
+            if session:
+                await self.factors.revoke_session(session)
         audit.info("2fa session ended user=%r client=%s", call.user, call.client)
         # RFC 6265 §3.1: the same name, path and attributes with Max-Age=0 removes the cookie.
         clear = f"{s.cookie}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" + ("; Secure" if s.secure else "")

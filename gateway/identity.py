@@ -54,6 +54,18 @@ def valid_user(user: object) -> bool:
     return isinstance(user, str) and 0 < len(user) <= MAX_USER_LENGTH and user.isprintable() and user == user.strip()
 
 
+def _cookie_name(part: str) -> str | None:
+    """The name of one ``;``-separated part of a ``Cookie`` header, or None if it has no ``=``.
+
+    The one rule for "is this part cookie X", used both to read cookies and to strip the
+    session cookie before the upstream. Trimmed with ``str.strip()``, as Starlette's
+    ``cookie_parser`` does, which trims more than RFC 6265 §5.2's SP and HTAB (``\xa0``,
+    ``\x0b`` ...): whatever a lenient app would read as cookie X is cookie X here too.
+    """
+    key, sep, _ = part.partition("=")
+    return key.strip() if sep else None
+
+
 def cookie_values(cookie_headers: list[str], name: str) -> list[str]:
     """Every value of cookie ``name`` in every ``Cookie`` header (RFC 6265 §5.4; HTTP/2 may
     split one header into several, RFC 9113 §8.2.3), in order; empty values count."""
@@ -62,10 +74,18 @@ def cookie_values(cookie_headers: list[str], name: str) -> list[str]:
         if name not in header:
             continue
         for part in header.split(";"):
-            key, sep, value = part.strip().partition("=")
-            if sep and key.strip() == name:
-                values.append(value.strip().strip('"'))
+            if _cookie_name(part) == name:
+                values.append(part.partition("=")[2].strip().strip('"'))
     return values
+
+
+def without_cookie(cookie_header: str, name: str) -> str:
+    """A ``Cookie`` header without any part named ``name`` (by the same rule as
+    :func:`cookie_values`); the kept parts are left byte for byte as they came."""
+    if name not in cookie_header:
+        return cookie_header
+    kept = [part for part in cookie_header.split(";") if _cookie_name(part) != name]
+    return ";".join(kept).strip()
 
 
 def read_one_cookie(headers: Any, name: str) -> tuple[str | None, bool]:
@@ -76,17 +96,6 @@ def read_one_cookie(headers: Any, name: str) -> tuple[str | None, bool]:
         return None, True
     value = values.pop() if values else None
     return value or None, False
-
-
-def read_cookie(cookie_header: str | None, name: str) -> str | None:
-    """One cookie's value from a ``Cookie`` header (RFC 6265 §5.4), or None."""
-    if not cookie_header or name not in cookie_header:
-        return None
-    for part in cookie_header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            return value.strip().strip('"') or None
-    return None
 
 
 class IdentityReader:

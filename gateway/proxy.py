@@ -46,6 +46,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.errors import BadRequest, Reason
+from gateway.identity import without_cookie
 from gateway.responses import send_denial
 from gateway.upstream import AiohttpTransport
 
@@ -84,8 +85,39 @@ ROUTING_OVERRIDE_HEADERS = frozenset(
 # RFC 9110 §9.3: methods whose content has a meaning; a bodiless one says "Content-Length: 0"
 # (RFC 9110 §8.6: a user agent SHOULD send it when the method defines a meaning for content).
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# What a front proxy says about the client's request (scheme, port, original target) and what
+# an SSO proxy says about its user: believed only from server.trusted_proxies, dropped from
+# anyone else, since apps take them as the truth (Grafana's auth proxy reads X-WEBAUTH-USER,
+# apps behind oauth2-proxy X-Forwarded-User or X-Auth-Request-User).
 _FORWARDING_HEADERS = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"x-real-ip",
+        b"x-forwarded-port",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"front-end-https",
+        b"x-url-scheme",
+        b"x-original-uri",
+        b"x-forwarded-uri",
+        b"x-forwarded-path",
+        b"x-forwarded-method",
+        b"x-original-method",
+        b"x-forwarded-user",
+        b"x-forwarded-email",
+        b"x-forwarded-preferred-username",
+        b"x-forwarded-groups",
+        b"x-auth-request-user",
+        b"x-auth-request-email",
+        b"x-auth-request-preferred-username",
+        b"x-auth-request-groups",
+        b"x-remote-user",
+        b"x-webauth-user",
+    }
 )
 # X-Forwarded-Proto names the HTTP scheme, also for a WebSocket handshake.
 _HTTP_SCHEME = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
@@ -160,11 +192,11 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
 
 
 def strip_cookie(value: bytes, name: bytes) -> bytes:
-    """A ``Cookie`` header without the named cookie (RFC 6265 §4.2.1 ``; `` separated)."""
+    """A ``Cookie`` header without the named cookie, by the rule the decision reads it with
+    (``identity.without_cookie``): a session the gateway honoured never reaches the app."""
     if name not in value:
         return value
-    kept = [p for p in value.split(b";") if p.strip().partition(b"=")[0] != name]
-    return b";".join(kept).strip()
+    return without_cookie(value.decode("latin-1"), name.decode("latin-1")).encode("latin-1")
 
 
 def default_transport(config: Config) -> httpx.AsyncBaseTransport:
@@ -283,6 +315,11 @@ class Forwarder:
         """Forward one allowed request; ``path`` is the encoded canonical path that was checked."""
         method: str = scope["method"]
         try:
+            if method == "CONNECT":
+                # RFC 9110 §9.3.6: CONNECT asks a proxy for a tunnel, with an authority-form
+                # target; an app behind the gateway has none to give, and uvicorn reads what
+                # follows the head as tunnel bytes, not as a body.
+                raise AmbiguousFraming
             framing, length = request_framing(scope)
         except AmbiguousFraming:
             # The client connection's own framing is in doubt too: close it after the answer.
@@ -316,6 +353,10 @@ class Forwarder:
         except (httpx.TransportError, OSError) as exc:
             log.warning("upstream unreachable: %s", type(exc).__name__)
             return await send_denial(send, Reason.UPSTREAM_UNREACHABLE, _accept(scope))
+        except Exception:
+            # Nothing has been sent yet: an answer the client can read, never a bare 500.
+            log.exception("forwarding failed before the response")
+            return await send_denial(send, Reason.UPSTREAM_UNREACHABLE, _accept(scope))
 
         try:
             await self._respond(scope, receive, send, response, trusted, extra_headers)
@@ -336,6 +377,10 @@ class Forwarder:
         drop = HOP_BY_HOP_HEADERS | connection_tokens(raw) | {b"date"}
         out: list[tuple[bytes, bytes]] = []
         small = False
+        # RFC 9110 §8.6: a 304 may carry the length of the representation it stands for, and a
+        # 204 must not carry one; neither has content, which an ASGI server would wait for.
+        if response.status_code in (204, 304):
+            drop = drop | {b"content-length"}
         for name, value in raw:
             name = name.lower()
             if name in drop:

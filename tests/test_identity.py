@@ -20,7 +20,7 @@ from gateway import config as config_module
 from gateway import identity as identity_module
 from gateway.config import IdentityConfig, JwtConfig
 from gateway.errors import DENIALS, Reason
-from gateway.identity import IdentityReader, read_cookie, valid_user
+from gateway.identity import IdentityReader, cookie_values, valid_user, without_cookie
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, free_port, make_config
 
 SECRET = "s3cret-" * 6
@@ -125,9 +125,21 @@ def test_jwt_public_key() -> None:
 
 
 def test_helpers() -> None:
-    assert read_cookie("a=1; b=2", "b") == "2"
-    assert read_cookie("ab=1", "b") is None
-    assert read_cookie(None, "b") is None
+    assert cookie_values(["a=1; b=2"], "b") == ["2"]
+    assert cookie_values(["ab=1", "b"], "b") == []
+    assert cookie_values([], "b") == []
+
+
+@pytest.mark.parametrize("spelling", ["s=1", " s=1", "s =1", "s\t= 1", "\xa0s=1", "\x0bs=1", 's="1"'])
+def test_one_rule_reads_and_strips_a_cookie(spelling: str) -> None:
+    """Whatever spelling is read as cookie ``s`` is also what ``without_cookie`` removes: the
+    decision and the stripping before the app must never disagree (an attack found
+    ``gateway_session =ID`` honoured by one and kept by the other)."""
+    header = f"a=0; {spelling}; b=2"
+    assert cookie_values([header], "s") == ["1"]
+    assert cookie_values([without_cookie(header, "s")], "s") == []
+    assert without_cookie(header, "s") == "a=0; b=2"
+    assert without_cookie("as=1; sb=2", "s") == "as=1; sb=2"
     assert valid_user("alice@example.com")
     assert not valid_user("") and not valid_user("a\x00b") and not valid_user(3)
 

@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -322,6 +323,49 @@ def test_untrusted_peer_cannot_forge_identity_or_forwarding(upstream: UpstreamPr
         for gone in ("remote_user", "remote.user", "x_forwarded_for", "x-2fa_code"):
             assert gone not in seen
         assert seen["x_custom"] == "kept"
+    finally:
+        server.stop()
+
+
+# Headers front proxies and SSO proxies set, which apps trust as the request's scheme, port,
+# original target or user (Grafana's X-WEBAUTH-USER, oauth2-proxy's X-Auth-Request-User ...).
+SPOOFABLE = (
+    "X-Forwarded-Port",
+    "X-Forwarded-Server",
+    "X-Forwarded-Scheme",
+    "X-Forwarded-Ssl",
+    "Front-End-Https",
+    "X-Url-Scheme",
+    "X-Original-URI",
+    "X-Forwarded-Uri",
+    "X-Forwarded-Path",
+    "X-Forwarded-Method",
+    "X-Original-Method",
+    "X-Forwarded-User",
+    "X-Forwarded-Email",
+    "X-Forwarded-Preferred-Username",
+    "X-Forwarded-Groups",
+    "X-Auth-Request-User",
+    "X-Auth-Request-Email",
+    "X-Auth-Request-Preferred-Username",
+    "X-Auth-Request-Groups",
+    "X-Remote-User",
+    "X-WEBAUTH-USER",
+)
+
+
+def test_untrusted_peer_cannot_send_what_front_proxies_set(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """From a client that is not a trusted proxy, none of the headers a front proxy or an SSO
+    proxy would set reaches the app, nor their ``_`` look-alikes (found by an attack: they
+    passed, and an app that trusts them takes the scheme, target or user they name)."""
+    config = make_config(tmp_path, upstream=upstream.url, server={"trusted_proxies": ["192.0.2.1/32"]})
+    server = GatewayServer(config).start()
+    try:
+        sent = {name: "forged" for name in SPOOFABLE} | {name.replace("-", "_"): "forged" for name in SPOOFABLE}
+        status, body = get_raw(server.port, "/public/x", sent)
+        assert status == 200
+        forged = [(k, v) for k, v in json.loads(body)["headers"] if v == "forged"]
+        assert forged == []
     finally:
         server.stop()
 
@@ -753,3 +797,70 @@ def test_request_framing_from_the_body(
     method: str, headers: list[tuple[bytes, bytes]], expected: tuple[list[tuple[bytes, bytes]], int | None]
 ) -> None:
     assert request_framing(_scope(method, *headers)) == expected
+
+
+@pytest.mark.parametrize("spelling", ["{c} ={v}", "{c}\t={v}", " {c}= {v} ", "\xa0{c}={v}", '{c}="{v}"'])
+def test_the_session_cookie_never_reaches_the_app_however_it_is_spelled(gw: GatewayServer, spelling: str) -> None:
+    """The decision and the stripping read cookie names by one rule: a spelling that opens the
+    session is also one that is removed (found by an attack: ``gateway_session =ID`` passed on
+    the session and reached the app, since only the reader trimmed the name)."""
+    headers, cookies = session_for(gw)
+    [(name, value)] = cookies.items()
+    cookie = "app=1; " + spelling.format(c=name, v=value) + "; other=2"
+    status, body = get_raw(gw.port, "/echo", {**headers, "Cookie": cookie})
+    assert status == 200, body
+    received = json.loads(body)
+    assert value not in json.dumps(received)
+    cookies_seen = [v for k, v in received["headers"] if k.lower() == "cookie"]
+    assert cookies_seen == ["app=1; other=2"]
+
+
+class _NotModifiedUpstream(socketserver.ThreadingTCPServer):
+    """Answers every request with ``HTTP/1.1 <status>`` and ``Content-Length: 1234`` but no
+    content, on a kept-alive connection: RFC 9110 §8.6 lets a 304 carry the length of the
+    representation it stands for (and apps send it); a 204 must not, but some do."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while True:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = self.rfile.readline()
+                        if not line:
+                            return
+                        head += line
+                    status = head.split(b" ", 2)[1].rsplit(b"/", 1)[-1]
+                    self.wfile.write(b"HTTP/1.1 " + status + b' X\r\nContent-Length: 1234\r\nETag: "v1"\r\n\r\n')
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("status", [304, 204])
+def test_a_bodiless_answer_with_a_content_length_keeps_the_connection_usable(tmp_path: Path, status: int) -> None:
+    upstream = _NotModifiedUpstream()
+    port = upstream.server_address[1]
+    server = GatewayServer(make_config(tmp_path, upstream=f"http://127.0.0.1:{port}")).start()
+    try:
+        with RawClient(server.port) as client:
+            for _ in range(3):
+                answer = client.ask(head("GET", f"/public/{status}", 'If-None-Match: "v1"'))
+                assert answer is not None, "the connection broke after a bodiless answer"
+                assert answer.status == status
+    finally:
+        server.stop()
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def test_connect_is_refused_and_nothing_reaches_the_app(wire: GatewayServer, recorder: Recorder) -> None:
+    # RFC 9110 §9.3.6: CONNECT asks a proxy for a tunnel; an app behind a gateway has none to
+    # give, and a body after it was a smuggling attempt that used to end in a 500.
+    data = head("CONNECT", "/public/a", f"Content-Length: {len(SMUGGLED)}") + SMUGGLED
+    answer, requests = received_during(recorder, lambda: exchange(wire.port, data))
+    assert requests == []
+    assert answer is None or 400 <= answer.status < 500
