@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from tests.conftest import RedisServer, need_binary
 from tests.support.fronts import NginxFront, basic_auth, raw_request, totp_now
@@ -224,18 +226,20 @@ def test_browser_verify_flow(nginx: NginxFront, secret: tuple[GatewayServer, str
 
 
 @pytest.fixture(scope="module")
-def proxied(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess) -> Iterator[tuple[NginxFront, str]]:
+def proxied(
+    tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess
+) -> Iterator[tuple[NginxFront, str, GatewayServer]]:
     config = make_config(tmp_path_factory.mktemp("nginx-proxy"), upstream=upstream.url)
     value = enrol(config, "alice")
     gateway = GatewayServer(config).start()
     front = start_nginx("proxy_pass.conf", gateway, None)
-    yield front, value
+    yield front, value, gateway
     front.stop()
     gateway.stop()
 
 
-def test_proxy_pass_site(proxied: tuple[NginxFront, str]) -> None:
-    front, value = proxied
+def test_proxy_pass_site(proxied: tuple[NginxFront, str, GatewayServer]) -> None:
+    front, value, _ = proxied
     assert raw_request(front.port, "/echo/x", HTML)[0] == 401
     status, headers, _ = raw_request(front.port, "/echo/x", {**ALICE, **HTML})
     assert status == 302
@@ -260,6 +264,25 @@ def test_proxy_pass_site(proxied: tuple[NginxFront, str]) -> None:
     for target in BYPASSES:
         status, _, body = raw_request(front.port, target, ALICE)
         assert_denied(status, body, target)
+
+
+def test_websocket_through_proxy_pass(proxied: tuple[NginxFront, str, GatewayServer]) -> None:
+    # proxy_pass.conf relays an Upgrade that is "websocket" (its map) to the gateway, which
+    # checks the handshake like any request and relays it to the app.
+    front, _, gateway = proxied
+    carol = enrol(gateway.config, "carol")
+    status, headers, _ = raw_request(front.port, "/echo/x", {**CAROL, "X-2FA-Code": totp_now(carol)})
+    assert status == 200
+    session = {**CAROL, "Cookie": headers["set-cookie"].split(";", 1)[0], "Remote-User": "mallory"}
+    with connect(f"ws://127.0.0.1:{front.port}/ws/chat", additional_headers=session, proxy=None) as ws:
+        assert ws.recv(timeout=10) == "hello carol"
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "echo hi"
+    for who in (ALICE, BOB, {}):  # no session, not enrolled, no first factor
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws://127.0.0.1:{front.port}/ws/chat", additional_headers=who, proxy=None, open_timeout=10)
+        assert refused.value.response.status_code in (401, 403), who
+        assert b"raw_path" not in refused.value.response.body
 
 
 # -- the store goes away ------------------------------------------------------------------------------
@@ -324,7 +347,9 @@ def test_a_raw_fragment_is_400(nginx: NginxFront, proxied: tuple[NginxFront, str
         assert b"raw_path" not in body
 
 
-def test_routing_overrides_and_h2c_never_reach_the_app(nginx: NginxFront, proxied: tuple[NginxFront, str]) -> None:
+def test_routing_overrides_and_h2c_never_reach_the_app(
+    nginx: NginxFront, proxied: tuple[NginxFront, str, GatewayServer]
+) -> None:
     for front in (nginx, proxied[0]):
         status, _, body = raw_request(front.port, "/public/echo", {**ALICE, **OVERRIDES})
         assert status == 200, front.source.name
@@ -333,7 +358,9 @@ def test_routing_overrides_and_h2c_never_reach_the_app(nginx: NginxFront, proxie
         assert_no_overrides(seen)
 
 
-def test_two_authorization_headers_are_refused(nginx: NginxFront, proxied: tuple[NginxFront, str]) -> None:
+def test_two_authorization_headers_are_refused(
+    nginx: NginxFront, proxied: tuple[NginxFront, str, GatewayServer]
+) -> None:
     # nginx's own rule (a duplicate Authorization is a 400); Caddy needs its Caddyfile for it.
     both = [("Authorization", ALICE["Authorization"]), ("Authorization", BOB["Authorization"])]
     for front in (nginx, proxied[0]):
