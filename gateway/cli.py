@@ -27,7 +27,7 @@ from gateway.config import Config
 from gateway.crypto import SecretBox, decrypt_legacy, new_key
 from gateway.errors import ConfigError, DecryptError, StoreError
 from gateway.logs import configure_logging
-from gateway.server import LimitedConfig, head_limits, serve_uvicorn
+from gateway.server import LimitedConfig, client_limits, serve_uvicorn
 from gateway.store import Store, open_store_from_url
 from gateway.tables import redact_url
 
@@ -84,7 +84,7 @@ def uvicorn_config(config: Config, app: object) -> LimitedConfig:
     server = config.server
     return LimitedConfig(
         app,
-        head_limits=head_limits(server),
+        limits=client_limits(server),
         host=server.host,
         port=server.port,
         log_level=server.log_level,

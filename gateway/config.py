@@ -56,6 +56,9 @@ class ServerConfig:
     max_head_bytes: int = 64 * 1024
     max_headers: int = 100
     head_timeout: float = 30.0
+    body_timeout: float = 30.0
+    min_body_rate: int = 1024
+    body_rate_grace: float = 5.0
     keepalive_timeout: float = 5.0
 
 
@@ -196,6 +199,9 @@ def _server(data: Any, problems: list[str]) -> ServerConfig:
         max_head_bytes=t.number("max_head_bytes", d.max_head_bytes, 1024, 1024 * 1024),
         max_headers=t.number("max_headers", d.max_headers, 10, 1000),
         head_timeout=t.number("head_timeout", d.head_timeout, 0.1, 300.0),
+        body_timeout=t.number("body_timeout", d.body_timeout, 0.1, 3600.0),
+        min_body_rate=t.number("min_body_rate", d.min_body_rate, 0, 1024 * 1024 * 1024),
+        body_rate_grace=t.number("body_rate_grace", d.body_rate_grace, 0.0, 3600.0),
         keepalive_timeout=t.number("keepalive_timeout", d.keepalive_timeout, 0.1, 3600.0),
     )
     t.finish()

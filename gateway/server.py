@@ -12,8 +12,21 @@ Threat model (what an unauthenticated client can do before any rule of the gatew
 - **A head that never ends (slowloris).** A connection holds its place in the server until
   its head is complete: past ``server.head_timeout`` seconds from the connection (or from the
   end of the previous request) the connection closes without an answer, as nginx's
-  ``client_header_timeout`` does. A slow *body* is the upstream client's business
-  (``upstream.write_timeout``), not this one's.
+  ``client_header_timeout`` does.
+- **A body that never ends.** A proxied request holds one of ``upstream.max_connections``
+  pooled connections until its body is sent, and neither the upstream client's write timeout
+  (it runs only while a chunk is being written) nor its read timeout (it starts once the body
+  is sent) sees a client that stops sending: 256 connections sending one byte every 20 s to an
+  excluded path held every slot, so every other request waited for the pool and got 503. So
+  while a request body is awaited (proxied, denied, or read by a gateway page), the connection
+  closes when no body byte arrived for ``server.body_timeout`` seconds (nginx's
+  ``client_body_timeout``), or when, after ``server.body_rate_grace`` seconds, the body has
+  averaged fewer than ``server.min_body_rate`` bytes a second since it began (Kestrel's
+  ``MinRequestBodyDataRate``). If no response has started, the answer is 408 first (RFC 9110
+  §15.5.9). Closing the connection disconnects the ASGI request, which aborts the upstream
+  request and frees its pooled connection. Time in which the server itself does not read (its
+  buffer is full because the app or upstream is slow, or ``Expect: 100-continue`` is not yet
+  answered) is not the client's: the clocks stop.
 - **An idle keep-alive connection.** uvicorn's own ``timeout_keep_alive``, set from
   ``server.keepalive_timeout``.
 
@@ -35,6 +48,7 @@ from typing import Any
 
 import httptools
 import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
@@ -44,57 +58,100 @@ log = logging.getLogger("gateway.server")
 
 
 @dataclass(frozen=True, slots=True)
-class HeadLimits:
-    max_bytes: int = 64 * 1024
-    max_fields: int = 100
-    timeout: float = 30.0
+class ClientLimits:
+    """What a client may send: the ``server.*`` limits, carried to every connection."""
+
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    head_timeout: float = 30.0
+    body_timeout: float = 30.0
+    min_body_rate: int = 1024  # bytes a second, averaged from the body's start; 0: no minimum
+    body_rate_grace: float = 5.0
 
 
-def head_limits(server: ServerConfig) -> HeadLimits:
-    return HeadLimits(server.max_head_bytes, server.max_headers, server.head_timeout)
+def client_limits(server: ServerConfig) -> ClientLimits:
+    return ClientLimits(
+        max_head_bytes=server.max_head_bytes,
+        max_headers=server.max_headers,
+        head_timeout=server.head_timeout,
+        body_timeout=server.body_timeout,
+        min_body_rate=server.min_body_rate,
+        body_rate_grace=server.body_rate_grace,
+    )
 
 
 class LimitedConfig(uvicorn.Config):
-    """uvicorn's Config carrying the head limits to every protocol instance (and, pickled,
+    """uvicorn's Config carrying the client limits to every protocol instance (and, pickled,
     to every worker process)."""
 
-    def __init__(self, app: Any, head_limits: HeadLimits, **kwargs: Any) -> None:
+    def __init__(self, app: Any, limits: ClientLimits, **kwargs: Any) -> None:
         super().__init__(app, http=LimitedHttpToolsProtocol, **kwargs)
-        self.head_limits = head_limits
+        self.limits = limits
 
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback; httptools hands it back as the context of its error."""
 
 
-class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that refuses heads over a size or field count and closes connections
-    whose head does not arrive in time.
+class _ClockedFlowControl(FlowControl):
+    """uvicorn's read back-pressure, telling the protocol when it stops and starts reading: the
+    time in between is the server's, not the client's."""
 
-    The deadline costs no timer per request: a request only notes when its head began, and one
-    timer per connection wakes every ``timeout`` seconds to close a connection whose head is
-    overdue (arming and cancelling a timer per request cost more than the rest of this class)."""
+    def __init__(self, transport: asyncio.Transport, protocol: LimitedHttpToolsProtocol) -> None:
+        super().__init__(transport)
+        self._protocol = protocol
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self._transport.pause_reading()
+            self._protocol.on_reading_paused()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self._transport.resume_reading()
+            self._protocol.on_reading_resumed()
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that refuses heads over a size or field count, and closes connections
+    whose head does not arrive in time or whose body stops or crawls.
+
+    The deadlines cost no timer per request: a request only notes timestamps and counts, and one
+    timer per connection wakes at the earliest deadline (or every ``head_timeout`` seconds while
+    nothing is awaited) to close a connection that is overdue; arming and cancelling a timer per
+    request cost more than the rest of this class."""
 
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        self.head_limits: HeadLimits = getattr(config, "head_limits", HeadLimits())
+        self.limits: ClientLimits = getattr(config, "limits", ClientLimits())
         self._awaiting_head = True  # between requests, or inside a head
         self._head_bytes = 0  # received since the head began (an upper bound on its size)
         self._head_since: float | None = None  # loop.time() when the awaited head began
-        self._head_timer: asyncio.TimerHandle | None = None
+        # Between the end of a head and the end of its body (llhttp ends a bodiless message
+        # in the same feed that ends its head, so this is "a body is awaited"):
+        self._body_pending = False
+        self._body_armed = False  # the timer is due no later than this body's first deadline
+        self._body_since = 0.0  # loop.time() when the body began, moved on by reading pauses
+        self._body_last = 0.0  # loop.time() of the last body bytes, likewise
+        self._body_bytes = 0
+        self._paused_at: float | None = None  # loop.time() when the server stopped reading
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _ClockedFlowControl(transport, self)
         # A connection that sends nothing at all is waiting for a head too.
         self._head_since = self.loop.time()
-        self._head_timer = self.loop.call_later(self.head_limits.timeout, self._check_head_deadline)
+        self._timer = self.loop.call_later(self.limits.head_timeout, self._check_deadlines)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
+        self._cancel_timer()
         super().connection_lost(exc)
 
     def handle_websocket_upgrade(self) -> None:
-        self._cancel_head_timer()  # the connection now belongs to the WebSocket protocol
+        self._cancel_timer()  # the connection now belongs to the WebSocket protocol
         super().handle_websocket_upgrade()
 
     def data_received(self, data: bytes) -> None:
@@ -120,8 +177,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._awaiting_head and self._head_bytes > self.head_limits.max_bytes:
-            self._refuse_head(f"the request head exceeds {self.head_limits.max_bytes} bytes")
+        if self._awaiting_head and self._head_bytes > self.limits.max_head_bytes:
+            self._refuse_head(f"the request head exceeds {self.limits.max_head_bytes} bytes")
+        elif self._body_pending and not self._body_armed:
+            # A body outlives the read that ended its head (most bodies end in it): from now on
+            # it has deadlines, and the timer must not sleep past the first.
+            self._body_armed = True
+            self._arm_timer()
 
     # -- parser callbacks ------------------------------------------------------------------
 
@@ -137,36 +199,114 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise ValueError("a raw # in the request target")
         headers = self.headers
         size = len(self.url) + len(b"".join(itertools.chain.from_iterable(headers))) + 4 * len(headers)
-        if size > self.head_limits.max_bytes:
-            raise _HeadTooLarge(f"the request head exceeds {self.head_limits.max_bytes} bytes")
-        if len(headers) > self.head_limits.max_fields:
-            raise _HeadTooLarge(f"more than {self.head_limits.max_fields} header fields")
+        if size > self.limits.max_head_bytes:
+            raise _HeadTooLarge(f"the request head exceeds {self.limits.max_head_bytes} bytes")
+        if len(headers) > self.limits.max_headers:
+            raise _HeadTooLarge(f"more than {self.limits.max_headers} header fields")
         super().on_headers_complete()
+        self._body_pending = True
+        self._body_armed = False
+        self._body_since = self._body_last = self.loop.time()
+        self._body_bytes = 0
+        if self.expect_100_continue and not self.flow.read_paused:
+            # RFC 9110 §10.1.1: the client waits for "100 Continue", which uvicorn sends when
+            # the app first reads the body; until then the silence is the server's.
+            self.flow.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        self._body_last = self.loop.time()
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._body_pending = False
         # The next bytes on this connection start a new head (and its deadline).
         self._awaiting_head = True
         self._head_bytes = 0
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- deadlines -------------------------------------------------------------------------
 
-    def _check_head_deadline(self) -> None:
-        self._head_timer = None
+    def on_reading_paused(self) -> None:
+        self._paused_at = self.loop.time()
+
+    def on_reading_resumed(self) -> None:
+        if self._paused_at is not None:
+            held = self.loop.time() - self._paused_at
+            self._paused_at = None
+            self._body_since += held
+            self._body_last += held
+            if self._body_pending:
+                self._arm_timer()
+
+    def _deadline(self) -> float | None:
+        """When this connection is overdue: its body stalls or crawls, or its head is late.
+        None while nothing is awaited from the client."""
+        limits = self.limits
+        if self._body_pending:
+            if self._paused_at is not None:
+                return None
+            deadline = self._body_last + limits.body_timeout
+            if limits.min_body_rate:
+                # The average since the start falls below the minimum at this time, unless
+                # more bytes come (Kestrel: MinRequestBodyDataRate, averaged, after a grace).
+                rate_due = self._body_since + max(limits.body_rate_grace, self._body_bytes / limits.min_body_rate)
+                deadline = min(deadline, rate_due)
+            return deadline
+        if self._head_since is not None:
+            return self._head_since + limits.head_timeout
+        return None
+
+    def _arm_timer(self) -> None:
+        """Make the timer due no later than the current deadline."""
+        deadline = self._deadline()
+        if deadline is None or (self._timer is not None and self._timer.when() <= deadline):
+            return
+        self._cancel_timer()
+        self._timer = self.loop.call_at(deadline, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
         if self.transport.is_closing():
             return
-        now, timeout = self.loop.time(), self.head_limits.timeout
-        if self._head_since is not None and now - self._head_since >= timeout:
-            log.debug("closing a connection whose request head took over %g s", timeout)
+        now, deadline = self.loop.time(), self._deadline()
+        if deadline is None:  # nothing awaited: look again when a head could first be overdue
+            self._timer = self.loop.call_later(self.limits.head_timeout, self._check_deadlines)
+        elif now < deadline:
+            self._timer = self.loop.call_at(deadline, self._check_deadlines)
+        elif self._body_pending:
+            self._body_overdue(now)
+        else:
+            log.debug("closing a connection whose request head took over %g s", self.limits.head_timeout)
             self.transport.close()
-            return
-        wait = timeout if self._head_since is None else self._head_since + timeout - now
-        self._head_timer = self.loop.call_later(wait, self._check_head_deadline)
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _body_overdue(self, now: float) -> None:
+        stalled = now - self._body_last >= self.limits.body_timeout
+        detail = (
+            f"no request body data for {self.limits.body_timeout:g} s"
+            if stalled
+            else f"the request body arrives slower than {self.limits.min_body_rate} bytes/s"
+        )
+        log.info("closing a connection: %s", detail)
+        cycle = self.cycle
+        if cycle is None or not (cycle.response_started or cycle.response_complete):
+            self._send_error(408, "request_timeout", detail)
+        else:
+            self._cancel_timer()
+            self.transport.close()
+        if cycle is not None and not cycle.response_complete:
+            # What connection_lost will do, done now: the app's next receive() says the client
+            # is gone (the upstream request is aborted, its pooled connection closed), and any
+            # response it still sends goes nowhere.
+            cycle.disconnected = True
+            cycle.message_event.set()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- answers ---------------------------------------------------------------------------
 
     def _bad_request(self) -> None:
         self.logger.warning("Invalid HTTP request received.")
@@ -176,7 +316,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._send_error(431, "request_header_fields_too_large", detail)
 
     def _send_error(self, status: int, error: str, detail: str) -> None:
-        self._cancel_head_timer()
+        self._cancel_timer()
         if self.transport.is_closing():
             return
         body = json.dumps({"error": error, "detail": detail}, separators=(",", ":")).encode()

@@ -78,6 +78,9 @@ def test_minimal_config_has_safe_defaults() -> None:
     # Issue 9.5: request heads are limited with no configuration at all.
     assert cfg.server.max_head_bytes <= 64 * 1024 and cfg.server.max_headers <= 100
     assert cfg.server.head_timeout <= 30 and cfg.server.keepalive_timeout <= 30
+    # ...and so are request bodies: one that stops, or trickles, loses its connection.
+    assert cfg.server.body_timeout <= 60
+    assert cfg.server.min_body_rate > 0 and cfg.server.body_rate_grace <= 10
     assert cfg.upstream.url is None  # forward-auth only until told otherwise
     assert cfg.identity.mode == "header"
     assert cfg.paths.exclude == ()  # nothing is open by default
@@ -123,6 +126,10 @@ def test_minimal_config_has_safe_defaults() -> None:
         ({"server": {"head_timeout": 0}}, "server.head_timeout: 0.0 is outside 0.1..300"),
         ({"server": {"head_timeout": True}}, "server.head_timeout: expected an integer or a number, got a boolean"),
         ({"server": {"keepalive_timeout": 7200}}, "server.keepalive_timeout: 7200.0 is outside 0.1..3600"),
+        ({"server": {"body_timeout": 0}}, "server.body_timeout: 0.0 is outside 0.1..3600"),
+        ({"server": {"min_body_rate": -1}}, "server.min_body_rate: -1 is outside 0..1073741824"),
+        ({"server": {"min_body_rate": 1.5}}, "server.min_body_rate: expected an integer, got float"),
+        ({"server": {"body_rate_grace": 7200}}, "server.body_rate_grace: 7200.0 is outside 0..3600"),
     ],
 )
 def test_bad_values_are_named_by_key(data: dict[str, Any], expected: str) -> None:

@@ -1,5 +1,6 @@
-"""Limits on request heads (gateway/server.py), attacked with raw sockets against the real
-``gateway run`` process: huge heads, many headers, heads that never end, idle connections."""
+"""Limits on what a client may send (gateway/server.py), attacked with raw sockets against the
+real ``gateway run`` process: huge heads, many headers, heads that never end, idle connections,
+bodies that stop or crawl (and hold upstream connections while they do)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pyotp
 import pytest
 from websockets.sync.client import connect
 
@@ -20,6 +22,9 @@ from tests.support.servers import UpstreamProcess, free_port, fresh_keys, gatewa
 
 HEAD_TIMEOUT = 1.0
 KEEPALIVE_TIMEOUT = 1.0
+BODY_TIMEOUT = 2.0
+MIN_BODY_RATE = 16 * 1024  # a legitimate upload below sends about 10 times as fast
+BODY_RATE_GRACE = 1.0
 BOUND = 20.0  # "closed within a generous bound": far above the configured 1 s, never a timing claim
 
 
@@ -51,6 +56,9 @@ port = {port}
 log_level = "warning"
 head_timeout = {HEAD_TIMEOUT}
 keepalive_timeout = {KEEPALIVE_TIMEOUT}
+body_timeout = {BODY_TIMEOUT}
+min_body_rate = {MIN_BODY_RATE}
+body_rate_grace = {BODY_RATE_GRACE}
 
 [upstream]
 url = "{upstream.url}"
@@ -84,6 +92,26 @@ def read_all(sock: socket.socket) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def trickle_until_closed(sock: socket.socket, gap: float) -> tuple[bool, bytes]:
+    """Send one byte every ``gap`` seconds until the server closes the connection (True) or
+    BOUND passes (False); also returns what the server answered meanwhile."""
+    started = time.monotonic()
+    answer = b""
+    sock.settimeout(gap)
+    while time.monotonic() - started < BOUND:
+        try:
+            sock.sendall(b"X")
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return True, answer
+        if chunk == b"":
+            return True, answer
+        answer += chunk
+    return False, answer
 
 
 def refused_or_closed(answer: bytes) -> bool:
@@ -149,26 +177,9 @@ def test_a_head_that_never_ends_is_closed_by_the_deadline(gateway: Gateway) -> N
 
 def test_a_trickled_head_is_closed_by_the_deadline(gateway: Gateway) -> None:
     """Slowloris: a byte now and then does not extend the deadline."""
-    started = time.monotonic()
     with gateway.connect() as sock:
         sock.sendall(b"GET /public/echo HTTP/1.1\r\nHost: x\r\n")
-        closed = False
-        while time.monotonic() - started < BOUND:
-            try:
-                sock.sendall(b"X")
-            except OSError:
-                closed = True
-                break
-            sock.settimeout(0.2)
-            try:
-                if sock.recv(1) == b"":
-                    closed = True
-                    break
-            except TimeoutError:
-                pass
-            except ConnectionResetError:
-                closed = True
-                break
+        closed, _ = trickle_until_closed(sock, 0.2)
     assert closed
 
 
@@ -208,13 +219,13 @@ def test_gateway_run_and_demo_build_the_same_limited_server(tmp_path: Path) -> N
     """`gateway demo` serves through cli.serve too: its uvicorn config carries the limits."""
     from gateway.cli import uvicorn_config
     from gateway.demo import demo_config, prepare_state
-    from gateway.server import HeadLimits, LimitedHttpToolsProtocol
+    from gateway.server import ClientLimits, LimitedHttpToolsProtocol
 
     prepare_state(tmp_path / "demo")
     config = demo_config(tmp_path / "demo", "127.0.0.1", 8080, 9999)
     built = uvicorn_config(config, "gateway.cli:_app_factory")
     assert built.http is LimitedHttpToolsProtocol
-    assert built.head_limits == HeadLimits(64 * 1024, 100, 30.0)
+    assert built.limits == ClientLimits(64 * 1024, 100, 30.0, 30.0, 1024, 5.0)
     assert built.timeout_keep_alive == config.server.keepalive_timeout
 
 
@@ -227,3 +238,143 @@ def test_a_websocket_handshake_over_the_limits_is_refused(gateway: Gateway) -> N
     with gateway.connect() as sock:
         sock.sendall(handshake + fields + b"\r\n")
         assert read_all(sock).startswith(b"HTTP/1.1 431 ")
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+
+def test_a_body_that_stops_is_answered_408_and_closed(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"POST /public/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        answer = read_all(sock)  # and nothing more from us
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:60]
+    assert b'"error":"request_timeout"' in answer
+
+
+def test_a_body_that_never_starts_is_answered_408_and_closed(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"POST /public/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:60]
+
+
+def test_a_trickled_body_below_the_minimum_rate_is_closed(gateway: Gateway) -> None:
+    """A byte every 0.1 s never leaves the body idle for body_timeout: only the rate cuts it."""
+    with gateway.connect() as sock:
+        sock.sendall(b"POST /public/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\nA")
+        closed, answer = trickle_until_closed(sock, 0.1)
+    assert closed
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:60]
+
+
+def test_a_trickled_chunked_body_is_closed(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(b"POST /public/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < BOUND:
+            try:
+                sock.sendall(b"1\r\nA\r\n")
+            except OSError:
+                closed = True
+            time.sleep(0.1)
+    assert closed
+
+
+def test_a_trickled_body_after_a_denial_is_closed(gateway: Gateway) -> None:
+    """The 401 is sent at once; the connection must not stay open for the rest of the body."""
+    with gateway.connect() as sock:
+        sock.sendall(
+            b"POST /private HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\nContent-Length: 1000000000\r\n\r\nA"
+        )
+        closed, answer = trickle_until_closed(sock, 0.1)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:60]
+    assert closed
+
+
+def test_a_slow_upload_above_the_minimum_rate_succeeds(gateway: Gateway) -> None:
+    """320 KiB at about 10 times the minimum rate, in pieces 50 ms apart for 2 s: a slow real upload."""
+    body = os.urandom(320 * 1024)
+    piece = 8 * 1024
+    with gateway.connect() as sock:
+        sock.sendall(
+            b"POST /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for i in range(0, len(body), piece):
+            sock.sendall(body[i : i + piece])
+            time.sleep(0.05)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
+    assert hashlib.sha256(body).hexdigest().encode() in answer
+
+
+def test_a_body_awaiting_100_continue_waits_for_the_server(gateway: Gateway) -> None:
+    """RFC 9110 §10.1.1: the client sends nothing until "100 Continue"; that wait is not a stall."""
+    body = b"0123456789"
+    with gateway.connect() as sock:
+        sock.sendall(
+            b"POST /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
+    assert hashlib.sha256(body).hexdigest().encode() in answer
+
+
+POOL = 4
+
+
+@pytest.fixture(scope="module")
+def small_pool_gateway(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Four upstream connections, and only the idle body timeout (no minimum rate)."""
+    tmp = tmp_path_factory.mktemp("pool")
+    port = free_port()
+    path = tmp / "gateway.toml"
+    path.write_text(
+        f"""
+[server]
+port = {port}
+log_level = "warning"
+body_timeout = {BODY_TIMEOUT}
+min_body_rate = 0
+
+[upstream]
+url = "{upstream.url}"
+max_connections = {POOL}
+pool_timeout = {BOUND}
+
+[store]
+url = "sqlite:///{tmp}/gateway.db"
+
+[session]
+secure = false
+
+[paths]
+exclude = ["/public/*"]
+"""
+    )
+    with gateway_process(path, port, fresh_keys()) as proc:
+        yield Gateway(proc, port)
+
+
+def test_stalled_bodies_release_the_upstream_pool(small_pool_gateway: Gateway) -> None:
+    """Issue 9.5: bodies that stop, to an excluded path, held every pooled upstream connection
+    for good; now the body timeout aborts them and a signed-in user's request gets through."""
+    base = f"http://127.0.0.1:{small_pool_gateway.port}"
+    alice = {"Remote-User": "alice", "Accept": "application/json"}
+    with httpx.Client(base_url=base, timeout=BOUND * 2) as client:
+        secret = pyotp.parse_uri(client.post("/setup-2fa", headers=alice).json()["otpauth_uri"]).secret
+        r = client.post("/verify-2fa", headers=alice, json={"code": pyotp.TOTP(secret).now()})
+        assert r.status_code == 200, r.text
+        attackers = [small_pool_gateway.connect() for _ in range(POOL * 2)]
+        try:
+            for sock in attackers:
+                sock.sendall(b"POST /public/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nA")
+            r = client.get("/private", headers=alice)  # waits for a pooled connection
+            assert r.status_code == 200, r.text
+            assert all(read_all(sock).startswith(b"HTTP/1.1 408 ") for sock in attackers)
+        finally:
+            for sock in attackers:
+                sock.close()

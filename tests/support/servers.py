@@ -26,7 +26,7 @@ from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.crypto import SecretBox
-from gateway.server import LimitedConfig, head_limits
+from gateway.server import LimitedConfig, client_limits
 from gateway.store import open_store_from_url
 from gateway.totp import new_secret
 
@@ -122,7 +122,7 @@ class GatewayServer:
             # The production protocol and its head limits (gateway/server.py), as `gateway run`.
             LimitedConfig(
                 self.app,
-                head_limits=head_limits(config.server),
+                limits=client_limits(config.server),
                 host="127.0.0.1",
                 port=self.port,
                 log_level="warning",
