@@ -146,6 +146,8 @@ class Decider:
         outcome = await self.factors.check_code(user, raw_code, facts.client)
         if outcome.reason is not Reason.CODE:
             return deny(outcome.reason, outcome.retry_after)
-        session = await self.factors.open_session(user)
+        session = await self.factors.open_session(user, outcome.proof)
+        if session is None:
+            return deny(Reason.INVALID_CODE)
         log.info("2fa code accepted user=%r, session opened", user)
         return Decision(Reason.CODE, path=path, user=user, label=identity.label, new_session=session)

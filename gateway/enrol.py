@@ -213,14 +213,18 @@ class Enrolment:
         fields: dict[str, Any] = {"setup": self.config.routes.setup} if reason is Reason.NOT_ENROLLED else {}
         await send_denial(send, reason, None, retry_after=outcome.retry_after, **fields)
 
-    async def _open_session(self, call: _Call) -> None:
+    async def _open_session(self, call: _Call, outcome: Outcome) -> bool:
         """A fresh 2FA session for this browser; a session id it already held is revoked, so an
-        id planted before verification (session fixation) never becomes a verified one."""
+        id planted before verification (session fixation) never becomes a verified one. False
+        when the authenticator ``outcome`` was judged against has changed since (reset, new)."""
         for old in cookie_values(call.headers.getlist("cookie"), self.config.session.cookie):
             if old:
                 await self.factors.revoke_session(old)
-        session = await self.factors.open_session(call.user)
+        session = await self.factors.open_session(call.user, outcome.proof)
+        if session is None:
+            return False
         call.extra_headers.append(self.gateway.session_cookie(session))
+        return True
 
     async def _codes(self, call: _Call, send: Send, status: str, codes: list[str], lead: str) -> None:
         if call.html:
@@ -239,7 +243,9 @@ class Enrolment:
 
     async def setup(self, call: _Call, send: Send) -> None:
         user = call.user
-        if await self.factors.is_enrolled(user):
+        # Read from the store, not the worker's cache: whether a code is needed is a grant.
+        enrolled = await self.factors.is_enrolled(user, fresh=True)
+        if enrolled:
             # A pending secret never replaces the active one until verified, but starting one
             # at all needs the second factor: the first alone must not re-bind the account.
             code, recovery = call.fields.get("code"), call.fields.get("recovery_code")
@@ -261,7 +267,11 @@ class Enrolment:
                 else:
                     await self._refuse_reenrol(call, send, DENIALS[Reason.INVALID_CODE][1], Reason.INVALID_CODE)
                 return
-        secret = await self.factors.begin_enrolment(user)
+        secret = await self.factors.begin_enrolment(user, reenrol=enrolled)
+        if secret is None:  # enrolled meanwhile (another request, another worker)
+            audit.info("re-enrolment refused user=%r client=%s: no code", user, call.client)
+            await self._refuse_reenrol(call, send, DENIALS[Reason.ALREADY_ENROLLED][1])
+            return
         uri = self.factors.provisioning_uri(secret, call.label)
         audit.info("enrolment started user=%r client=%s", user, call.client)
         kind = negotiate(call.headers.get("accept"), (_JSON, _PNG, _HTML))
@@ -325,7 +335,7 @@ class Enrolment:
             # checked against the active one: one attempt for both (factors.verify_code).
             outcome = await self.factors.verify_code(user, code, client)
             if outcome.activated:
-                await self._enrolled(call, send)
+                await self._enrolled(call, send, outcome)
                 return
         else:
             outcome = await self.factors.check_recovery(user, recovery, client)
@@ -341,7 +351,9 @@ class Enrolment:
             else:
                 await self._refuse(call, send, outcome, "verify.html", title="Enter your code")
             return
-        await self._open_session(call)
+        if not await self._open_session(call, outcome):
+            await self._refuse(call, send, Outcome(Reason.INVALID_CODE), "verify.html", title="Enter your code")
+            return
         audit.info("verified user=%r client=%s method=%s, session opened", user, client, method)
         if call.html:
             await self._redirect(call, send, call.next)
@@ -352,9 +364,11 @@ class Enrolment:
             body["recovery_codes_left"] = state.recovery_codes_left
         await send_json(send, 200, body, call.extra_headers)
 
-    async def _enrolled(self, call: _Call, send: Send) -> None:
+    async def _enrolled(self, call: _Call, send: Send, outcome: Outcome) -> None:
+        if not await self._open_session(call, outcome):
+            await self._refuse(call, send, Outcome(Reason.INVALID_CODE), "verify.html", title="Enter your code")
+            return
         codes = await self.factors.new_recovery_codes(call.user)
-        await self._open_session(call)
         audit.info(
             "enrolment finished user=%r client=%s, recovery codes issued, session opened", call.user, call.client
         )

@@ -48,6 +48,13 @@ class Outcome:
     retry_after: int | None = None
     step: int | None = None
     activated: bool = False  # the code finished an enrolment (a new secret is active)
+    # Which secret the code was judged against (a digest, never the secret): a session opened
+    # on this outcome is kept only if that secret is still the active one (open_session).
+    proof: str | None = None
+
+
+def _proof(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _locked(until: float, now: float) -> Outcome:
@@ -189,8 +196,12 @@ class SecondFactor:
         self._plain.put(key, plain)
         return plain
 
-    async def _secret(self, user: str, pending: bool = False) -> str | None:
-        if not pending:
+    async def _secret(self, user: str, pending: bool = False, fresh: bool = False) -> str | None:
+        """The decrypted active (or pending) secret. The active one comes from a cache that
+        lives ``store.cache_ttl``: fine to refuse on, but a code that matches it is judged again
+        against the store's (``fresh=True``) before anything is granted, so a secret reset or
+        replaced on another worker or by the CLI never grants from a stale copy."""
+        if not pending and not fresh:
             hit, cached = self._secrets.get(user)
             if hit:
                 return cached if isinstance(cached, str) else None
@@ -228,26 +239,37 @@ class SecondFactor:
         step = self._matching_step(secret, raw_code)
         if step is None:
             return self._missed(attempt, Reason.INVALID_CODE)
-        return await self._accept(user, client, attempt, step)
+        return await self._accept(user, client, attempt, step, secret, raw_code)
 
     def _matching_step(self, secret: str, raw_code: str | None) -> int | None:
         code = totp.parse_code(raw_code, self.params.digits)
         return None if code is None else totp.matching_step(secret, code, self.clock(), self.params)
 
-    async def _accept(self, user: str, client: str | None, attempt: Attempt, step: int) -> Outcome:
+    async def _accept(
+        self, user: str, client: str | None, attempt: Attempt, step: int, secret: str, raw_code: str | None
+    ) -> Outcome:
+        # The code matched the cached secret: judged again against the store's before it grants
+        # (a reset or a new authenticator elsewhere within the cache's life; found by attack).
+        fresh = await self._secret(user, fresh=True)
+        if fresh != secret:
+            step_or_none = None if fresh is None else self._matching_step(fresh, raw_code)
+            if fresh is None or step_or_none is None:
+                return self._missed(attempt, Reason.INVALID_CODE)
+            secret, step = fresh, step_or_none
         # RFC 6238 §5.2: a code may be accepted once; advance_step is atomic in the store, so
         # of many concurrent requests carrying one code exactly one wins.
         if not await self.store.advance_step(user, step):
             return self._missed(attempt, Reason.REPLAYED_CODE)
         await self._succeeded(user, client)
-        return Outcome(Reason.CODE, step=step)
+        return Outcome(Reason.CODE, step=step, proof=_proof(secret))
 
     async def check_recovery(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """Consume one recovery code; each works once. It takes an attempt like a code."""
         known = self._known_lock(user, client)
         if known:
             return known
-        if await self.store.get_secret(user) is None:
+        secret = await self._secret(user, fresh=True)
+        if secret is None:
             return Outcome(Reason.NOT_ENROLLED)
         attempt, refused = await self._take_attempt(user, client)
         if refused:
@@ -259,18 +281,38 @@ class SecondFactor:
             return self._missed(attempt, Reason.INVALID_CODE)
         await self._succeeded(user, client)
         log.warning("recovery code used user=%r", user)
-        return Outcome(Reason.CODE)
+        return Outcome(Reason.CODE, proof=_proof(secret))
 
-    async def is_enrolled(self, user: str) -> bool:
-        return await self._secret(user) is not None
+    async def is_enrolled(self, user: str, fresh: bool = False) -> bool:
+        return await self._secret(user, fresh=fresh) is not None
+
+    async def _pending(self, user: str) -> tuple[str, bytes | None] | None:
+        """The pending secret and the active ciphertext it may replace (None: it may only
+        become the first one), as ``begin_enrolment`` recorded them."""
+        plain = await self._secret(user, pending=True)
+        if plain is None:
+            return None
+        secret, _, expected = plain.partition("\n")
+        return secret, expected.encode("ascii") if expected else None
 
     # -- enrolment -----------------------------------------------------------------------------
 
-    async def begin_enrolment(self, user: str) -> str:
-        """A new pending secret (never replacing the active one until verified)."""
+    async def begin_enrolment(self, user: str, reenrol: bool = False) -> str | None:
+        """A new pending secret (never replacing the active one until verified), or None when
+        the user has an active secret and ``reenrol`` (a code proven against it) is not set.
+
+        The pending record names the active ciphertext it may replace, read from the store
+        now, and activation replaces exactly that one, atomically (``store.activate_secret``):
+        an enrolment begun with the first factor alone can never overwrite an authenticator
+        that appeared meanwhile (found by attack, through a worker's stale cache)."""
+        active = await self.store.get_secret(user)
+        if active is not None and not reenrol:
+            return None
         secret = totp.new_secret()
         now = self.clock()
-        await self.store.set_pending(user, self.box.encrypt(user, secret), now + self.pending_ttl)
+        # Fernet tokens are URL-safe base64, so ASCII; a base32 secret holds no newline.
+        record = secret + "\n" + (active.decode("ascii") if active is not None else "")
+        await self.store.set_pending(user, self.box.encrypt(user, record), now + self.pending_ttl)
         return secret
 
     async def finish_enrolment(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
@@ -279,13 +321,13 @@ class SecondFactor:
         known = self._known_lock(user, client)
         if known:
             return known
-        pending = await self._secret(user, pending=True)
+        pending = await self._pending(user)
         if pending is None:
             return Outcome(Reason.NOT_ENROLLED)
         attempt, refused = await self._take_attempt(user, client)
         if refused:
             return refused
-        step = self._matching_step(pending, raw_code)
+        step = self._matching_step(pending[0], raw_code)
         if step is None:
             return self._missed(attempt, Reason.INVALID_CODE)
         return await self._activate(user, client, attempt, pending, step)
@@ -297,7 +339,7 @@ class SecondFactor:
         known = self._known_lock(user, client)
         if known:
             return known
-        pending = await self._secret(user, pending=True)
+        pending = await self._pending(user)
         if pending is None:
             # Nothing pending, or a concurrent request has just activated it (a double-clicked
             # button): judged against the active secret, where that same code is a replay.
@@ -306,22 +348,27 @@ class SecondFactor:
         attempt, refused = await self._take_attempt(user, client)
         if refused:
             return refused
-        step = self._matching_step(pending, raw_code)
+        step = self._matching_step(pending[0], raw_code)
         if step is not None:
             return await self._activate(user, client, attempt, pending, step)
         step = None if active is None else self._matching_step(active, raw_code)
-        if step is None:
+        if step is None or active is None:
             return self._missed(attempt, Reason.INVALID_CODE)
-        return await self._accept(user, client, attempt, step)
+        return await self._accept(user, client, attempt, step, active, raw_code)
 
-    async def _activate(self, user: str, client: str | None, attempt: Attempt, secret: str, step: int) -> Outcome:
+    async def _activate(
+        self, user: str, client: str | None, attempt: Attempt, pending: tuple[str, bytes | None], step: int
+    ) -> Outcome:
+        secret, expected = pending
         # RFC 6238 §5.2, as for any code: the step is consumed atomically first, so of several
         # concurrent requests carrying the first code exactly one activates the secret (and
         # issues recovery codes). The step is time, not secret: the replay history carries
         # over, so a re-enrolling user whose old code used this step waits for the next one.
         if not await self.store.advance_step(user, step):
             return self._missed(attempt, Reason.REPLAYED_CODE)
-        await self.store.set_secret(user, self.box.encrypt(user, secret))
+        if not await self.store.activate_secret(user, expected, self.box.encrypt(user, secret)):
+            log.warning("enrolment of user=%r refused: the active authenticator changed since it began", user)
+            return self._missed(attempt, Reason.ALREADY_ENROLLED)
         self._secrets.drop(user)
         # A new authenticator replaces the old one (a lost or stolen phone): every 2FA session
         # opened with the old one ends. The caller opens a fresh session for this request.
@@ -329,11 +376,12 @@ class SecondFactor:
         if ended:
             log.warning("new authenticator for user=%r: %d earlier 2FA session(s) ended", user, ended)
         await self._succeeded(user, client)
-        return Outcome(Reason.CODE, step=step, activated=True)
+        return Outcome(Reason.CODE, step=step, activated=True, proof=_proof(secret))
 
     async def pending_secret(self, user: str) -> str | None:
         """The unexpired pending secret, to show its QR code again after a mistyped first code."""
-        return await self._secret(user, pending=True)
+        pending = await self._pending(user)
+        return None if pending is None else pending[0]
 
     def provisioning_uri(self, secret: str, label: str) -> str:
         return totp.provisioning_uri(secret, label.replace(":", "_"), self.issuer, self.params)
@@ -346,11 +394,21 @@ class SecondFactor:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    async def open_session(self, user: str) -> str:
+    async def open_session(self, user: str, proof: str | None = None) -> str | None:
+        """A new 2FA session for ``user``. With the ``proof`` of a code's outcome, the session
+        is kept only if the secret the code was judged against is still the active one, read
+        after the session exists: a reset or a new authenticator that lands while the code is
+        being judged either finds the session and ends it, or is found here (None)."""
         session_id = secrets.token_urlsafe(32)
         expires = self.clock() + self.session_ttl
         key = hash_session_id(session_id)
         await self.store.create_session(key, user, expires)
+        if proof is not None:
+            current = await self._secret(user, fresh=True)
+            if current is None or _proof(current) != proof:
+                await self.store.revoke_session(key)
+                log.warning("session for user=%r not opened: the authenticator changed while the code was judged", user)
+                return None
         self._sessions.put(key, user, expires)
         return session_id
 

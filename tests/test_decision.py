@@ -329,3 +329,81 @@ async def test_two_different_session_cookies_are_ambiguous(tmp_path: Path) -> No
     assert (await decider.decide(split)).reason is Reason.AMBIGUOUS_IDENTITY
     assert (await decider.decide(facts(cookie=f"{name}={mine}; {name}={mine}"))).reason is Reason.SESSION
     await factors.store.close()
+
+
+async def two_workers(tmp_path: Path, clock: Clock) -> tuple[Config, Decider, SecondFactor, Decider, SecondFactor]:
+    """Two workers (or replicas) on one store, each with its own caches."""
+    cfg, decider_a, factors_a = await setup(tmp_path, clock)
+    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    await store_b.open()
+    factors_b = SecondFactor(cfg, store_b, clock)
+    return cfg, decider_a, factors_a, Decider(cfg, factors_b), factors_b
+
+
+@pytest.mark.parametrize("how", ["reset", "re-enrol"])
+async def test_a_stale_cached_secret_never_grants(tmp_path: Path, how: str) -> None:
+    """Found by attack: a worker judged a code against its cached secret for up to cache_ttl
+    after ``users reset`` (or a new authenticator on another worker) and opened a 12-hour
+    session on the old authenticator. A code that matches a cached secret is judged again
+    against the store's before anything is granted."""
+    clock = Clock()
+    cfg, _, factors_a, decider_b, factors_b = await two_workers(tmp_path, clock)
+    old = await enrol_direct(cfg, factors_a, "alice")
+    # The attack kept b's cache warm (GET /setup-2fa needs only the first factor); here its entry
+    # simply outlives the test.
+    factors_b._secrets.ttl = 3600.0
+    assert await factors_b.is_enrolled("alice")  # b caches the old secret now
+    if how == "reset":
+        await factors_a.reset_user("alice")  # what `gateway users reset` does, elsewhere
+    else:
+        new = await factors_a.begin_enrolment("alice", reenrol=True)
+        assert new is not None
+        assert (await factors_a.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None)).activated
+    # The old authenticator's next step (inside the accepted window), unused so far.
+    decision = await decider_b.decide(facts(code=pyotp.TOTP(old).at(clock.now + cfg.totp.period)))
+    assert not decision.allowed and decision.new_session is None
+    assert (await factors_a.store.user_state("alice", clock.now)).sessions == 0
+    await factors_a.store.close()
+    await factors_b.store.close()
+
+
+async def test_a_session_is_not_kept_when_the_secret_changed_while_its_code_was_judged(tmp_path: Path) -> None:
+    """The code was right when judged, then a reset landed before the session was opened: the
+    session is found and ended, and the request is denied."""
+    clock = Clock()
+    cfg, _, factors = await setup(tmp_path, clock)
+    secret = await enrol_direct(cfg, factors, "alice")
+    outcome = await factors.check_code("alice", pyotp.TOTP(secret).at(clock.now), None)
+    assert outcome.reason is Reason.CODE
+    await factors.store.delete_user("alice")  # the reset, between the judgement and the session
+    assert await factors.open_session("alice", outcome.proof) is None
+    assert (await factors.store.user_state("alice", clock.now)).sessions == 0
+    await factors.store.close()
+
+
+async def test_an_enrolment_begun_without_a_code_never_replaces_an_authenticator(tmp_path: Path) -> None:
+    """Found by attack: with a worker's cache still saying "not enrolled", the first factor alone
+    started an enrolment right after the victim's, and its activation overwrote her secret.
+    An enrolment names the secret it may replace, read from the store, and activation is a
+    compare-and-set on it."""
+    clock = Clock()
+    cfg, _, factors_a, _, factors_b = await two_workers(tmp_path, clock)
+    factors_b._secrets.ttl = 3600.0
+    assert not await factors_b.is_enrolled("alice")  # b caches "not enrolled"
+    victim = await enrol_direct(cfg, factors_a, "alice")
+    assert await factors_b.begin_enrolment("alice") is None  # the store, not the cache, decides
+    # The race: b read "no secret" and wrote its pending record just after her activation
+    # (which had cleared the pending slot): the record is in place, her secret is active.
+    await factors_a.store.delete_user("alice")
+    attacker = await factors_b.begin_enrolment("alice")
+    assert attacker is not None
+    record = await factors_a.store.get_pending("alice", clock.now)
+    assert record is not None
+    victim = await enrol_direct(cfg, factors_a, "alice")
+    await factors_a.store.set_pending("alice", record, clock.now + 600)
+    outcome = await factors_b.finish_enrolment("alice", pyotp.TOTP(attacker).at(clock.now), None)
+    assert outcome.reason is not Reason.CODE
+    token = await factors_a.store.get_secret("alice")
+    assert token is not None and SecretBox(cfg.encryption.keys).decrypt("alice", token) == victim
+    await factors_a.store.close()
+    await factors_b.store.close()

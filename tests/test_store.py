@@ -81,6 +81,27 @@ async def test_replace_secret_is_compare_and_set(store: Store) -> None:
     assert await store.get_secret("nobody") is None
 
 
+async def test_activate_secret_replaces_only_what_was_expected(store: Store) -> None:
+    now = time.time()
+    await store.set_pending("alice", b"first", now + 60)
+    assert await store.activate_secret("alice", None, b"first") is True
+    assert await store.get_secret("alice") == b"first"
+    assert await store.get_pending("alice", now) is None
+    # Started while alice had no secret: it must not replace the one she has now.
+    await store.set_pending("alice", b"late", now + 60)
+    assert await store.activate_secret("alice", None, b"late") is False
+    assert await store.get_secret("alice") == b"first"
+    assert await store.get_pending("alice", now) == b"late"
+    # A re-enrolment proven against "first" replaces it; one against another secret does not.
+    assert await store.activate_secret("alice", b"other", b"second") is False
+    assert await store.activate_secret("alice", b"first", b"second") is True
+    assert await store.get_secret("alice") == b"second"
+    # Expected a secret, but the user was reset meanwhile.
+    await store.delete_user("alice")
+    assert await store.activate_secret("alice", b"second", b"third") is False
+    assert await store.get_secret("alice") is None
+
+
 # -- replay guard ----------------------------------------------------------------------------
 async def test_advance_step_is_monotonic(store: Store) -> None:
     assert await store.advance_step("alice", 1000) is True

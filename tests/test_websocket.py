@@ -318,7 +318,9 @@ async def session_for(config: Config, user: str) -> str:
 
 
 async def re_enrol(factors: SecondFactor, user: str) -> None:
-    secret = await factors.begin_enrolment(user)
+    # A re-enrolment: the enrolment pages start one only after a code from the active secret.
+    secret = await factors.begin_enrolment(user, reenrol=True)
+    assert secret is not None
     outcome = await factors.finish_enrolment(user, pyotp.TOTP(secret).now(), None)
     assert outcome.reason is Reason.CODE
 

@@ -63,25 +63,42 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: attempts. ARGV: now, limit, until (= now + window), until in ms. Returns {1, until or
-# ""} when the attempt was taken (until: it used the last room, the scope is now locked), {0,
-# locked_until} when the quota was full. Times travel as Python reprs and come back
-# unchanged: Lua would truncate a returned float.
+# KEYS: secret, pending. ARGV: "1" and the expected secret, or "0" (no secret expected); new.
+_ACTIVATE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if cur ~= ARGV[2] then return 0 end
+elseif cur then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: attempts. ARGV: now, limit, until (= now + window), until in ms, k. Takes up to k
+# attempts (k callers of one event-loop turn on the same scope, RedisStore._flush), as many as
+# there is room for. Returns {taken, until or ""} (until: they used the last room, the scope is
+# now locked), or {0, locked_until} when the quota was already full. Times travel as Python
+# reprs and come back unchanged: Lua would truncate a returned float. The common case (room
+# left, no stale lock) is HMGET, HSET, PEXPIREAT.
 _TAKE_ATTEMPT_LUA = """
-local h = redis.call('HMGET', KEYS[1], 'n', 'reset_at')
+local h = redis.call('HMGET', KEYS[1], 'n', 'reset_at', 'locked_until')
+local limit = tonumber(ARGV[2])
 local n = 0
 if h[1] and tonumber(h[2]) > tonumber(ARGV[1]) then n = tonumber(h[1]) end
-if n >= tonumber(ARGV[2]) then return {0, h[2]} end
-n = n + 1
-if n >= tonumber(ARGV[2]) then
+if n >= limit then return {0, h[2]} end
+local k = math.min(tonumber(ARGV[5]), limit - n)
+n = n + k
+if n >= limit then
   redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3], 'locked_until', ARGV[3])
 else
   redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3])
-  redis.call('HDEL', KEYS[1], 'locked_until')
+  if h[3] then redis.call('HDEL', KEYS[1], 'locked_until') end
 end
 redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-if n >= tonumber(ARGV[2]) then return {1, ARGV[3]} end
-return {1, ''}
+if n >= limit then return {k, ARGV[3]} end
+return {k, ''}
 """
 
 # KEYS: attempts. One attempt given back; the count is then below its limit, so no lock.
@@ -136,6 +153,24 @@ def _unpack(value: bytes | str | None, now: float) -> bytes | None:
         return None
     (expires_at,) = _EXPIRY.unpack_from(value)
     return value[_EXPIRY.size :] if expires_at > now else None
+
+
+def _hand_out(waiters: list[tuple[float, asyncio.Future[tuple[bool, bytes]]]], reply: Any) -> None:
+    """The reply of one take-attempt script to its callers: the first ``taken`` were allowed
+    (the last of them gets the lock it set, if any), the rest refused until the lock ends."""
+    if isinstance(reply, Exception):
+        for _, future in waiters:
+            if not future.done():
+                future.set_exception(reply)
+        return
+    taken, until = int(reply[0]), reply[1] or b""
+    for i, (_, future) in enumerate(waiters):
+        if future.done():  # cancelled: its attempt was taken all the same (counts never fall short)
+            continue
+        if i < taken:
+            future.set_result((True, until if i == taken - 1 else b""))
+        else:
+            future.set_result((False, until))
 
 
 def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -193,9 +228,13 @@ class RedisStore:
         # EVALSHA with the script's digest, loading it once on NOSCRIPT (also after a restart).
         self._lua_advance_step = self._client.register_script(_ADVANCE_STEP_LUA)
         self._lua_replace_secret = self._client.register_script(_COMPARE_AND_SET_LUA)
+        self._lua_activate = self._client.register_script(_ACTIVATE_LUA)
         self._lua_take_attempt = self._client.register_script(_TAKE_ATTEMPT_LUA)
+        # What the next flush sends: plain commands, and attempts by (key, limit, window).
         self._queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
+        self._takes: dict[tuple[bytes, int, float], list[tuple[float, asyncio.Future[tuple[bool, bytes]]]]] = {}
         self._flushes: set[asyncio.Task[None]] = set()
+        self._flush_due = False
         self._lua_release_attempt = self._client.register_script(_RELEASE_ATTEMPT_LUA)
         self._lua_index_session = self._client.register_script(_INDEX_SESSION_LUA)
         self._lua_delete_user = self._client.register_script(_DELETE_USER_LUA)
@@ -258,6 +297,12 @@ class RedisStore:
         await self._r.set(self._key(user, "pending"), _pack(expires_at, ciphertext), pxat=_ms(expires_at))
 
     @_translate_errors
+    async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
+        args = [b"0", b"", new] if expected is None else [b"1", expected, new]
+        keys = [self._key(user, "secret"), self._key(user, "pending")]
+        return bool(await self._lua_activate(client=self._r, keys=keys, args=args))
+
+    @_translate_errors
     async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
         return bool(await self._lua_replace_secret(client=self._r, keys=[self._key(user, "secret")], args=[old, new]))
 
@@ -270,18 +315,21 @@ class RedisStore:
     @_translate_errors
     async def take_attempt(self, quotas: Sequence[Quota], now: float) -> Attempt:
         # One script per quota, each on its own key (its own cluster slot), so each is atomic
-        # alone; all of them in the shared pipeline of this event-loop turn (_pipelined).
-        commands = []
+        # alone; all of them in the shared pipeline of this event-loop turn (_flush), where
+        # the attempts of every caller on one scope (one address under a flood) are taken by
+        # one script call.
+        loop = asyncio.get_running_loop()
+        waits = []
         for q in quotas:
-            until = now + q.window
-            key = self._key(q.scope, "attempts")
-            commands.append(
-                ("EVALSHA", self._lua_take_attempt.sha, 1, key, repr(now), q.limit, repr(until), _ms(until))
-            )
+            future: asyncio.Future[tuple[bool, bytes]] = loop.create_future()
+            key = self._key(q.scope, "attempts").encode()
+            self._takes.setdefault((key, q.limit, q.window), []).append((now, future))
+            waits.append(future)
+        self._schedule_flush()
         allowed, locks = True, []
-        for q, reply in zip(quotas, await self._pipelined(commands), strict=True):
-            took, until = int(reply[0]), reply[1]
-            allowed = allowed and bool(took)
+        for q, wait in zip(quotas, waits, strict=True):
+            took, until = await wait
+            allowed = allowed and took
             if until:
                 locks.append((q.scope, float(until)))
         if not allowed:
@@ -298,25 +346,39 @@ class RedisStore:
         encoded = [tuple(a.encode() if isinstance(a, str) else a for a in command) for command in commands]
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((encoded, future))
-        if len(self._queue) == 1:
-            flush = asyncio.create_task(self._flush())
-            self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
+        self._schedule_flush()
         replies = await future
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         return replies
 
+    def _schedule_flush(self) -> None:
+        """One flush per event-loop turn: the first caller of the turn starts it."""
+        if not self._flush_due:
+            self._flush_due = True
+            flush = asyncio.create_task(self._flush())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+
     async def _flush(self) -> None:
-        """Send every command queued so far in one pipeline and hand each caller its replies."""
+        """Send every command and attempt queued so far in one pipeline and hand each caller
+        its replies. The attempts on one quota are taken by one script call, in the order they
+        were asked for: the first ones get the room left, the rest are refused."""
+        self._flush_due = False
         batch, self._queue = self._queue, []
+        takes, self._takes = self._takes, {}
+        commands = [command for queued, _ in batch for command in queued]
+        sha = self._lua_take_attempt.sha
+        for (key, limit, window), waiters in takes.items():
+            now = max(at for at, _ in waiters)
+            until = now + window
+            commands.append(("EVALSHA", sha, 1, key, repr(now), limit, repr(until), _ms(until), len(waiters)))
         try:
             for first in (True, False):
                 async with self._r.pipeline(transaction=False) as pipe:
-                    for commands, _ in batch:
-                        for command in commands:
-                            pipe.execute_command(*command)
+                    for command in commands:
+                        pipe.execute_command(*command)
                     replies = await pipe.execute(raise_on_error=False)
                 # EVALSHA; on NOSCRIPT (a restarted server) no script of the batch ran: load it
                 # once and send again. redis-py's pipeline scripts would ask SCRIPT EXISTS each time.
@@ -325,17 +387,21 @@ class RedisStore:
                     continue
                 break
         except BaseException as exc:  # every caller gets the error (translated where it awaits)
-            for _, future in batch:
+            error = exc if isinstance(exc, Exception) else RedisConnectionError("cancelled")
+            waiting = [f for _, f in batch] + [f for waiters in takes.values() for _, f in waiters]
+            for future in waiting:
                 if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else RedisConnectionError("cancelled"))
+                    future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
             return
         at = 0
-        for commands, future in batch:
+        for queued, future in batch:
             if not future.done():  # a caller that went away (cancelled) is skipped
-                future.set_result(replies[at : at + len(commands)])
-            at += len(commands)
+                future.set_result(replies[at : at + len(queued)])
+            at += len(queued)
+        for waiters, reply in zip(takes.values(), replies[at:], strict=True):
+            _hand_out(waiters, reply)
 
     @_translate_errors
     async def release_attempt(self, scope: str) -> None:

@@ -181,6 +181,22 @@ class SqliteStore:
             (user, ciphertext, expires_at),
         )
 
+    async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
+        return await self._run(self._activate_secret, user, expected, new)
+
+    def _activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
+        with self._write() as db:
+            row = db.execute("SELECT secret FROM secrets WHERE user = ?", (user,)).fetchone()
+            if (None if row is None else bytes(row[0])) != expected:
+                return False
+            db.execute(
+                "INSERT INTO secrets (user, secret) VALUES (?, ?)"
+                " ON CONFLICT (user) DO UPDATE SET secret = excluded.secret",
+                (user, new),
+            )
+            db.execute("DELETE FROM pending WHERE user = ?", (user,))
+        return True
+
     async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
         return await self._run(self._replace_secret, user, old, new)
 
