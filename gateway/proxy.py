@@ -376,7 +376,7 @@ class Forwarder:
         # The ASGI server adds its own Date; two would be a malformed response (RFC 9110 §6.6.1).
         drop = HOP_BY_HOP_HEADERS | connection_tokens(raw) | {b"date"}
         out: list[tuple[bytes, bytes]] = []
-        small = False
+        length = -1
         # RFC 9110 §8.6: a 304 may carry the length of the representation it stands for, and a
         # 204 must not carry one; neither has content, which an ASGI server would wait for.
         if response.status_code in (204, 304):
@@ -389,8 +389,8 @@ class Forwarder:
                 rest = value[len(self.origin) :]
                 if rest[:1] in (b"", b"/", b"?", b"#"):
                     value = self.public_origin(scope, scope["headers"], trusted) + rest
-            elif name == b"content-length":
-                small = value.isdigit() and int(value) <= _SMALL_RESPONSE
+            elif name == b"content-length" and value.isdigit():
+                length = int(value)
             out.append((name, value))
         if extra_headers:
             out.extend(extra_headers)
@@ -401,14 +401,22 @@ class Forwarder:
             return
         stream = response.stream
         assert isinstance(stream, httpx.AsyncByteStream)
-        if small:
-            async for chunk in stream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        await self._stream_watched(receive, send, stream)
+        chunks = stream.__aiter__()
+        if 0 <= length <= _SMALL_RESPONSE:
+            # A small body nearly always arrives whole in its first chunk: relayed with no
+            # watcher. One that does not (a slow app, a drip) goes on watched like a large one,
+            # so a client that leaves, or a 2FA session that ends (revocation.py), stops it.
+            first = await anext(chunks, b"")
+            if first:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+            if len(first) >= length:
+                async for chunk in chunks:  # the end of the stream, already there
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await self._stream_watched(receive, send, chunks)
 
-    async def _stream_watched(self, receive: Receive, send: Send, stream: httpx.AsyncByteStream) -> None:
+    async def _stream_watched(self, receive: Receive, send: Send, stream: AsyncIterator[bytes]) -> None:
         """Relay a large or unbounded body, stopping as soon as the client disconnects (the ASGI
         server may otherwise swallow sends to a closed connection while we drain the upstream)."""
         task = asyncio.current_task()

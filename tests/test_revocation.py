@@ -125,7 +125,13 @@ async def stream_stats(upstream: UpstreamProcess) -> dict[str, Any]:
         return stats
 
 
-async def test_ending_the_session_closes_a_streaming_response(upstream: UpstreamProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["/stream/1000000000000", "/drip/200"])
+async def test_ending_the_session_closes_a_streaming_response(
+    upstream: UpstreamProcess, tmp_path: Path, target: str
+) -> None:
+    """An unbounded body (chunked, like server-sent events), and a small one with a
+    Content-Length that arrives slowly (found by attack: a response of at most 256 KiB by its
+    Content-Length was relayed unwatched, so it kept flowing for as long as the app sent it)."""
     config = make_config(tmp_path, upstream=upstream.url)
     gw = GatewayServer(config).start()
     try:
@@ -133,10 +139,9 @@ async def test_ending_the_session_closes_a_streaming_response(upstream: Upstream
         session = await session_for(config, user)
         headers = {"Remote-User": user, "Cookie": f"{config.session.cookie}={session}"}
         cancelled = (await stream_stats(upstream))["cancelled_streams"]
-        # An unbounded body (chunked, like server-sent events): far more than can pass in the test.
         async with (
             httpx.AsyncClient(base_url=gw.url) as client,
-            client.stream("GET", "/stream/1000000000000", headers=headers) as response,
+            client.stream("GET", target, headers=headers) as response,
         ):
             assert response.status_code == 200
             body = response.aiter_raw()

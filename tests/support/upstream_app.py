@@ -4,6 +4,7 @@ Routes (anything else echoes; each also answers under /public and /api/public):
   /echo...          JSON of what arrived: method, raw path, query, headers (as a list), body sha256 and size
   /bytes/N          N bytes streamed in 64 KiB chunks, deterministic content, Content-Length set
   /stream/N         N bytes streamed chunked (no Content-Length)
+  /drip/N           N bytes with Content-Length set, one byte every 0.2 s (a small, slow body)
   /gzip             a gzip-encoded body with Content-Encoding: gzip (must pass through raw)
   /cookies          several Set-Cookie headers
   /redirect         302 to this upstream's own absolute URL
@@ -55,10 +56,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if path.startswith(prefix + "/"):
             path = path[len(prefix) :]
             break
-    if path.startswith("/bytes/") or path.startswith("/stream/"):
+    if path.startswith(("/bytes/", "/stream/", "/drip/")):
         n = int(path.rsplit("/", 1)[1])
+        drip = path.startswith("/drip/")
         headers = [(b"content-type", b"application/octet-stream")]
-        if path.startswith("/bytes/"):
+        if not path.startswith("/stream/"):
             headers.append((b"content-length", str(n).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         STATE["open_streams"] += 1
@@ -77,10 +79,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 if gone.is_set():  # uvicorn drops sends to a closed connection silently
                     STATE["cancelled_streams"] += 1
                     return
-                chunk = block[: min(65536, n - sent)]
+                chunk = block[: 1 if drip else min(65536, n - sent)]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sent += len(chunk)
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.2 if drip else 0)
             await send({"type": "http.response.body", "body": b""})
             STATE["finished_streams"] += 1
         except (asyncio.CancelledError, OSError):
