@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 ALICE = {"Authorization": basic_auth("alice", "alice-pw")}  # enrolled
 BOB = {"Authorization": basic_auth("bob", "bob-pw")}  # has a password, not enrolled
 CAROL = {"Authorization": basic_auth("carol", "carol-pw")}  # enrolled by the test that uses her
+DAVE = {"Authorization": basic_auth("dave", "dave-pw")}  # enrolled by the WebSocket tests
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 BYPASSES = [
     "/public/../admin",
@@ -55,7 +56,7 @@ def start_nginx(site: str, gateway: GatewayServer, upstream: UpstreamProcess | N
         replacements["server 127.0.0.1:3000;"] = f"server 127.0.0.1:{upstream.port};"
     front = NginxFront(need_binary("nginx"), site, replacements)
     front.replacements["/etc/nginx/gateway.htpasswd"] = front.htpasswd(
-        {user: f"{user}-pw" for user in ("alice", "bob", "carol")}
+        {user: f"{user}-pw" for user in ("alice", "bob", "carol", "dave")}
     )
     return front.start()
 
@@ -266,23 +267,34 @@ def test_proxy_pass_site(proxied: tuple[NginxFront, str, GatewayServer]) -> None
         assert_denied(status, body, target)
 
 
-def test_websocket_through_proxy_pass(proxied: tuple[NginxFront, str, GatewayServer]) -> None:
-    # proxy_pass.conf relays an Upgrade that is "websocket" (its map) to the gateway, which
-    # checks the handshake like any request and relays it to the app.
-    front, _, gateway = proxied
-    carol = enrol(gateway.config, "carol")
-    status, headers, _ = raw_request(front.port, "/echo/x", {**CAROL, "X-2FA-Code": totp_now(carol)})
+def assert_websockets(front: NginxFront, gateway: GatewayServer) -> None:
+    """A WebSocket with a 2FA session reaches the app as the verified user; without a session,
+    enrolment or first factor the handshake is refused before the app."""
+    dave = enrol(gateway.config, "dave")
+    status, headers, _ = raw_request(front.port, "/echo/x", {**DAVE, "X-2FA-Code": totp_now(dave)})
     assert status == 200
-    session = {**CAROL, "Cookie": headers["set-cookie"].split(";", 1)[0], "Remote-User": "mallory"}
+    session = {**DAVE, "Cookie": headers["set-cookie"].split(";", 1)[0], "Remote-User": "mallory"}
     with connect(f"ws://127.0.0.1:{front.port}/ws/chat", additional_headers=session, proxy=None) as ws:
-        assert ws.recv(timeout=10) == "hello carol"
+        assert ws.recv(timeout=10) == "hello dave"
         ws.send("hi")
         assert ws.recv(timeout=10) == "echo hi"
-    for who in (ALICE, BOB, {}):  # no session, not enrolled, no first factor
+    for who in (ALICE, BOB, {}):
         with pytest.raises(InvalidStatus) as refused:
             connect(f"ws://127.0.0.1:{front.port}/ws/chat", additional_headers=who, proxy=None, open_timeout=10)
         assert refused.value.response.status_code in (401, 403), who
         assert b"raw_path" not in refused.value.response.body
+
+
+def test_websocket_through_auth_request(nginx: NginxFront, secret: tuple[GatewayServer, str]) -> None:
+    # auth_request.conf asks the gateway about the handshake as a plain GET, then relays an
+    # Upgrade that is "websocket" (its map) to the app. It used to relay no Upgrade at all.
+    assert_websockets(nginx, secret[0])
+
+
+def test_websocket_through_proxy_pass(proxied: tuple[NginxFront, str, GatewayServer]) -> None:
+    # proxy_pass.conf relays an Upgrade that is "websocket" (its map) to the gateway, which
+    # checks the handshake like any request and relays it to the app.
+    assert_websockets(proxied[0], proxied[2])
 
 
 # -- the store goes away ------------------------------------------------------------------------------
