@@ -127,7 +127,7 @@ def _fmt_time(ts: float | None) -> str:
 
 
 async def _users(config: Config, args: argparse.Namespace) -> str:
-    from gateway.factors import SecondFactor
+    from gateway.factors import SecondFactor, address_scope
 
     async def work(store: Store) -> str:
         factors = SecondFactor(config, store)
@@ -136,7 +136,7 @@ async def _users(config: Config, args: argparse.Namespace) -> str:
             return "\n".join(users) if users else "(no users)"
         if args.users_command == "unlock" and args.address:
             # A per-address lock (limits.ip_*) holds everyone behind that address (a NAT, a VPN).
-            await store.clear_failures(f"ip:{args.address}")
+            await store.clear_failures(address_scope(args.address))
             return f"unlocked address {args.address}"
         user: str | None = args.user
         if user is None:

@@ -22,7 +22,9 @@ attempt in the store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import ipaddress
 import logging
 import secrets
 import time
@@ -51,6 +53,22 @@ class Outcome:
     # Which secret the code was judged against (a digest, never the secret): a session opened
     # on this outcome is kept only if that secret is still the active one (open_session).
     proof: str | None = None
+
+
+@functools.lru_cache(maxsize=4096)
+def address_scope(client: str) -> str:
+    """The lockout scope of a client address. An IPv6 client is counted by its /64: one
+    subscriber or host is routinely given a whole /64 (RFC 6177, RFC 7934), so counting per
+    /128 would hand it 2^64 fresh quotas. An IPv4-mapped address counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return f"ip:{client}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"ip:{ip.ipv4_mapped}"
+        return f"ip:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"ip:{ip}"
 
 
 def _proof(secret: str) -> str:
@@ -133,14 +151,14 @@ class SecondFactor:
         limits = self.limits
         quotas = [Quota(f"user:{user}", limits.max_failures, limits.lockout)]
         if client:
-            quotas.append(Quota(f"ip:{client}", limits.ip_max_failures, limits.ip_lockout))
+            quotas.append(Quota(address_scope(client), limits.ip_max_failures, limits.ip_lockout))
         return quotas
 
     def _known_lock(self, user: str, client: str | None) -> Outcome | None:
         """A lock this worker saw within ``store.cache_ttl``: refused with no store round trip,
         which is what an attacker's flood meets. Only a hint: the store has the last word."""
         now = self.clock()
-        for scope in (f"user:{user}", f"ip:{client}" if client else None):
+        for scope in (f"user:{user}", address_scope(client) if client else None):
             hit, until = self._locks.get(scope) if scope else (False, None)
             if hit and isinstance(until, float) and until > now:
                 return _locked(until, now)
@@ -176,8 +194,8 @@ class SecondFactor:
         self._locks.drop(f"user:{user}")
         done = [self.store.clear_failures(f"user:{user}")]
         if client:
-            self._locks.drop(f"ip:{client}")
-            done.append(self.store.release_attempt(f"ip:{client}"))
+            self._locks.drop(address_scope(client))
+            done.append(self.store.release_attempt(address_scope(client)))
         await asyncio.gather(*done)
 
     async def unlock(self, user: str) -> None:

@@ -18,7 +18,7 @@ from gateway.config import Config
 from gateway.crypto import SecretBox
 from gateway.decision import Decider, Facts, client_address
 from gateway.errors import Reason
-from gateway.factors import SecondFactor
+from gateway.factors import SecondFactor, address_scope
 from gateway.store import open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.totp import new_secret
@@ -407,3 +407,22 @@ async def test_an_enrolment_begun_without_a_code_never_replaces_an_authenticator
     assert token is not None and SecretBox(cfg.encryption.keys).decrypt("alice", token) == victim
     await factors_a.store.close()
     await factors_b.store.close()
+
+
+async def test_an_ipv6_client_is_counted_by_its_slash_64(tmp_path: Path) -> None:
+    """One host is routinely given a whole /64 (RFC 7934): counted per /128, a client would have
+    2^64 fresh address quotas (noticed by attack B). Addresses in one /64 share one quota."""
+    clock = Clock()
+    cfg, _, factors = await setup(tmp_path, clock, limits={"ip_max_failures": 3, "max_failures": 1000})
+    for user in ("u1", "u2", "u3", "u4"):
+        await enrol_direct(cfg, factors, user)
+    outcomes = [
+        await factors.check_code(user, "000000", f"2001:db8:1:2::{n}")
+        for n, user in enumerate(("u1", "u2", "u3", "u4"), start=1)
+    ]
+    assert [o.reason for o in outcomes[:2]] == [Reason.INVALID_CODE, Reason.INVALID_CODE]
+    assert outcomes[2].reason is Reason.LOCKED and outcomes[3].reason is Reason.LOCKED
+    # another /64 is another client; an IPv4-mapped address is its IPv4 address
+    assert (await factors.check_code("u4", "000000", "2001:db8:1:3::1")).reason is Reason.INVALID_CODE
+    assert address_scope("::ffff:192.0.2.1") == address_scope("192.0.2.1") == "ip:192.0.2.1"
+    await factors.store.close()
