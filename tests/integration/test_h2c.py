@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -240,3 +241,27 @@ def test_proxy_mode(app: HypercornApp, proxy_mode: GatewayServer, variant: str) 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_proxy_mode_behind_nginx(app: HypercornApp, nginx_proxy_pass: NginxFront, variant: str) -> None:
     _attack(app, nginx_proxy_pass.port, variant)
+
+
+def test_traefik_websocket_router_takes_exactly_one_websocket_value() -> None:
+    """Traefik is not installable here: its WebSocket router's rule (config/traefik/dynamic.yml)
+    is evaluated as Traefik does. ``HeaderRegexp`` holds when ANY value of the header matches
+    (its header matcher loops over the values), ``!`` negates it; the regexes are RE2, which
+    agrees with Python's ``re`` on these ASCII patterns. Every request the rule does not take
+    goes to the app router, whose ``no-upgrade`` middleware deletes every Upgrade header."""
+    text = (ROOT / "config" / "traefik" / "dynamic.yml").read_text()
+    rule = text[text.index("app-websocket:") :].split("entryPoints:", 1)[0]
+    terms = re.findall(r"(!?)HeaderRegexp\(`Upgrade`, `([^`]*)`\)", rule)
+    assert terms, "the WebSocket router no longer matches on Upgrade"
+
+    def takes(values: list[str]) -> bool:
+        return all(any(re.match(rx, v) for v in values) != bool(negated) for negated, rx in terms)
+
+    for name, lines in VARIANTS.items():
+        assert not takes([v for k, v in lines if k == "Upgrade"]), name
+    for values in (["websocket", ""], ["", "websocket"], ["websockets"], ["h2c"]):
+        assert not takes(values), values
+    # Two "websocket" lines pass (a rule cannot count them), and are relayed as one: harmless.
+    assert takes(["websocket", "WebSocket"])
+    for value in ("websocket", "WebSocket", "WEBSOCKET"):
+        assert takes([value]), value
