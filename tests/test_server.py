@@ -4,6 +4,7 @@ bodies that stop or crawl (and hold upstream connections while they do)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -308,21 +309,6 @@ def test_a_slow_upload_above_the_minimum_rate_succeeds(gateway: Gateway) -> None
     assert hashlib.sha256(body).hexdigest().encode() in answer
 
 
-def test_a_body_awaiting_100_continue_waits_for_the_server(gateway: Gateway) -> None:
-    """RFC 9110 §10.1.1: the client sends nothing until "100 Continue"; that wait is not a stall."""
-    body = b"0123456789"
-    with gateway.connect() as sock:
-        sock.sendall(
-            b"POST /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            b"Expect: 100-continue\r\nContent-Length: 10\r\n\r\n"
-        )
-        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
-        sock.sendall(body)
-        answer = read_all(sock)
-    assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
-    assert hashlib.sha256(body).hexdigest().encode() in answer
-
-
 POOL = 4
 
 
@@ -378,3 +364,61 @@ def test_stalled_bodies_release_the_upstream_pool(small_pool_gateway: Gateway) -
         finally:
             for sock in attackers:
                 sock.close()
+
+
+@contextlib.contextmanager
+def pool_held(gateway: Gateway) -> Iterator[list[socket.socket]]:
+    """POOL requests to an excluded path whose bodies have begun: they hold every pooled
+    upstream connection until they stall or are cut."""
+    attackers = [gateway.connect() for _ in range(POOL)]
+    try:
+        for sock in attackers:
+            sock.sendall(b"POST /public/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nA")
+        time.sleep(0.5)  # not a timing claim: lets the attackers take the pool first
+        yield attackers
+    finally:
+        for sock in attackers:
+            sock.close()
+
+
+def trickle(socks: list[socket.socket], seconds: float) -> None:
+    """A byte to each every 0.25 s for ``seconds``: the bodies are slow but not stalled."""
+    for _ in range(int(seconds / 0.25)):
+        for sock in socks:
+            sock.sendall(b"A")
+        time.sleep(0.25)
+
+
+def test_a_body_the_gateway_is_not_reading_is_not_stalled(small_pool_gateway: Gateway) -> None:
+    """A fast upload that waits for a pooled connection fills the gateway's buffer, and the
+    gateway stops reading it: that wait, longer than body_timeout here, is the server's."""
+    body = os.urandom(1024 * 1024)
+    with (
+        pool_held(small_pool_gateway) as attackers,
+        httpx.Client(base_url=f"http://127.0.0.1:{small_pool_gateway.port}", timeout=BOUND * 2) as client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        upload = pool.submit(client.post, "/public/echo", content=body)
+        trickle(attackers, BODY_TIMEOUT * 2)  # then they stall, and are cut
+        r = upload.result()
+        assert all(read_all(sock).startswith(b"HTTP/1.1 408 ") for sock in attackers)
+    assert r.status_code == 200, r.text
+    assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_a_body_awaiting_100_continue_is_not_stalled(small_pool_gateway: Gateway) -> None:
+    """RFC 9110 §10.1.1: the client sends nothing until "100 Continue", which comes when the
+    request has an upstream connection; that wait, longer than body_timeout here, is not a stall."""
+    body = b"0123456789"
+    with pool_held(small_pool_gateway) as attackers, small_pool_gateway.connect() as sock:
+        sock.sendall(
+            b"POST /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+        )
+        trickle(attackers, BODY_TIMEOUT * 2)
+        interim = sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim[:60]
+        sock.sendall(body)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
+    assert hashlib.sha256(body).hexdigest().encode() in answer
