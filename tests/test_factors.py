@@ -22,6 +22,7 @@ import pytest
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.crypto import SecretBox
+from gateway.errors import Reason
 from gateway.factors import SecondFactor
 from gateway.store import Store, open_store_from_url
 from gateway.totp import hash_recovery_code, new_recovery_codes, new_secret, normalize_recovery_code
@@ -218,5 +219,27 @@ async def test_the_proxy_mode_lockout_page_for_a_browser(tmp_path: Path) -> None
             assert r.status_code == 429 and r.headers["retry-after"] == "900"
             assert "Try again in 15 minutes" in r.text and 'href="/app/page"' in r.text
             assert 'href="/verify-2fa?next=/app/page"' in r.text
+    finally:
+        await store.close()
+
+
+async def test_a_secret_replaced_elsewhere_is_judged_after_cache_ttl(tmp_path: Path) -> None:
+    """Decrypted secrets are remembered by ciphertext (issue 10: a flood of codes must not
+    decrypt per code), so a secret replaced by another worker or the CLI is the one judged
+    once ``store.cache_ttl`` has passed: the old authenticator's code is refused."""
+    config = make_config(tmp_path, limits=LIMITS)
+    store = open_store_from_url(config.store.url, config.store.prefix)
+    await store.open()
+    clock = [1_700_000_000.0]
+    factors = SecondFactor(config, store, clock=lambda: clock[0])
+    box = SecretBox(config.encryption.keys)
+    old, new = pyotp.TOTP(new_secret()), pyotp.TOTP(new_secret())
+    try:
+        await store.set_secret("alice", box.encrypt("alice", old.secret))
+        assert (await factors.check_code("alice", wrong_code(old, 1), None)).reason is Reason.INVALID_CODE
+        await store.set_secret("alice", box.encrypt("alice", new.secret))
+        clock[0] += config.store.cache_ttl + 0.5
+        assert (await factors.check_code("alice", old.at(clock[0]), None)).reason is Reason.INVALID_CODE
+        assert (await factors.check_code("alice", new.at(clock[0]), None)).reason is Reason.CODE
     finally:
         await store.close()

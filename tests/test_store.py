@@ -208,6 +208,22 @@ async def test_concurrent_attempts_never_exceed_the_limit(store: Store, now: flo
     assert sum(a.allowed for a in answers) == 50
 
 
+async def test_a_burst_on_one_quota_hears_who_took_the_last_room(store: Store, now: float) -> None:
+    """Attempts asked together on one scope (the Redis store takes them in one script call)
+    are answered one by one: the first ones allowed, the one that filled the quota told it
+    locked, every later one refused until that lock ends."""
+    ip = _quota("ip:192.0.2.9", 5, 900)
+    answers = await asyncio.gather(*(store.take_attempt([ip], now) for _ in range(8)))
+    lock = (("ip:192.0.2.9", now + 900),)
+    assert [a.allowed for a in answers].count(True) == 5
+    assert [a.locks for a in answers if a.allowed].count(lock) == 1
+    assert [a for a in answers if not a.allowed] == [Attempt(False, lock)] * 3
+    # A lock left from an earlier window is gone once a new window counts again.
+    assert (await store.take_attempt([ip], now + 901)).locks == ()
+    assert await store.locked_until("ip:192.0.2.9", now + 901) is None
+    assert (await store.user_state("x", now + 901)).locked_until is None
+
+
 async def test_take_attempt_from_two_connections_at_once(store: Store, now: float, tmp_path: Path) -> None:
     """Two worker processes share the store: their attempts count together."""
     other: Store

@@ -325,3 +325,19 @@ def test_hash_recovery_code_is_keyed_and_user_bound() -> None:
     ]:
         with pytest.raises(ValueError):
             hash_recovery_code(*args)
+
+
+def test_one_secret_under_every_digits_and_algorithm() -> None:
+    """Prepared HOTPs are kept per secret (issue 10: a flood of codes must not rebuild one per
+    code); what is kept must still depend on digits and algorithm, and a bad secret is refused
+    every time, never remembered as good."""
+    secret = new_secret()
+    for algorithm, digest in (("SHA1", hashlib.sha1), ("SHA256", hashlib.sha256), ("SHA512", hashlib.sha512)):
+        for digits in (6, 7, 8):
+            params = TotpParams(digits=digits, algorithm=algorithm)
+            reference = pyotp.HOTP(secret, digits=digits, digest=digest)
+            for step in (0, 1, 56_666_666):
+                assert code_at(secret, step, params) == reference.at(step)
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            code_at(b32(b"short"), 1, TotpParams())
