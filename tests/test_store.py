@@ -562,6 +562,62 @@ async def test_redis_silent_server_times_out(monkeypatch: pytest.MonkeyPatch) ->
         assert time.monotonic() - started < 1.5
 
 
+class _Relay:
+    """A TCP relay to Redis that can go silent mid-session (a hung server or network)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.silent = False
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers += [writer, up_writer]
+
+        async def relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                while self.silent:
+                    await asyncio.sleep(0.05)
+                dst.write(data)
+                await dst.drain()
+
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer), return_exceptions=True)
+
+    async def stop(self) -> None:
+        self.silent = False
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
+        await self.server.wait_closed()
+
+
+async def test_redis_server_going_silent_fails_every_call_in_time(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, now: float
+) -> None:
+    """Fail closed within SOCKET_TIMEOUT, also on the batched path (attempts, secrets), whose
+    pool reads without a timeout of its own: the batch's round trip is bounded as a whole."""
+    monkeypatch.setattr(redis_module, "SOCKET_TIMEOUT", 0.3)
+    relay = _Relay(redis_server.port)
+    store = RedisStore(f"redis://127.0.0.1:{await relay.start()}/0", prefix=f"t{uuid.uuid4().hex}")
+    await store.open()
+    try:
+        assert (await store.take_attempt([_quota("user:alice")], now)).allowed
+        relay.silent = True
+        for call in (store.take_attempt([_quota("user:alice")], now), store.get_secret("alice"), store.ping()):
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await asyncio.wait_for(call, 5)  # a hang fails the test, as TimeoutError
+            assert time.monotonic() - started < 1.5
+    finally:
+        await store.close()
+        await relay.stop()
+
+
 def test_redis_prefix_is_validated() -> None:
     for bad in ("", "gw{x}", "g w", "gw*"):
         with pytest.raises(ValueError, match="prefix"):
@@ -621,7 +677,7 @@ async def test_redis_batched_attempts_fail_closed_together(
         def broken(*args: object, **kwargs: object) -> object:
             raise redis_module.RedisConnectionError("down")
 
-        monkeypatch.setattr(store._client, "pipeline", broken)
+        monkeypatch.setattr(store._batch_client, "pipeline", broken)
         quota = [Quota("user:alice", 5, 60)]
         results = await asyncio.gather(*(store.take_attempt(quota, now) for _ in range(10)), return_exceptions=True)
         assert all(isinstance(r, StoreError) for r in results)
