@@ -96,6 +96,11 @@ class _DecodedHOTP(pyotp.HOTP):
     def byte_secret(self) -> bytes:
         return self._key or super().byte_secret()
 
+    @staticmethod
+    def int_to_bytestring(i: int, padding: int = 8) -> bytes:
+        # RFC 4226 §5.2: the counter as 8 bytes, big-endian; pyotp builds them byte by byte.
+        return i.to_bytes(padding, "big")
+
 
 def _hotp(secret: str, params: TotpParams) -> pyotp.HOTP:
     """pyotp's HOTP for ``secret``; ValueError if the secret is not base32 or under 112 bits.
