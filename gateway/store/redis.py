@@ -353,7 +353,8 @@ class RedisStore:
         the same event-loop turn: one round trip and one pool connection for them all. Under a
         flood of codes redis-py's per-call cost, not Redis, is the bottleneck, and batching
         shares it (issue 10, bench row 2). Nothing waits for a batch to fill: it leaves on the
-        next turn of the loop. Only for commands that are safe to send twice on NOSCRIPT."""
+        next turn of the loop, or when the batch in flight is answered (_schedule_flush). Only
+        for commands that are safe to send twice on NOSCRIPT."""
         # Encoded here, so a name that cannot be encoded fails its own caller, not the batch.
         encoded = [tuple(a.encode() if isinstance(a, str) else a for a in command) for command in commands]
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
