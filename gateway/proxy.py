@@ -85,10 +85,27 @@ ROUTING_OVERRIDE_HEADERS = frozenset(
 # RFC 9110 §9.3: methods whose content has a meaning; a bodiless one says "Content-Length: 0"
 # (RFC 9110 §8.6: a user agent SHOULD send it when the method defines a meaning for content).
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# What a front proxy says about the client's request (scheme, port, original target) and what
-# an SSO proxy says about its user: believed only from server.trusted_proxies, dropped from
-# anyone else, since apps take them as the truth (Grafana's auth proxy reads X-WEBAUTH-USER,
-# apps behind oauth2-proxy X-Forwarded-User or X-Auth-Request-User).
+# What an SSO proxy says about its user, which apps take as the truth (Grafana's auth proxy
+# reads X-WEBAUTH-USER, apps behind oauth2-proxy X-Forwarded-User or X-Auth-Request-User):
+# dropped from every client, trusted proxies too, since a front proxy relays a client's own
+# copies unless told not to. The one user the app hears of is the gateway's, in
+# upstream.user_header (set that to the header your app reads).
+IDENTITY_HEADERS = frozenset(
+    {
+        b"x-forwarded-user",
+        b"x-forwarded-email",
+        b"x-forwarded-preferred-username",
+        b"x-forwarded-groups",
+        b"x-auth-request-user",
+        b"x-auth-request-email",
+        b"x-auth-request-preferred-username",
+        b"x-auth-request-groups",
+        b"x-remote-user",
+        b"x-webauth-user",
+    }
+)
+# What a front proxy says about the client's request (scheme, port, original target): believed
+# only from server.trusted_proxies, dropped from anyone else.
 _FORWARDING_HEADERS = frozenset(
     {
         b"x-forwarded-for",
@@ -107,16 +124,6 @@ _FORWARDING_HEADERS = frozenset(
         b"x-forwarded-path",
         b"x-forwarded-method",
         b"x-original-method",
-        b"x-forwarded-user",
-        b"x-forwarded-email",
-        b"x-forwarded-preferred-username",
-        b"x-forwarded-groups",
-        b"x-auth-request-user",
-        b"x-auth-request-email",
-        b"x-auth-request-preferred-username",
-        b"x-auth-request-groups",
-        b"x-remote-user",
-        b"x-webauth-user",
     }
 )
 # X-Forwarded-Proto names the HTTP scheme, also for a WebSocket handshake.
@@ -228,7 +235,9 @@ class Forwarder:
             {config.totp.header.lower().encode(), self.user_header, config.identity.header.lower().encode()}
         )
         self.session_cookie = config.session.cookie.encode()
-        self._drop_trusted = HOP_BY_HOP_HEADERS | _FRAMING_HEADERS | ROUTING_OVERRIDE_HEADERS | self.stripped
+        self._drop_trusted = (
+            HOP_BY_HOP_HEADERS | _FRAMING_HEADERS | ROUTING_OVERRIDE_HEADERS | IDENTITY_HEADERS | self.stripped
+        )
         self._drop_untrusted = self._drop_trusted | _FORWARDING_HEADERS
         # Names the gateway controls. WSGI, CGI and PHP read "Remote_User" and "Remote-User" alike
         # (both become HTTP_REMOTE_USER), so a look-alike spelled with "_" or "." is dropped too.

@@ -281,10 +281,22 @@ OVERRIDES = {
     "X-Method-Override": "DELETE",
     "X_Original_URL": "/admin",
     "X.HTTP.Method.Override": "DELETE",
+    # What an SSO proxy says about its user (found through every front by the second attack).
+    "X-Forwarded-User": "admin",
+    "X-Forwarded-Email": "admin@example.com",
+    "X-Forwarded-Groups": "admins",
+    "X-Forwarded-Preferred-Username": "admin",
+    "X-Auth-Request-User": "admin",
+    "X-Auth-Request-Email": "admin@example.com",
+    "X-Remote-User": "admin",
+    "X-WEBAUTH-USER": "admin",
+    "X_Forwarded_User": "admin",
     "X_2FA_Code": "000000",
     "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
 }
 NEVER_TO_THE_APP = {"x-original-url", "x-rewrite-url", "x-forwarded-prefix", "x-http-method-override"}
+NEVER_TO_THE_APP |= {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username"}
+NEVER_TO_THE_APP |= {"x-auth-request-user", "x-auth-request-email", "x-remote-user", "x-webauth-user"}
 NEVER_TO_THE_APP |= {"x-http-method", "x-method-override", "upgrade", "http2-settings", "x-2fa-code"}
 
 
