@@ -26,11 +26,18 @@ request carrying two different values is refused ``ambiguous_identity``, never g
   duplicates, RFC 9110 §5.3);
 * the 2FA session cookie, likewise (``read_one_cookie``).
 
+An ``Authorization`` value is read as the laxest framework reads it: the scheme ends at any
+whitespace (DRF and flask-jwt-extended ``split()``, so ``Bearer<TAB>token`` is a Bearer token).
+In JWT mode, a value the gateway cannot read as exactly one ``Bearer`` token but which holds
+something shaped like a JWT (``Basic x, Bearer token``, a ``JWT`` scheme) is ambiguous too: an
+app might find a token in it that the gateway never verified.
+
 Equal duplicates are one candidate: they cannot make two readers disagree.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +48,8 @@ from gateway.config import IdentityConfig
 from gateway.errors import Reason
 
 MAX_USER_LENGTH = 256
+# RFC 7519 §3 / RFC 7515 §7.1: a compact JWS is three base64url parts joined by dots.
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _CACHE_SIZE = 10_000
 
 
@@ -141,9 +150,11 @@ class IdentityReader:
         if len(auths) > 1:
             return None, Reason.AMBIGUOUS_IDENTITY
         if auths:
-            scheme, _, value = auths[0].partition(" ")
-            if scheme.lower() == "bearer" and value.strip():
-                candidates.add(value.strip())
+            parts = auths[0].split()
+            if len(parts) == 2 and parts[0].lower() == "bearer" and "," not in parts[1]:
+                candidates.add(parts[1])
+            elif _JWT_SHAPE.search(auths[0]):
+                return None, Reason.AMBIGUOUS_IDENTITY
         if self.jwt.cookie:
             candidates.update(v for v in cookie_values(headers.getlist("cookie"), self.jwt.cookie) if v)
         if len(candidates) > 1:

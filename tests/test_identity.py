@@ -288,3 +288,34 @@ def test_differential_the_app_never_gets_another_users_cookie(tmp_path: Path) ->
         gateway.stop()
         app_server.should_exit = True
         thread.join(timeout=15)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Bearer\t{alice}",
+        "bearer   {alice}",
+        "Basic eDp5, Bearer {alice}",
+        "JWT {alice}",
+        "Token {alice}",
+        "Bearer {alice}, Basic eDp5",
+    ],
+)
+def test_an_authorization_value_an_app_could_read_a_token_from_is_a_candidate(authorization: str) -> None:
+    """Found by the second attack: Mallory's own cookie and session, plus ``Bearer<TAB>alice``
+    (or a list holding a Bearer token): the gateway split the scheme on one space only, saw no
+    second candidate and forwarded the header, which DRF and flask-jwt-extended read as alice."""
+    reader = hs_reader()
+    alice, mallory = token({"sub": "alice"}), token({"sub": "mallory"})
+    headers = [(b"authorization", authorization.format(alice=alice).encode()), (b"cookie", f"auth={mallory}".encode())]
+    assert raw_read(reader, headers) == (None, Reason.AMBIGUOUS_IDENTITY)
+
+
+def test_an_authorization_without_a_token_is_no_candidate() -> None:
+    """Basic credentials for the app itself (no token in them) leave the cookie the identity."""
+    reader = hs_reader()
+    mallory = token({"sub": "mallory"})
+    identity, _ = raw_read(reader, [(b"authorization", b"Basic eDp5"), (b"cookie", f"auth={mallory}".encode())])
+    assert identity is not None and identity.user == "mallory"
+    identity, _ = raw_read(reader, [(b"authorization", f"Bearer\t{mallory}".encode())])
+    assert identity is not None and identity.user == "mallory"
