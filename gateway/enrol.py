@@ -245,6 +245,7 @@ class Enrolment:
         user = call.user
         # Read from the store, not the worker's cache: whether a code is needed is a grant.
         enrolled = await self.factors.is_enrolled(user, fresh=True)
+        proof = None  # which authenticator this request proved, if it is enrolled
         if enrolled:
             # A pending secret never replaces the active one until verified, but starting one
             # at all needs the second factor: the first alone must not re-bind the account.
@@ -267,8 +268,9 @@ class Enrolment:
                 else:
                     await self._refuse_reenrol(call, send, DENIALS[Reason.INVALID_CODE][1], Reason.INVALID_CODE)
                 return
-        secret = await self.factors.begin_enrolment(user, reenrol=enrolled)
-        if secret is None:  # enrolled meanwhile (another request, another worker)
+            proof = outcome.proof
+        secret = await self.factors.begin_enrolment(user, proof)
+        if secret is None:  # enrolled, or re-enrolled, meanwhile (another request, another worker)
             audit.info("re-enrolment refused user=%r client=%s: no code", user, call.client)
             await self._refuse_reenrol(call, send, DENIALS[Reason.ALREADY_ENROLLED][1])
             return

@@ -71,7 +71,9 @@ def address_scope(client: str) -> str:
     return f"ip:{ip}"
 
 
-def _proof(secret: str) -> str:
+def proof_of(secret: str) -> str:
+    """What an ``Outcome.proof`` holds for a code judged against ``secret``: a digest, never the
+    secret itself."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -279,7 +281,7 @@ class SecondFactor:
         if not await self.store.advance_step(user, step):
             return self._missed(attempt, Reason.REPLAYED_CODE)
         await self._succeeded(user, client)
-        return Outcome(Reason.CODE, step=step, proof=_proof(secret))
+        return Outcome(Reason.CODE, step=step, proof=proof_of(secret))
 
     async def check_recovery(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """Consume one recovery code; each works once. It takes an attempt like a code."""
@@ -299,7 +301,7 @@ class SecondFactor:
             return self._missed(attempt, Reason.INVALID_CODE)
         await self._succeeded(user, client)
         log.warning("recovery code used user=%r", user)
-        return Outcome(Reason.CODE, proof=_proof(secret))
+        return Outcome(Reason.CODE, proof=proof_of(secret))
 
     async def is_enrolled(self, user: str, fresh: bool = False) -> bool:
         return await self._secret(user, fresh=fresh) is not None
@@ -315,16 +317,23 @@ class SecondFactor:
 
     # -- enrolment -----------------------------------------------------------------------------
 
-    async def begin_enrolment(self, user: str, reenrol: bool = False) -> str | None:
+    async def begin_enrolment(self, user: str, proof: str | None = None) -> str | None:
         """A new pending secret (never replacing the active one until verified), or None when
-        the user has an active secret and ``reenrol`` (a code proven against it) is not set.
+        the active secret is not the one ``proof`` (a code's ``Outcome.proof``) was proven
+        against: without a proof, when the user has any active secret.
 
         The pending record names the active ciphertext it may replace, read from the store
         now, and activation replaces exactly that one, atomically (``store.activate_secret``):
         an enrolment begun with the first factor alone can never overwrite an authenticator
-        that appeared meanwhile (found by attack, through a worker's stale cache)."""
+        that appeared meanwhile (found by attack, through a worker's stale cache), nor one
+        begun with a code overwrite another authenticator than the one the code came from
+        (found by the second attack: a stolen phone's code raced its owner's re-enrolment)."""
         active = await self.store.get_secret(user)
-        if active is not None and not reenrol:
+        if active is not None:
+            current = self._decrypt(user, active)
+            if proof is None or proof_of(current) != proof:
+                return None
+        elif proof is not None:
             return None
         secret = totp.new_secret()
         now = self.clock()
@@ -394,7 +403,7 @@ class SecondFactor:
         if ended:
             log.warning("new authenticator for user=%r: %d earlier 2FA session(s) ended", user, ended)
         await self._succeeded(user, client)
-        return Outcome(Reason.CODE, step=step, activated=True, proof=_proof(secret))
+        return Outcome(Reason.CODE, step=step, activated=True, proof=proof_of(secret))
 
     async def pending_secret(self, user: str) -> str | None:
         """The unexpired pending secret, to show its QR code again after a mistyped first code."""
@@ -423,7 +432,7 @@ class SecondFactor:
         await self.store.create_session(key, user, expires)
         if proof is not None:
             current = await self._secret(user, fresh=True)
-            if current is None or _proof(current) != proof:
+            if current is None or proof_of(current) != proof:
                 await self.store.revoke_session(key)
                 log.warning("session for user=%r not opened: the authenticator changed while the code was judged", user)
                 return None

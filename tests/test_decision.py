@@ -18,7 +18,7 @@ from gateway.config import Config
 from gateway.crypto import SecretBox
 from gateway.decision import Decider, Facts, client_address
 from gateway.errors import Reason
-from gateway.factors import SecondFactor, address_scope
+from gateway.factors import SecondFactor, address_scope, proof_of
 from gateway.store import open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.totp import new_secret
@@ -356,7 +356,7 @@ async def test_a_stale_cached_secret_never_grants(tmp_path: Path, how: str) -> N
     if how == "reset":
         await factors_a.reset_user("alice")  # what `gateway users reset` does, elsewhere
     else:
-        new = await factors_a.begin_enrolment("alice", reenrol=True)
+        new = await factors_a.begin_enrolment("alice", proof_of(old))
         assert new is not None
         assert (await factors_a.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None)).activated
     # The old authenticator's next step (inside the accepted window), unused so far.
@@ -425,4 +425,38 @@ async def test_an_ipv6_client_is_counted_by_its_slash_64(tmp_path: Path) -> None
     # another /64 is another client; an IPv4-mapped address is its IPv4 address
     assert (await factors.check_code("u4", "000000", "2001:db8:1:3::1")).reason is Reason.INVALID_CODE
     assert address_scope("::ffff:192.0.2.1") == address_scope("192.0.2.1") == "ip:192.0.2.1"
+    await factors.store.close()
+
+
+async def test_a_re_enrolment_binds_to_the_authenticator_its_code_came_from(tmp_path: Path) -> None:
+    """Found by the second attack: a stolen phone's code, proven just as its owner re-enrolled,
+    began an enrolment bound to her *new* authenticator (read after the code was judged), whose
+    activation then replaced it. An enrolment is begun only against the secret the code proved."""
+    clock = Clock()
+    cfg, _, factors = await setup(tmp_path, clock)
+    stolen = await enrol_direct(cfg, factors, "alice")
+    proven = await factors.check_code("alice", pyotp.TOTP(stolen).at(clock.now - cfg.totp.period), None)
+    assert proven.reason is Reason.CODE and proven.proof == proof_of(stolen)
+    # Meanwhile she re-enrols to a new phone.
+    new = await factors.begin_enrolment("alice", proof_of(stolen))
+    assert new is not None
+    assert (await factors.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None)).activated
+    # The thief's request goes on with the proof of the stolen phone: nothing is begun.
+    assert await factors.begin_enrolment("alice", proven.proof) is None
+    assert await factors.begin_enrolment("alice") is None
+    await factors.store.close()
+
+
+async def test_a_new_authenticator_voids_the_old_recovery_codes_at_once(tmp_path: Path) -> None:
+    """Found by the second attack: the old recovery codes outlived the activation of a new
+    authenticator until the new set was written, and one used in between opened a session
+    bound to the new secret. The activation voids them in the same store step."""
+    clock = Clock()
+    cfg, _, factors = await setup(tmp_path, clock)
+    old = await enrol_direct(cfg, factors, "alice")
+    [code, *_] = await factors.new_recovery_codes("alice")
+    new = await factors.begin_enrolment("alice", proof_of(old))
+    assert new is not None
+    assert (await factors.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None)).activated
+    assert (await factors.check_recovery("alice", code, None)).reason is Reason.INVALID_CODE
     await factors.store.close()

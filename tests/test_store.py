@@ -85,6 +85,8 @@ async def test_activate_secret_replaces_only_what_was_expected(store: Store) -> 
     now = time.time()
     await store.set_pending("alice", b"first", now + 60)
     assert await store.activate_secret("alice", None, b"first") is True
+    # The recovery codes of the authenticator it replaces end with it, in the same step.
+    await store.set_recovery_codes("alice", ["h1", "h2"])
     assert await store.get_secret("alice") == b"first"
     assert await store.get_pending("alice", now) is None
     # Started while alice had no secret: it must not replace the one she has now.
@@ -96,6 +98,7 @@ async def test_activate_secret_replaces_only_what_was_expected(store: Store) -> 
     assert await store.activate_secret("alice", b"other", b"second") is False
     assert await store.activate_secret("alice", b"first", b"second") is True
     assert await store.get_secret("alice") == b"second"
+    assert await store.consume_recovery_code("alice", "h1") is False
     # Expected a secret, but the user was reset meanwhile.
     await store.delete_user("alice")
     assert await store.activate_secret("alice", b"second", b"third") is False

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from gateway.app import Gateway, create_app
 from gateway.config import Config
 from gateway.errors import Reason
-from gateway.factors import SecondFactor
+from gateway.factors import SecondFactor, proof_of
 from gateway.store import open_store_from_url
 from gateway.websocket import SESSION_ENDED, encode_query, sendable_close_code
 from tests.conftest import RedisServer
@@ -319,7 +319,9 @@ async def session_for(config: Config, user: str) -> str:
 
 async def re_enrol(factors: SecondFactor, user: str) -> None:
     # A re-enrolment: the enrolment pages start one only after a code from the active secret.
-    secret = await factors.begin_enrolment(user, reenrol=True)
+    token = await factors.store.get_secret(user)
+    assert token is not None
+    secret = await factors.begin_enrolment(user, proof_of(factors.box.decrypt(user, token)))
     assert secret is not None
     outcome = await factors.finish_enrolment(user, pyotp.TOTP(secret).now(), None)
     assert outcome.reason is Reason.CODE

@@ -77,9 +77,10 @@ class Store(Protocol):
 
     async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
         """Finish an enrolment, atomically: make ``new`` the active secret and drop the pending
-        one, only if the active secret is still ``expected`` (None: the user had none). False,
-        changing nothing, if it was replaced or removed meanwhile: an enrolment started without
-        proof of an authenticator must never replace one that appeared since."""
+        one and every recovery code (they belonged to the old authenticator), only if the active
+        secret is still ``expected`` (None: the user had none). False, changing nothing, if it
+        was replaced or removed meanwhile: an enrolment started without proof of an
+        authenticator must never replace one that appeared since."""
 
     async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
         """Compare-and-set for key rotation: store ``new`` only if the active one is still ``old``."""

@@ -63,7 +63,8 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: secret, pending. ARGV: "1" and the expected secret, or "0" (no secret expected); new.
+# KEYS: secret, pending, recovery. ARGV: "1" and the expected secret, or "0" (no secret
+# expected); new.
 _ACTIVATE_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if ARGV[1] == '1' then
@@ -72,7 +73,7 @@ elseif cur then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[3])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 return 1
 """
 
@@ -311,7 +312,7 @@ class RedisStore:
     @_translate_errors
     async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
         args = [b"0", b"", new] if expected is None else [b"1", expected, new]
-        keys = [self._key(user, "secret"), self._key(user, "pending")]
+        keys = [self._key(user, "secret"), self._key(user, "pending"), self._key(user, "recovery")]
         return bool(await self._lua_activate(client=self._r, keys=keys, args=args))
 
     @_translate_errors

@@ -195,6 +195,7 @@ class SqliteStore:
                 (user, new),
             )
             db.execute("DELETE FROM pending WHERE user = ?", (user,))
+            db.execute("DELETE FROM recovery WHERE user = ?", (user,))
         return True
 
     async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
