@@ -59,6 +59,7 @@ class ServerConfig:
     body_timeout: float = 30.0
     min_body_rate: int = 1024
     body_rate_grace: float = 5.0
+    send_timeout: float = 60.0
     keepalive_timeout: float = 5.0
 
 
@@ -202,6 +203,7 @@ def _server(data: Any, problems: list[str]) -> ServerConfig:
         body_timeout=t.number("body_timeout", d.body_timeout, 0.1, 3600.0),
         min_body_rate=t.number("min_body_rate", d.min_body_rate, 0, 1024 * 1024 * 1024),
         body_rate_grace=t.number("body_rate_grace", d.body_rate_grace, 0.0, 3600.0),
+        send_timeout=t.number("send_timeout", d.send_timeout, 0.1, 3600.0),
         keepalive_timeout=t.number("keepalive_timeout", d.keepalive_timeout, 0.1, 3600.0),
     )
     t.finish()

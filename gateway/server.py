@@ -30,6 +30,28 @@ Threat model (what an unauthenticated client can do before any rule of the gatew
   attacker, it prices the attack: at 1100 bytes/s per connection (2.3 Mbit/s for 256) every
   upstream connection stayed held; at 900 bytes/s each was cut after the grace period. Large
   unauthenticated uploads belong behind a buffering front proxy, or out of ``paths.exclude``.
+- **Trailers.** llhttp reports the trailer fields of a chunked body through the same callback
+  as header fields, and uvicorn appends each to the request's header list, after every check
+  above: a chunked body followed by 4 million ``a:b`` trailer lines grew the process by 460 MiB.
+  The gateway forwards no request trailers (ASGI has no event for them, and the proxy copies
+  the headers once, when the request starts), so they are dropped as they come; they count
+  with the head against ``server.max_headers`` and ``server.max_head_bytes``, and so does an
+  unfinished trailer line (httptools keeps it whole), counted as the bytes received since the
+  last body byte. Past either, the connection closes (431 if no response has started).
+- **A WebSocket handshake the WebSocket library refuses.** RFC 6455 §4.1: the opening
+  handshake is a GET without a body. llhttp upgrades a request with ``Content-Length: 1`` or
+  ``Transfer-Encoding: chunked`` anyway, the websockets library then refuses it without a
+  word, and the connection stayed open, unanswered, for good. Such a handshake is answered 400
+  here; any other that the WebSocket protocol has not answered ``server.head_timeout`` seconds
+  after the upgrade (a field the library finds too long, say) is closed. Bytes a client sent
+  after its handshake are handed to the WebSocket protocol (uvicorn dropped them).
+- **A response the client does not read.** While the client does not read, the app's
+  ``send`` waits on write back-pressure, and a proxied response holds its pooled upstream
+  connection (the upstream client stops reading, and its read timeout with it): 4 sockets that
+  never read held ``upstream.max_connections = 4`` for as long as they stayed open. When
+  writing has stayed paused (the transport's buffer full) for ``server.send_timeout`` seconds,
+  the connection is dropped (nginx's ``send_timeout``: the time between two successive writes),
+  which disconnects the ASGI request and aborts the upstream one.
 - **An idle keep-alive connection.** uvicorn's own ``timeout_keep_alive``, set from
   ``server.keepalive_timeout``.
 
@@ -70,6 +92,7 @@ class ClientLimits:
     body_timeout: float = 30.0
     min_body_rate: int = 1024  # bytes a second, averaged from the body's start; 0: no minimum
     body_rate_grace: float = 5.0
+    send_timeout: float = 60.0
 
 
 def client_limits(server: ServerConfig) -> ClientLimits:
@@ -80,6 +103,7 @@ def client_limits(server: ServerConfig) -> ClientLimits:
         body_timeout=server.body_timeout,
         min_body_rate=server.min_body_rate,
         body_rate_grace=server.body_rate_grace,
+        send_timeout=server.send_timeout,
     )
 
 
@@ -88,12 +112,46 @@ class LimitedConfig(uvicorn.Config):
     to every worker process)."""
 
     def __init__(self, app: Any, limits: ClientLimits, **kwargs: Any) -> None:
-        super().__init__(app, http=LimitedHttpToolsProtocol, **kwargs)
+        # The WebSocket protocol named, not "auto": the handshake deadline reads its state.
+        super().__init__(app, http=LimitedHttpToolsProtocol, ws="websockets-sansio", **kwargs)
         self.limits = limits
 
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback; httptools hands it back as the context of its error."""
+
+
+class _BadHandshake(Exception):
+    """Raised from a parser callback: a WebSocket handshake RFC 6455 §4.1 does not allow."""
+
+
+class _Trailers:
+    """What ``self.headers`` is while a body is read: uvicorn's ``on_header`` appends trailer
+    fields to it. They are counted and dropped (the gateway forwards no request trailers);
+    past the head's limits, the request is refused. One per connection, no cost per request."""
+
+    __slots__ = ("bytes", "fields", "limits")
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self.limits = limits
+        self.fields = 0  # of the head, then of the head and its trailers
+        self.bytes = 0
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        self.fields += 1
+        self.bytes += len(field[0]) + len(field[1]) + 4
+        if self.fields > self.limits.max_headers:
+            raise _HeadTooLarge(f"more than {self.limits.max_headers} header and trailer fields")
+        if self.bytes > self.limits.max_head_bytes:
+            raise _HeadTooLarge(f"the request head and trailers exceed {self.limits.max_head_bytes} bytes")
+
+
+def _close_unanswered_handshake(transport: asyncio.Transport, protocol: Any, timeout: float) -> None:
+    """The handshake deadline: a WebSocket protocol that has neither accepted nor refused the
+    handshake by now never will (the websockets library refuses some silently)."""
+    if not transport.is_closing() and not getattr(protocol, "handshake_complete", True):
+        log.info("closing a WebSocket handshake left unanswered for %g s", timeout)
+        transport.abort()
 
 
 class _ClockedFlowControl(FlowControl):
@@ -116,10 +174,21 @@ class _ClockedFlowControl(FlowControl):
             self._transport.resume_reading()
             self._protocol.on_reading_resumed()
 
+    def pause_writing(self) -> None:
+        if not self.write_paused:
+            super().pause_writing()
+            self._protocol.on_writing_paused()
+
+    def resume_writing(self) -> None:
+        if self.write_paused:
+            super().resume_writing()
+            self._protocol.on_writing_resumed()
+
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol that refuses heads over a size or field count, and closes connections
-    whose head does not arrive in time or whose body stops or crawls.
+    """HttpToolsProtocol that refuses heads (and trailers) over a size or field count, and
+    closes connections whose head does not arrive in time, whose body stops or crawls, or which
+    stop reading their response.
 
     The deadlines cost no timer per request: a request only notes timestamps and counts, and one
     timer per connection wakes at the earliest deadline (or every ``head_timeout`` seconds while
@@ -141,6 +210,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_last = 0.0  # loop.time() of the last body bytes, likewise
         self._body_bytes = 0
         self._paused_at: float | None = None  # loop.time() when the server stopped reading
+        self._write_paused_at: float | None = None  # loop.time() when the client stopped reading
+        self._idle_bytes = 0  # received while a body is awaited, since the last body byte
+        self._trailers = _Trailers(self.limits)
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -154,36 +226,59 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timer()
         super().connection_lost(exc)
 
-    def handle_websocket_upgrade(self) -> None:
-        self._cancel_timer()  # the connection now belongs to the WebSocket protocol
+    def handle_websocket_upgrade(self, rest: bytes = b"") -> None:
+        # The connection now belongs to the WebSocket protocol: this timer is no more, and the
+        # handshake gets a deadline of its own (one timer per WebSocket connection).
+        self._cancel_timer()
         super().handle_websocket_upgrade()
+        protocol = self.transport.get_protocol()
+        if rest:  # what the client sent after its head (uvicorn dropped it)
+            protocol.data_received(rest)  # type: ignore[attr-defined]
+        timeout = self.limits.head_timeout
+        self.loop.call_later(timeout, _close_unanswered_handshake, self.transport, protocol, timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head:
             if self._head_since is None:  # the first bytes after an idle keep-alive wait
                 self._head_since = self.loop.time()
             self._head_bytes += len(data)
+        body_pending, body_bytes = self._body_pending, self._body_bytes
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
-                self._refuse_head(str(exc.__context__))
-                return
-            self._bad_request()
+            context = exc.__context__
+            if isinstance(context, _HeadTooLarge):
+                self._refuse(431, "request_header_fields_too_large", str(context))
+            elif isinstance(context, _BadHandshake):
+                self._send_error(400, "bad_request", str(context))
+            else:
+                self._bad_request()
             return
         except httptools.HttpParserError:
             self._bad_request()
             return
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             if self._should_upgrade():
-                self.handle_websocket_upgrade()
+                self.handle_websocket_upgrade(data[exc.args[0] :])
             else:
                 self._unsupported_upgrade_warning()
             return
         if self._awaiting_head and self._head_bytes > self.limits.max_head_bytes:
             self._refuse_head(f"the request head exceeds {self.limits.max_head_bytes} bytes")
-        elif self._body_pending and not self._body_armed:
+            return
+        if body_pending and self._body_pending:
+            # Bytes with no body byte among them are chunk framing or trailers, and httptools
+            # keeps an unfinished trailer line whole: they count like a head.
+            if self._body_bytes != body_bytes:
+                self._idle_bytes = 0
+            else:
+                self._idle_bytes += len(data)
+                if self._idle_bytes > self.limits.max_head_bytes:
+                    detail = f"the request trailers exceed {self.limits.max_head_bytes} bytes"
+                    self._refuse(431, "request_header_fields_too_large", detail)
+                    return
+        if self._body_pending and not self._body_armed:
             # A body outlives the read that ended its head (most bodies end in it): from now on
             # it has deadlines, and the timer must not sleep past the first.
             self._body_armed = True
@@ -207,8 +302,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeadTooLarge(f"the request head exceeds {self.limits.max_head_bytes} bytes")
         if len(headers) > self.limits.max_headers:
             raise _HeadTooLarge(f"more than {self.limits.max_headers} header fields")
+        upgrade = self.parser.should_upgrade() and self._should_upgrade()
+        if upgrade:
+            self._check_handshake()
         super().on_headers_complete()
+        if not upgrade:  # the fields llhttp reports from now on are trailers (_Trailers)
+            self._trailers.fields, self._trailers.bytes = len(headers), size
+            self.headers = self._trailers  # type: ignore[assignment]
         self._body_pending = True
+        self._idle_bytes = 0
         self._body_armed = False
         self._body_since = self._body_last = self.loop.time()
         self._body_bytes = 0
@@ -216,6 +318,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # RFC 9110 §10.1.1: the client waits for "100 Continue", which uvicorn sends when
             # the app first reads the body; until then the silence is the server's.
             self.flow.pause_reading()
+
+    def _check_handshake(self) -> None:
+        """RFC 6455 §4.1: the opening handshake is a GET, and has no body (the websockets
+        library refuses one without answering)."""
+        if self.parser.get_method() != b"GET":
+            raise _BadHandshake("a WebSocket handshake must be a GET")
+        for name, value in self.headers:
+            if (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding":
+                raise _BadHandshake("a WebSocket handshake has no body")
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -243,9 +354,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._body_pending:
                 self._arm_timer()
 
+    def on_writing_paused(self) -> None:
+        self._write_paused_at = self.loop.time()
+        self._arm_timer()
+
+    def on_writing_resumed(self) -> None:
+        self._write_paused_at = None
+
     def _deadline(self) -> float | None:
-        """When this connection is overdue: its body stalls or crawls, or its head is late.
-        None while nothing is awaited from the client."""
+        """When this connection is overdue: it has not read its response for send_timeout, or
+        its body stalls or crawls, or its head is late. None while nothing is awaited."""
+        deadline = self._read_deadline()
+        if self._write_paused_at is not None:
+            send_due = self._write_paused_at + self.limits.send_timeout
+            deadline = send_due if deadline is None else min(deadline, send_due)
+        return deadline
+
+    def _read_deadline(self) -> float | None:
+        """When the client is late with what it sends: its body stalls or crawls, or its head
+        is late. None while nothing is awaited from it."""
         limits = self.limits
         if self._body_pending:
             if self._paused_at is not None:
@@ -271,18 +398,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _check_deadlines(self) -> None:
         self._timer = None
+        now = self.loop.time()
+        send_due = None if self._write_paused_at is None else self._write_paused_at + self.limits.send_timeout
         if self.transport.is_closing():
+            # A closing transport waits to flush its buffer: for a client that never reads, forever.
+            if send_due is not None:
+                self._timer = self.loop.call_at(send_due, self._drop_unread)
             return
-        now, deadline = self.loop.time(), self._deadline()
+        deadline = self._deadline()
         if deadline is None:  # nothing awaited: look again when a head could first be overdue
             self._timer = self.loop.call_later(self.limits.head_timeout, self._check_deadlines)
         elif now < deadline:
             self._timer = self.loop.call_at(deadline, self._check_deadlines)
+        elif send_due is not None and now >= send_due:
+            self._drop_unread()
         elif self._body_pending:
             self._body_overdue(now)
         else:
             log.debug("closing a connection whose request head took over %g s", self.limits.head_timeout)
-            self.transport.close()
+            self._close()
 
     def _body_overdue(self, now: float) -> None:
         stalled = now - self._body_last >= self.limits.body_timeout
@@ -292,12 +426,39 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             else f"the request body arrives slower than {self.limits.min_body_rate} bytes/s"
         )
         log.info("closing a connection: %s", detail)
+        self._refuse(408, "request_timeout", detail)
+
+    def _refuse(self, status: int, error: str, detail: str) -> None:
+        """Close a connection whose request broke a limit after its head: with an error if no
+        response has started, and the ASGI request (and any upstream one) disconnected."""
         cycle = self.cycle
         if cycle is None or not (cycle.response_started or cycle.response_complete):
-            self._send_error(408, "request_timeout", detail)
+            self._send_error(status, error, detail)
         else:
             self._cancel_timer()
+            self._close()
+        self._disconnect()
+
+    def _drop_unread(self) -> None:
+        self._timer = None
+        if self._write_paused_at is None:  # it read in the meantime
+            self._check_deadlines()
+            return
+        log.info("dropping a connection that read none of its response for %g s", self.limits.send_timeout)
+        self._cancel_timer()
+        self.transport.abort()
+        self._disconnect()
+
+    def _close(self) -> None:
+        """Close the connection; abort it if its buffer is full: close() would wait for the
+        client to read it, which it may never do."""
+        if self._write_paused_at is None:
             self.transport.close()
+        else:
+            self.transport.abort()
+
+    def _disconnect(self) -> None:
+        cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # What connection_lost will do, done now: the app's next receive() says the client
             # is gone (the upstream request is aborted, its pooled connection closed), and any
@@ -333,7 +494,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        self._close()
 
 
 def serve_uvicorn(config: LimitedConfig) -> bool:

@@ -81,6 +81,8 @@ def test_minimal_config_has_safe_defaults() -> None:
     # ...and so are request bodies: one that stops, or trickles, loses its connection.
     assert cfg.server.body_timeout <= 60
     assert cfg.server.min_body_rate > 0 and cfg.server.body_rate_grace <= 10
+    # ...and a client that stops reading its response loses its connection too.
+    assert cfg.server.send_timeout <= 60
     assert cfg.upstream.url is None  # forward-auth only until told otherwise
     assert cfg.identity.mode == "header"
     assert cfg.paths.exclude == ()  # nothing is open by default
@@ -130,6 +132,7 @@ def test_minimal_config_has_safe_defaults() -> None:
         ({"server": {"min_body_rate": -1}}, "server.min_body_rate: -1 is outside 0..1073741824"),
         ({"server": {"min_body_rate": 1.5}}, "server.min_body_rate: expected an integer, got float"),
         ({"server": {"body_rate_grace": 7200}}, "server.body_rate_grace: 7200.0 is outside 0..3600"),
+        ({"server": {"send_timeout": 0}}, "server.send_timeout: 0.0 is outside 0.1..3600"),
     ],
 )
 def test_bad_values_are_named_by_key(data: dict[str, Any], expected: str) -> None:

@@ -226,7 +226,7 @@ def test_gateway_run_and_demo_build_the_same_limited_server(tmp_path: Path) -> N
     config = demo_config(tmp_path / "demo", "127.0.0.1", 8080, 9999)
     built = uvicorn_config(config, "gateway.cli:_app_factory")
     assert built.http is LimitedHttpToolsProtocol
-    assert built.limits == ClientLimits(64 * 1024, 100, 30.0, 30.0, 1024, 5.0)
+    assert built.limits == ClientLimits(64 * 1024, 100, 30.0, 30.0, 1024, 5.0, 60.0)
     assert built.timeout_keep_alive == config.server.keepalive_timeout
 
 
@@ -422,3 +422,166 @@ def test_a_body_awaiting_100_continue_is_not_stalled(small_pool_gateway: Gateway
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
     assert hashlib.sha256(body).hexdigest().encode() in answer
+
+
+# -- trailers ------------------------------------------------------------------------------------
+
+CHUNKED_POST = b"POST /public/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_trailers_within_the_limits_pass_and_are_not_forwarded(gateway: Gateway) -> None:
+    with gateway.connect() as sock:
+        sock.sendall(CHUNKED_POST + b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-Other: 2\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
+    assert hashlib.sha256(b"abc").hexdigest().encode() in answer
+    assert b"x-sum" not in answer.lower()  # the upstream echoes the headers it received
+
+
+def test_trailers_count_against_max_headers(gateway: Gateway) -> None:
+    """llhttp reports trailer fields like header fields, after the head's checks: 4 million
+    of them grew the process by 460 MiB. Past max_headers (with the head's), 431."""
+    with gateway.connect() as sock:
+        send_quietly(sock, CHUNKED_POST + b"3\r\nabc\r\n0\r\n" + b"a:b\r\n" * 1000 + b"\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:60]
+    assert b'"error":"request_header_fields_too_large"' in answer
+
+
+def test_an_unfinished_trailer_line_counts_against_max_head_bytes(gateway: Gateway) -> None:
+    """httptools keeps an unfinished field whole: 4 MiB of one trailer line, never ended, is
+    refused as it arrives (not left to grow until the body times out)."""
+    before = gateway.rss()
+    with gateway.connect() as sock:
+        send_quietly(sock, CHUNKED_POST + b"3\r\nabc\r\n0\r\nX-Big: ")
+        for _ in range(64):
+            send_quietly(sock, b"b" * 65536)
+        grown = gateway.rss() - before
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:60]
+    assert grown < 16 * 1024 * 1024, grown
+
+
+# -- WebSocket handshakes ------------------------------------------------------------------------
+
+HANDSHAKE = (
+    b"GET /public/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "handshake",
+    [
+        HANDSHAKE + b"Content-Length: 1\r\n\r\nA",
+        HANDSHAKE + b"Transfer-Encoding: chunked\r\n\r\n",
+        HANDSHAKE.replace(b"GET ", b"POST ", 1) + b"Content-Length: 0\r\n\r\n",
+    ],
+    ids=["content-length", "chunked", "post"],
+)
+def test_a_websocket_handshake_with_a_body_is_refused(gateway: Gateway, handshake: bytes) -> None:
+    """RFC 6455 §4.1: a GET without a body. The websockets library refused these without an
+    answer, and the connection stayed open for good."""
+    with gateway.connect() as sock:
+        sock.sendall(handshake)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
+    assert b'"error":"bad_request"' in answer
+
+
+def test_a_websocket_handshake_left_unanswered_is_closed(gateway: Gateway) -> None:
+    """A field longer than the websockets library reads (8 KiB) but within max_head_bytes: the
+    library refuses the handshake without sending its answer; the handshake deadline closes it."""
+    with gateway.connect() as sock:
+        sock.sendall(HANDSHAKE + b"X-Long: " + b"l" * 10_000 + b"\r\n\r\n")
+        answer = read_all(sock)  # a TimeoutError after BOUND if nothing closes it
+    assert b"101 Switching Protocols" not in answer
+
+
+def test_a_frame_sent_with_the_handshake_is_not_lost(gateway: Gateway) -> None:
+    """Bytes after the head, in the same read, belong to the WebSocket protocol (uvicorn
+    dropped them, and the client waited for an answer that never came)."""
+    mask = b"\x01\x02\x03\x04"
+    payload = bytes(c ^ mask[i % 4] for i, c in enumerate(b"ping"))
+    frame = b"\x81\x84" + mask + payload  # a final, masked text frame "ping"
+    with gateway.connect() as sock:
+        sock.sendall(HANDSHAKE + b"\r\n" + frame)
+        answer = b""
+        while b"echo ping" not in answer:
+            chunk = sock.recv(65536)  # a TimeoutError after BOUND if the frame was lost
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 101 "), answer[:60]
+
+
+# -- responses the client does not read ----------------------------------------------------------
+
+SEND_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def unread_gateway(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Four upstream connections, and a short send timeout."""
+    tmp = tmp_path_factory.mktemp("unread")
+    port = free_port()
+    path = tmp / "gateway.toml"
+    path.write_text(
+        f"""
+[server]
+port = {port}
+log_level = "warning"
+send_timeout = {SEND_TIMEOUT}
+
+[upstream]
+url = "{upstream.url}"
+max_connections = {POOL}
+pool_timeout = {BOUND}
+
+[store]
+url = "sqlite:///{tmp}/gateway.db"
+
+[session]
+secure = false
+
+[paths]
+exclude = ["/public/*"]
+"""
+    )
+    with gateway_process(path, port, fresh_keys()) as proc:
+        yield Gateway(proc, port)
+
+
+def test_responses_never_read_release_the_upstream_pool(unread_gateway: Gateway, upstream: UpstreamProcess) -> None:
+    """Clients that ask for large responses and never read them held every pooled upstream
+    connection for as long as they stayed connected (the upstream client stops reading while
+    the gateway's buffer to the client is full). After send_timeout they are dropped, the
+    upstream requests aborted, and a signed-in user's request gets through."""
+    base = f"http://127.0.0.1:{unread_gateway.port}"
+    alice = {"Remote-User": "alice", "Accept": "application/json"}
+    cancelled_before = httpx.get(f"{upstream.url}/stats", timeout=BOUND).json()["cancelled_streams"]
+    with httpx.Client(base_url=base, timeout=BOUND * 2) as client:
+        secret = pyotp.parse_uri(client.post("/setup-2fa", headers=alice).json()["otpauth_uri"]).secret
+        r = client.post("/verify-2fa", headers=alice, json={"code": pyotp.TOTP(secret).now()})
+        assert r.status_code == 200, r.text
+        attackers = []
+        try:
+            for _ in range(POOL):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(BOUND)
+                sock.connect(("127.0.0.1", unread_gateway.port))
+                sock.sendall(b"GET /public/bytes/200000000 HTTP/1.1\r\nHost: x\r\n\r\n")  # never read
+                attackers.append(sock)
+            time.sleep(0.5)  # not a timing claim: lets the attackers take the pool first
+            r = client.get("/private", headers=alice)  # waits for a pooled connection
+            assert r.status_code == 200, r.text
+        finally:
+            for sock in attackers:
+                sock.close()
+    started = time.monotonic()  # the upstream notices its aborted streams soon, well before BOUND
+    while time.monotonic() - started < BOUND:
+        cancelled = httpx.get(f"{upstream.url}/stats", timeout=BOUND).json()["cancelled_streams"]
+        if cancelled - cancelled_before >= POOL:
+            break
+        time.sleep(0.1)
+    assert cancelled - cancelled_before >= POOL
