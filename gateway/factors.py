@@ -429,7 +429,9 @@ class SecondFactor:
         session_id = secrets.token_urlsafe(32)
         expires = self.clock() + self.session_ttl
         key = hash_session_id(session_id)
-        await self.store.create_session(key, user, expires)
+        if not await self.store.create_session(key, user, expires):
+            log.warning("session for user=%r not opened: the user's sessions were ended meanwhile", user)
+            return None
         if proof is not None:
             current = await self._secret(user, fresh=True)
             if current is None or proof_of(current) != proof:

@@ -704,3 +704,38 @@ async def test_redis_a_bad_name_fails_only_its_own_caller_in_a_batch(redis_serve
         assert results[0] == b"a" and isinstance(results[1], StoreError) and results[2] == Attempt(True)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("revocation", ["revoke_user_sessions", "delete_user"])
+async def test_redis_a_session_opened_across_a_revocation_is_not_left_open(
+    redis_server: RedisServer, revocation: str
+) -> None:
+    """The session index and the session key are in two slots, so opening a session is two
+    steps; a revocation that takes the index between them used to delete a key not yet written,
+    leaving a session no reset could find (found by the second attack). The revocation runs
+    from another connection, exactly between the two steps."""
+    prefix = f"t{uuid.uuid4().hex}"
+    store, other = RedisStore(redis_server.url, prefix=prefix), RedisStore(redis_server.url, prefix=prefix)
+    await store.open()
+    await other.open()
+    now = time.time()
+    index_session = store._lua_index_session
+
+    async def index_then_revoke(*args: object, **kwargs: object) -> object:
+        result = await index_session(*args, **kwargs)  # type: ignore[arg-type]
+        await getattr(other, revocation)("alice")
+        return result
+
+    store._lua_index_session = index_then_revoke  # type: ignore[assignment]
+    try:
+        assert await store.create_session("racing", "alice", now + 300) is False
+        assert await store.get_session("racing", now) is None
+    finally:
+        store._lua_index_session = index_session
+        await store.close()
+        await other.close()
+
+
+async def test_create_session_reports_an_open_session(store: Store, now: float) -> None:
+    assert await store.create_session("s1", "alice", now + 300) is True
+    assert await store.get_session("s1", now) == "alice"

@@ -118,7 +118,9 @@ class Store(Protocol):
         """Atomically remove ``code_hash`` from the user's set; True if it was there."""
 
     # -- 2FA sessions (ids arrive hashed) --------------------------------------------------
-    async def create_session(self, session_hash: str, user: str, expires_at: float) -> None: ...
+    async def create_session(self, session_hash: str, user: str, expires_at: float) -> bool:
+        """Open a session. False if a revocation of the user's sessions (``revoke_user_sessions``,
+        ``delete_user``) ran while it was being opened: it is then not open."""
 
     async def get_session(self, session_hash: str, now: float) -> str | None:
         """The session's user, or None if unknown, revoked or expired."""

@@ -463,12 +463,20 @@ class RedisStore:
 
     # -- sessions --------------------------------------------------------------------------
     @_translate_errors
-    async def create_session(self, session_hash: str, user: str, expires_at: float) -> None:
-        # Index first: a session must never exist that delete_user cannot find.
-        await self._lua_index_session(
-            client=self._r, keys=[self._key(user, "sessions")], args=[session_hash, _ms(expires_at)]
-        )
-        await self._r.set(self._session_key(session_hash), _pack(expires_at, user.encode()), pxat=_ms(expires_at))
+    async def create_session(self, session_hash: str, user: str, expires_at: float) -> bool:
+        # Index first: a session must never exist that delete_user cannot find. The index and
+        # the session live in two slots, so this is two steps, and a revoke_user_sessions or a
+        # delete_user may take the index between them and delete a key not yet written: if the
+        # index no longer names the session once it is written, it was ended, and goes (found
+        # by the second attack: 235 of 300 such sessions outlived `users reset`).
+        index = self._key(user, "sessions")
+        key = self._session_key(session_hash)
+        await self._lua_index_session(client=self._r, keys=[index], args=[session_hash, _ms(expires_at)])
+        await self._r.set(key, _pack(expires_at, user.encode()), pxat=_ms(expires_at))
+        if not await self._r.sismember(index, session_hash):
+            await self._r.delete(key)
+            return False
+        return True
 
     @_translate_errors
     async def get_session(self, session_hash: str, now: float) -> str | None:

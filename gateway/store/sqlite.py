@@ -292,8 +292,9 @@ class SqliteStore:
         return cur.rowcount == 1
 
     # -- sessions --------------------------------------------------------------------------
-    async def create_session(self, session_hash: str, user: str, expires_at: float) -> None:
+    async def create_session(self, session_hash: str, user: str, expires_at: float) -> bool:
         await self._run(self._create_session, session_hash, user, expires_at)
+        return True  # one statement: no revocation can fall between its parts
 
     def _create_session(self, session_hash: str, user: str, expires_at: float) -> None:
         self._maybe_purge(time.time())
