@@ -55,11 +55,16 @@ class Outcome:
     proof: str | None = None
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 @functools.lru_cache(maxsize=4096)
 def address_scope(client: str) -> str:
     """The lockout scope of a client address. An IPv6 client is counted by its /64: one
     subscriber or host is routinely given a whole /64 (RFC 6177, RFC 7934), so counting per
-    /128 would hand it 2^64 fresh quotas. An IPv4-mapped address counts as its IPv4 address."""
+    /128 would hand it 2^64 fresh quotas. An IPv4-mapped address, or one translated by NAT64
+    with the well-known prefix (RFC 6052 §2.1: 64:ff9b::/96), counts as its IPv4 address: a
+    NAT64 front would otherwise put every IPv4 client in one /64."""
     try:
         ip = ipaddress.ip_address(client)
     except ValueError:
@@ -67,6 +72,8 @@ def address_scope(client: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return f"ip:{ip.ipv4_mapped}"
+        if ip in _NAT64:
+            return f"ip:{ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)}"
         return f"ip:{ipaddress.IPv6Network((ip, 64), strict=False)}"
     return f"ip:{ip}"
 

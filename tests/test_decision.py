@@ -425,6 +425,9 @@ async def test_an_ipv6_client_is_counted_by_its_slash_64(tmp_path: Path) -> None
     # another /64 is another client; an IPv4-mapped address is its IPv4 address
     assert (await factors.check_code("u4", "000000", "2001:db8:1:3::1")).reason is Reason.INVALID_CODE
     assert address_scope("::ffff:192.0.2.1") == address_scope("192.0.2.1") == "ip:192.0.2.1"
+    # NAT64's well-known prefix embeds the IPv4 client (RFC 6052): one scope per IPv4 client.
+    assert address_scope("64:ff9b::192.0.2.1") == "ip:192.0.2.1"
+    assert address_scope("64:ff9b::198.51.100.7") == "ip:198.51.100.7"
     await factors.store.close()
 
 
