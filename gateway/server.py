@@ -68,6 +68,7 @@ import asyncio
 import itertools
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +137,11 @@ class _Trailers:
         self.limits = limits
         self.fields = 0  # of the head, then of the head and its trailers
         self.bytes = 0
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        # uvicorn looks for an Upgrade field again at the end of a request with one: a
+        # WebSocket handshake keeps its header list, so none is here.
+        return iter(())
 
     def append(self, field: tuple[bytes, bytes]) -> None:
         self.fields += 1
@@ -402,6 +408,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         send_due = None if self._write_paused_at is None else self._write_paused_at + self.limits.send_timeout
         if self.transport.is_closing():
             # A closing transport waits to flush its buffer: for a client that never reads, forever.
+            if send_due is None and self.transport.get_write_buffer_size():
+                send_due = now + self.limits.send_timeout
             if send_due is not None:
                 self._timer = self.loop.call_at(send_due, self._drop_unread)
             return
@@ -441,8 +449,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _drop_unread(self) -> None:
         self._timer = None
-        if self._write_paused_at is None:  # it read in the meantime
-            self._check_deadlines()
+        if self._write_paused_at is None and not (
+            self.transport.is_closing() and self.transport.get_write_buffer_size()
+        ):
+            self._check_deadlines()  # it read in the meantime
             return
         log.info("dropping a connection that read none of its response for %g s", self.limits.send_timeout)
         self._cancel_timer()

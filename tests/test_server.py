@@ -462,6 +462,15 @@ def test_an_unfinished_trailer_line_counts_against_max_head_bytes(gateway: Gatew
     assert grown < 16 * 1024 * 1024, grown
 
 
+def test_a_request_with_an_unsupported_upgrade_is_plain_http(gateway: Gateway) -> None:
+    """Upgrade: h2c is ignored (RFC 9110 §7.8: the server may ignore it); uvicorn looks for the
+    Upgrade field again once the message ends, so the trailer counting must not hide it."""
+    with gateway.connect() as sock:
+        sock.sendall(b"GET /public/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: h2c\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
+
+
 # -- WebSocket handshakes ------------------------------------------------------------------------
 
 HANDSHAKE = (
