@@ -56,8 +56,8 @@ async def sink(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def gateway() -> Any:
     """uvicorn ``--factory`` target: what ``gateway run`` serves, minus its CLI."""
     from gateway.app import create_app
-    from gateway.cli import configure_logging
     from gateway.config import ENV_CONFIG, load
+    from gateway.logs import configure_logging
 
     config = load(os.environ[ENV_CONFIG])
     configure_logging(config.server.log_level)

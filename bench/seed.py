@@ -99,7 +99,13 @@ def open_sessions(config: Config, users: Sequence[str]) -> list[tuple[str, str]]
 
     async def work(store: Any) -> list[tuple[str, str]]:
         factors = SecondFactor(config, store)
-        return [(user, await factors.open_session(user)) for user in users]
+        opened = []
+        for user in users:
+            session = await factors.open_session(user)
+            if session is None:  # only when the user's sessions are ended meanwhile: nothing here does that
+                raise RuntimeError(f"no session opened for user {user!r}")
+            opened.append((user, session))
+        return opened
 
     result: list[tuple[str, str]] = asyncio.run(_with_store(config, work))
     return result

@@ -207,6 +207,7 @@ async def test_revocation_reaches_other_workers_within_cache_ttl(tmp_path: Path)
     decider_b = Decider(cfg, factors_b)
     await enrol_direct(cfg, factors_a, "alice")
     session = await factors_a.open_session("alice")
+    assert session is not None
     cookie = f"{cfg.session.cookie}={session}"
     assert (await decider_b.decide(facts(cookie=cookie))).reason is Reason.SESSION  # b caches it now
     await factors_a.revoke_session(session)
@@ -279,6 +280,7 @@ async def test_a_pending_secret_under_a_removed_key_is_no_enrolment(tmp_path: Pa
     old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     _, _, factors = await setup(tmp_path, clock, env={"GATEWAY_ENCRYPTION_KEYS": old_key})
     secret = await factors.begin_enrolment("alice")
+    assert secret is not None
     _, _, after = await setup(tmp_path, clock, env={"GATEWAY_ENCRYPTION_KEYS": new_key})
     assert await after.pending_secret("alice") is None
     outcome = await after.finish_enrolment("alice", pyotp.TOTP(secret).at(clock.now), None)

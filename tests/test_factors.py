@@ -142,6 +142,7 @@ async def test_recovery_codes_count_against_the_same_limit(gateway: Gateway) -> 
 async def test_enrolment_codes_count_against_the_same_limit(gateway: Gateway) -> None:
     factors = SecondFactor(gateway.config, gateway.store)
     secret = await factors.begin_enrolment("bob")
+    assert secret is not None
     totp = pyotp.TOTP(secret)
 
     async def verify(code: str) -> httpx.Response:

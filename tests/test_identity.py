@@ -68,7 +68,7 @@ def test_non_ascii_user_reaches_the_upstream_byte_exact(upstream: UpstreamProces
         secret = enrol(config, "José")
         code = pyotp.TOTP(secret).now()
         # The raw UTF-8 bytes, as a proxy sends them.
-        r = httpx.get(server.url + "/echo", headers={"Remote-User": "José".encode(), "X-2FA-Code": code})
+        r = httpx.get(server.url + "/echo", headers={b"Remote-User": "José".encode(), b"X-2FA-Code": code.encode()})
         assert r.status_code == 200, r.text
         seen = dict(r.json()["headers"])
         assert seen["remote-user"].encode("latin-1") == "José".encode()
@@ -103,7 +103,7 @@ def test_jwt_rejections(bad: dict[str, Any]) -> None:
 def test_jwt_wrong_key_alg_none_and_garbage() -> None:
     reader = hs_reader()
     assert read(reader, {"Authorization": f"Bearer {token({}, key='other-key-' * 4)}"})[0] is None
-    unsigned = jwt.encode({"sub": "x", "aud": AUD, "exp": int(time.time()) + 60}, None, algorithm="none")
+    unsigned = jwt.encode({"sub": "x", "aud": AUD, "exp": int(time.time()) + 60}, "", algorithm="none")
     assert read(reader, {"Authorization": f"Bearer {unsigned}"})[0] is None
     assert read(reader, {"Authorization": "Bearer not.a.jwt"})[1] is Reason.INVALID_IDENTITY
     assert read(reader, {"Authorization": "Basic dXNlcjpwdw=="})[1] is Reason.IDENTITY_REQUIRED

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import gateway.store.redis as redis_module
 from gateway.errors import StoreError
 from gateway.store import Attempt, Quota, Store, UserState, open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
+from tests.support.servers import free_port
 
 # Names that would collide or break the hash tag if the Redis key escaping were wrong.
 AWKWARD_USERS = ["alice", "alice}", "{alice}", "alice:secret", "alice%7D", "alice%", "a:b", "a%3Ab"]
@@ -678,7 +680,7 @@ async def test_redis_batched_attempts_fail_closed_together(
     try:
 
         def broken(*args: object, **kwargs: object) -> object:
-            raise redis_module.RedisConnectionError("down")
+            raise RedisConnectionError("down")
 
         monkeypatch.setattr(store._batch_client, "pipeline", broken)
         quota = [Quota("user:alice", 5, 60)]

@@ -20,8 +20,10 @@ from typing import Any
 import httpx
 import pyotp
 import pytest
+from starlette.types import Message
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from gateway.app import Gateway, create_app
 from gateway.config import Config
@@ -57,8 +59,10 @@ async def test_handshake_without_second_factor_is_refused(gw: GatewayServer) -> 
 async def test_relay_with_code_subprotocol_and_close_code(gw: GatewayServer) -> None:
     secret = await asyncio.to_thread(enrol, gw.config, "wsuser")
     headers = {"Remote-User": "wsuser", "X-2FA-Code": pyotp.TOTP(secret).now()}
-    async with connect(ws_url(gw, "/ws?x=1"), additional_headers=headers, subprotocols=["chat.v2", "chat.v1"]) as ws:
+    offered = [Subprotocol("chat.v2"), Subprotocol("chat.v1")]
+    async with connect(ws_url(gw, "/ws?x=1"), additional_headers=headers, subprotocols=offered) as ws:
         assert ws.subprotocol == "chat.v2"
+        assert ws.response is not None
         assert ws.response.headers.get("set-cookie", "").startswith(gw.config.session.cookie + "=")
         assert await ws.recv() == "hello wsuser"  # the upstream saw the verified user
         await ws.send("ping")
@@ -194,7 +198,7 @@ async def test_query_reaches_the_upstream_unchanged(gw: GatewayServer) -> None:
 async def started(app: Gateway) -> AsyncIterator[None]:
     """Run the app's lifespan around the block, in this event loop."""
     incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outgoing: asyncio.Queue[Message] = asyncio.Queue()
     incoming.put_nowait({"type": "lifespan.startup"})
     task = asyncio.ensure_future(app({"type": "lifespan"}, incoming.get, outgoing.put))
     assert (await asyncio.wait_for(outgoing.get(), 5))["type"] == "lifespan.startup.complete"
@@ -228,7 +232,7 @@ async def test_raw_query_bytes_and_a_lost_client_driven_through_asgi(
         "subprotocols": [],
     }
     incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outgoing: asyncio.Queue[Message] = asyncio.Queue()
     incoming.put_nowait({"type": "websocket.connect"})
     async with started(app):
         task = asyncio.ensure_future(app(scope, incoming.get, outgoing.put))
@@ -378,6 +382,7 @@ async def test_socket_opened_with_a_code_ends_with_the_session_it_opened(
     query = f"revoke=code&n={uuid.uuid4().hex}"
     headers = {"Remote-User": user, "X-2FA-Code": pyotp.TOTP(secret).now()}
     async with connect(ws_url(rgw, f"/ws?{query}"), additional_headers=headers) as ws:
+        assert ws.response is not None
         assert ws.response.headers.get("set-cookie", "").startswith(config.session.cookie + "=")
         assert await ws.recv() == f"hello {user}"
         assert await with_factors(config, lambda f: f.revoke_user_sessions(user)) == 1
