@@ -23,11 +23,12 @@ from gateway.config import Config
 from gateway.decision import Decider, Decision, Facts, client_address, is_trusted
 from gateway.errors import Reason, StoreError
 from gateway.factors import SecondFactor
+from gateway.http import wants_html
 from gateway.metrics import Metrics
 from gateway.pages import PAGE_HEADERS
 from gateway.paths import encode_path
 from gateway.proxy import Forwarder
-from gateway.responses import send_denial, send_json, send_response, wants_html
+from gateway.responses import send_denial, send_json, send_response
 from gateway.revocation import ReceiveUntilEnded, SessionWatch, admitting_session, poll_interval
 from gateway.store import Store, open_store_from_url
 

@@ -45,8 +45,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import DENIALS, DecryptError, Reason, StoreError
 from gateway.factors import Outcome
+from gateway.http import negotiate
 from gateway.identity import cookie_values
-from gateway.inputs import BadInput, negotiate, read_fields, read_query, safe_target
+from gateway.inputs import BadInput, read_fields, read_query, safe_target
 from gateway.pages import PAGE_HEADERS, Pages, group_secret
 from gateway.qr import png_data_url, qr_png
 from gateway.responses import send_denial, send_json, send_response

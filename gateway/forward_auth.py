@@ -37,8 +37,9 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.decision import Decision
 from gateway.errors import DENIALS, FORWARD_AUTH_STATUS, Reason
+from gateway.http import wants_html
 from gateway.paths import encode_path
-from gateway.responses import denial_body, send_response, wants_html
+from gateway.responses import denial_body, send_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

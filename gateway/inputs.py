@@ -1,5 +1,5 @@
-"""What the gateway's own routes read from a request: the body's fields, the preferred
-media type, and the return target after verification.
+"""What the gateway's own routes read from a request: the body's fields and the return
+target after verification (the preferred media type is ``http.negotiate``).
 
 Each is judged here once, strictly: a body that is not the JSON object or form expected is
 refused whole (``BadInput``, a 400), and a return target that is not provably a path on this
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope
 
 from gateway.errors import AmbiguousPath
+from gateway.http import negotiate as negotiate  # re-exported for tests/test_enrol.py until it imports gateway.http
 from gateway.paths import canonical_path, encode_path
 
 MAX_BODY = 16 * 1024
@@ -58,38 +59,6 @@ def safe_target(raw: str | None, refused: Collection[str] = ()) -> str:
     if path in refused:
         return "/"
     return encode_path(path) + sep + query
-
-
-def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
-    """The offer the client prefers (RFC 9110 §12.5.1: most specific range, then ``q``); the
-    first offer when there is no ``Accept``, on a tie, or when nothing matches."""
-    if not accept:
-        return offers[0]
-    ranges: list[tuple[str, float]] = []
-    for item in accept.split(",")[:32]:
-        media, *params = item.split(";")
-        q = 1.0
-        for param in params:
-            key, _, value = param.strip().partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-                q = q if 0.0 <= q <= 1.0 else 0.0  # also drops nan
-        ranges.append((media.strip().lower(), q))
-    best, best_q = offers[0], 0.0
-    for offer in offers:
-        kind = offer.split("/")[0]
-        specific = [
-            (3 if m == offer else 2 if m == f"{kind}/*" else 1, q)
-            for m, q in ranges
-            if m in (offer, f"{kind}/*", "*/*")
-        ]
-        q = max(specific)[1] if specific else 0.0
-        if q > best_q:
-            best, best_q = offer, q
-    return best
 
 
 async def _read_body(receive: Receive) -> bytes:

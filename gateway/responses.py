@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from starlette.types import Send
 
 from gateway.errors import DENIALS, Reason
+from gateway.http import wants_html
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -28,11 +29,6 @@ _PAGE = """<!doctype html>
 padding:0 1rem;color:#1b1b1b}}h1{{font-size:1.4rem}}code{{background:#eee;padding:.1rem .3rem}}</style>
 </head><body><main><h1>{title}</h1><p>{detail}</p>{extra}</main></body></html>
 """
-
-
-def wants_html(accept: str | None) -> bool:
-    """A browser navigating: ``text/html`` is asked for and JSON is not preferred."""
-    return bool(accept) and "text/html" in accept and "application/json" not in accept  # type: ignore[operator]
 
 
 def denial_body(reason: Reason, html_page: bool, extra_html: str = "", **fields: object) -> tuple[int, Headers, bytes]:

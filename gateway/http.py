@@ -1,0 +1,65 @@
+"""HTTP rules the gateway reads in more than one place, written once: which media type a
+client prefers.
+
+Pure functions with no gateway imports, so the lowest layers (``paths``, ``tables``) can use
+them without pointing upward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_JSON = "application/json"
+_HTML = "text/html"
+_MAX_RANGES = 32  # an Accept with more is not a browser's, and parsing it costs
+# Denials are answered under attack and should cost about what a substring test did: browsers
+# and programs send a handful of distinct Accept values, so the answers to short ones are
+# kept (at most 64 x 256 bytes); a longer one is parsed every time.
+_CACHED_ACCEPT = 256
+
+
+def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
+    """The offer the client prefers (RFC 9110 §12.5.1: most specific range, then ``q``); the
+    first offer when there is no ``Accept``, on a tie, or when nothing matches."""
+    if not accept:
+        return offers[0]
+    ranges: list[tuple[str, float]] = []
+    for item in accept.split(",")[:_MAX_RANGES]:
+        media, *params = item.split(";")
+        q = 1.0
+        for param in params:
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+                q = q if 0.0 <= q <= 1.0 else 0.0  # also drops nan
+        ranges.append((media.strip().lower(), q))
+    best, best_q = offers[0], 0.0
+    for offer in offers:
+        kind = offer.split("/")[0]
+        specific = [
+            (3 if m == offer else 2 if m == f"{kind}/*" else 1, q)
+            for m, q in ranges
+            if m in (offer, f"{kind}/*", "*/*")
+        ]
+        q = max(specific)[1] if specific else 0.0
+        if q > best_q:
+            best, best_q = offer, q
+    return best
+
+
+def wants_html(accept: str | None) -> bool:
+    """The client prefers an HTML page to JSON (RFC 9110 §12.5.1, by ``q``). JSON wins a tie,
+    so ``*/*`` and a missing ``Accept`` (programs) get JSON; ``text/html;q=0`` is a refusal."""
+    if not accept:
+        return False
+    if len(accept) <= _CACHED_ACCEPT:
+        return _prefers_html(accept)
+    return negotiate(accept, (_JSON, _HTML)) == _HTML
+
+
+@functools.lru_cache(maxsize=64)
+def _prefers_html(accept: str) -> bool:
+    return negotiate(accept, (_JSON, _HTML)) == _HTML

@@ -1,0 +1,78 @@
+"""gateway/http.py in-process: the HTTP rules the gateway reads in more than one place."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.types import Message
+
+from gateway.errors import Reason
+from gateway.http import negotiate, wants_html
+from gateway.responses import send_denial
+
+# Accept values a browser navigating sends (Firefox, Chrome, Safari) and a few a program sends.
+_FIREFOX = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+_CHROME = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,"
+    "*/*;q=0.8,application/signed-exchange;v=b3;q=0.7"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "html"),
+    [
+        (_FIREFOX, True),
+        (_CHROME, True),
+        ("text/html", True),
+        ("TEXT/HTML", True),  # RFC 9110 §8.3.1: media types are case-insensitive
+        ("text/*", True),
+        # The disagreement issue 11 found: responses.wants_html (a substring test) said JSON,
+        # inputs.negotiate (by q) said HTML. RFC 9110 §12.5.1: q decides.
+        ("application/json;q=0.1, text/html", True),
+        ("application/json;q=0.1, text/html" + ", a/b" * 60, True),  # too long to cache: parsed
+        (None, False),
+        ("", False),
+        ("*/*", False),  # fetch() and curl: a tie, and JSON wins a tie
+        ("application/json", False),
+        ("text/html, application/json", False),  # a tie
+        ("text/html;q=0.5, application/json", False),
+        ("text/html;q=0", False),  # q=0 is "not acceptable" (§12.4.2), not a preference
+        ("text/html;q=nan", False),
+        ("application/xhtml+xml", False),
+    ],
+)
+def test_wants_html(accept: str | None, html: bool) -> None:
+    assert wants_html(accept) is html
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        (None, "application/json"),
+        ("image/png", "image/png"),
+        ("image/*;q=0.5, text/html;q=0.4", "image/png"),
+        ("text/html, image/*", "image/png"),  # a tie goes to the first offer in order
+        ("image/png;q=0, */*", "application/json"),  # the specific range beats */*
+        ("text/plain", "application/json"),  # nothing matches: the first offer
+        ("," * 100 + "text/html", "application/json"),  # ranges past the 32nd are not read
+    ],
+)
+def test_negotiate(accept: str | None, chosen: str) -> None:
+    assert negotiate(accept, ("application/json", "image/png", "text/html")) == chosen
+
+
+async def _denial(accept: str) -> tuple[int, dict[bytes, bytes]]:
+    messages: list[Message] = []
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    await send_denial(send, Reason.CODE_REQUIRED, accept)
+    return messages[0]["status"], dict(messages[0]["headers"])
+
+
+async def test_denial_follows_the_same_rule() -> None:
+    # The denial page (proxy and forward-auth modes) and the enrolment pages read Accept alike.
+    _, html = await _denial("application/json;q=0.1, text/html")
+    assert html[b"content-type"].startswith(b"text/html")
+    _, program = await _denial("text/html;q=0, application/json")
+    assert program[b"content-type"] == b"application/json"
