@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.errors import ConfigError
+from gateway.http import is_token
 from gateway.paths import ExcludeRule, parse_rule
-from gateway.tables import TCHARS, Table, header_name, http_url, redact_url, route_path, split_url
+from gateway.tables import Table, header_name, http_url, redact_url, route_path, split_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -417,7 +418,7 @@ def _session(data: Any, problems: list[str]) -> SessionConfig:
     t = Table("session", data, problems)
     d = SessionConfig()
     cookie = t.get("cookie", str, d.cookie)
-    if not cookie or any(c not in TCHARS for c in cookie):
+    if not is_token(cookie):
         t.problem("cookie", f'"{cookie}" is not a valid cookie name')
     cfg = SessionConfig(
         cookie=cookie,

@@ -20,13 +20,11 @@ from typing import Any
 from gateway.config import Config, IPNetwork
 from gateway.errors import ALLOWED, AmbiguousPath, DecryptError, Reason, StoreError
 from gateway.factors import SecondFactor
+from gateway.http import TCHARS
 from gateway.identity import IdentityReader, read_one_cookie
 from gateway.paths import Exclusions, canonical_path, encode_path
 
 log = logging.getLogger("gateway.decision")
-
-# RFC 9110 §5.6.2: a method is a token.
-_METHOD_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +102,8 @@ class Decider:
 
     async def _decide(self, facts: Facts) -> Decision:
         method = facts.method
-        if not method or len(method) > 32 or not all(c in _METHOD_CHARS for c in method):
+        # RFC 9110 §9.1: a method is a token (inline, not http.is_token: this runs per request).
+        if not method or len(method) > 32 or not all(c in TCHARS for c in method):
             return Decision(Reason.BAD_REQUEST)
         try:
             path = canonical_path(facts.path)

@@ -1,5 +1,5 @@
-"""HTTP rules the gateway reads in more than one place, written once: which media type a
-client prefers.
+"""HTTP rules the gateway reads in more than one place, written once: what a token is and
+which media type a client prefers.
 
 Pure functions with no gateway imports, so the lowest layers (``paths``, ``tables``) can use
 them without pointing upward.
@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 
+# RFC 9110 §5.6.2: token = 1*tchar. Methods (§9.1), field names (§5.1) and cookie names
+# (RFC 6265 §4.1.1) are tokens.
+TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
 _JSON = "application/json"
 _HTML = "text/html"
 _MAX_RANGES = 32  # an Accept with more is not a browser's, and parsing it costs
@@ -16,6 +20,11 @@ _MAX_RANGES = 32  # an Accept with more is not a browser's, and parsing it costs
 # and programs send a handful of distinct Accept values, so the answers to short ones are
 # kept (at most 64 x 256 bytes); a longer one is parsed every time.
 _CACHED_ACCEPT = 256
+
+
+def is_token(value: str) -> bool:
+    """``value`` is an RFC 9110 token: one or more ``tchar``."""
+    return bool(value) and all(c in TCHARS for c in value)
 
 
 def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:

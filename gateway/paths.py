@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from gateway.errors import AmbiguousPath
+from gateway.http import is_token
 
 # RFC 3986 §3.3 pchar without pct-encoded and ';', then no "." or ".." segment and no empty
 # one: a path that matches is already canonical, which is what almost every request sends.
@@ -72,9 +73,6 @@ _ESCAPE_REFUSED = re.compile(r"%(?![0-9A-Fa-f]{2})|%(?:[01][0-9A-Fa-f]|2[35Ff]|3
 
 # What a decoded non-ASCII segment must not become under NFKC: C1 controls are refused as is.
 _COMPAT_REFUSED = re.compile(r"[/\\;%?#\x00-\x1f\x7f-\x9f]")
-
-# RFC 9110 §5.6.2: token = 1*tchar
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 # RFC 3986 §3.3 pchar, less ';' (never in a canonical path), plus '/'. quote() always keeps
 # the unreserved characters and encodes everything else, '%' included, as UTF-8.
@@ -168,7 +166,7 @@ def parse_rule(text: str) -> ExcludeRule:
     if method is not None:
         if "," in method:
             raise ValueError(f'"{method}": one method per rule (a GET rule also covers HEAD)')
-        if not _TOKEN.fullmatch(method):
+        if not is_token(method):
             raise ValueError(f'"{method}" is not an HTTP method token (RFC 9110 §9.1)')
         if method != method.upper():
             raise ValueError(f'"{method}": methods are case-sensitive (RFC 9110 §9.1), write "{method.upper()}"')

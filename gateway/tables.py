@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
+from gateway.http import is_token
+
 T = TypeVar("T")
 
 
@@ -115,13 +117,10 @@ def kind_name(kinds: tuple[type, ...]) -> str:
 def header_name(t: Table, key: str, default: str) -> str:
     value = t.get(key, str, default)
     # RFC 9110 §5.1: a field name is a token.
-    if not value or any(c not in TCHARS for c in value):
+    if not is_token(value):
         t.problem(key, f'"{value}" is not a valid header name')
         return default
     return value
-
-
-TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def route_path(t: Table, key: str, default: str, switchable: bool = False) -> str:

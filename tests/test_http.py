@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 from starlette.types import Message
 
 from gateway.errors import Reason
-from gateway.http import negotiate, wants_html
+from gateway.http import TCHARS, is_token, negotiate, wants_html
 from gateway.responses import send_denial
 
 # Accept values a browser navigating sends (Firefox, Chrome, Safari) and a few a program sends.
@@ -76,3 +78,19 @@ async def test_denial_follows_the_same_rule() -> None:
     assert html[b"content-type"].startswith(b"text/html")
     _, program = await _denial("text/html;q=0, application/json")
     assert program[b"content-type"] == b"application/json"
+
+
+def test_tchars_are_rfc_9110() -> None:
+    # RFC 9110 §5.6.2: tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
+    # "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
+    assert frozenset("!#$%&'*+-.^_`|~" + string.digits + string.ascii_letters) == TCHARS
+    assert [chr(i) for i in range(256) if is_token(chr(i))] == sorted(TCHARS)
+
+
+@pytest.mark.parametrize(
+    ("value", "token"),
+    [("GET", True), ("X-2FA-Code", True), ("M-SEARCH", True), ("", False), ("GET ", False), ("a:b", False)]
+    + [(f"a{c}b", False) for c in '"(),/:;<=>?@[\\]{}\x7f\x00é'],
+)
+def test_is_token(value: str, token: bool) -> None:
+    assert is_token(value) is token
