@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from gateway.errors import ConfigError
 from gateway.http import is_token
 from gateway.paths import ExcludeRule, parse_rule
+from gateway.store import is_key_prefix
 from gateway.tables import Table, header_name, http_url, redact_url, route_path, split_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -227,10 +227,6 @@ def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
     return cfg
 
 
-# The rule RedisStore applies (gateway/store/redis.py), checked here so it fails at load.
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]+")
-
-
 def _store(data: Any, env: Mapping[str, str], problems: list[str]) -> StoreConfig:
     t = Table("store", data, problems)
     d = StoreConfig()
@@ -246,7 +242,8 @@ def _store(data: Any, env: Mapping[str, str], problems: list[str]) -> StoreConfi
             # and enrolments gone.
             t.problem("url", "needs a file path; an in-memory SQLite store is not shared or kept")
     prefix = t.get("prefix", str, d.prefix)
-    if not _PREFIX_RE.fullmatch(prefix):
+    # The rule RedisStore applies, checked here too so a bad prefix fails at load.
+    if not is_key_prefix(prefix):
         t.problem("prefix", f'"{prefix}" may only use letters, digits and _.:- (and not be empty)')
     cfg = StoreConfig(
         url=url,

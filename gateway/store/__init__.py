@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
-from gateway.store.base import Attempt, Quota, Store, UserState
+from gateway.store.base import Attempt, Quota, Store, UserState, is_key_prefix
 
-__all__ = ["Attempt", "Quota", "Store", "UserState", "open_store_from_url"]
+__all__ = ["Attempt", "Quota", "Store", "UserState", "is_key_prefix", "open_store_from_url"]
 
 _SQLITE = "sqlite:///"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

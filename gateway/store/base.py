@@ -12,9 +12,20 @@ a frozen clock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+# A key prefix namespaces every Redis key (``redis.py``'s key layout): none of the characters
+# that layout escapes in user names ("%", "{", "}") and no whitespace. Config checks it at
+# load and RedisStore again at construction, with this one rule.
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def is_key_prefix(prefix: str) -> bool:
+    """``prefix`` is a non-empty run of letters, digits and ``_.:-``."""
+    return _KEY_PREFIX.fullmatch(prefix) is not None
 
 
 @dataclass(frozen=True)

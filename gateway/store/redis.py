@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -38,7 +37,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreError
-from gateway.store.base import Attempt, Quota, UserState
+from gateway.store.base import Attempt, Quota, UserState, is_key_prefix
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,7 +45,6 @@ T = TypeVar("T")
 SOCKET_TIMEOUT = 2.0
 _EXPIRY = struct.Struct(">d")
 _ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D", ":": "%3A"})
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 
 # KEYS: step. ARGV: step. Compare-and-set so one time step is accepted once (RFC 6238 §5.2).
 _ADVANCE_STEP_LUA = """
@@ -219,7 +217,7 @@ class RedisStore:
     """
 
     def __init__(self, url: str, prefix: str = "gw", max_connections: int = 64) -> None:
-        if not _PREFIX_RE.fullmatch(prefix):
+        if not is_key_prefix(prefix):
             raise ValueError(f"redis key prefix {prefix!r} may only use letters, digits and _.:-")
         self.url = url
         self.prefix = prefix
