@@ -173,9 +173,7 @@ async def _import(config: Config, path: str, source_key: str, force: bool) -> tu
     from gateway import totp
 
     box = SecretBox(config.encryption.keys)
-    params = totp.TotpParams(
-        digits=config.totp.digits, period=config.totp.period, algorithm=config.totp.algorithm, window=config.totp.window
-    )
+    params = config.totp.params
     try:
         decrypt_legacy(b"", source_key)  # a bad key is one error, not one per row
     except ValueError as exc:

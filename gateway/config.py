@@ -31,6 +31,7 @@ from gateway.http import is_token
 from gateway.paths import ExcludeRule, parse_rule
 from gateway.store import is_key_prefix
 from gateway.tables import Table, header_name, http_url, redact_url, route_path, split_url
+from gateway.totp import TotpParams
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -119,6 +120,11 @@ class TotpConfig:
     window: int = 1
     header: str = "X-2FA-Code"
     pending_ttl: int = 600
+
+    @property
+    def params(self) -> TotpParams:
+        """How codes are made and checked, built from this table in this one place."""
+        return TotpParams(digits=self.digits, period=self.period, algorithm=self.algorithm, window=self.window)
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,12 +132,7 @@ class SecondFactor:
         self.store = store
         self.box = SecretBox(config.encryption.keys)
         self.pepper = config.encryption.recovery_pepper
-        self.params = totp.TotpParams(
-            digits=config.totp.digits,
-            period=config.totp.period,
-            algorithm=config.totp.algorithm,
-            window=config.totp.window,
-        )
+        self.params = config.totp.params
         self.issuer = config.totp.issuer
         self.pending_ttl = config.totp.pending_ttl
         self.limits = config.limits
