@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.decision import Decision
 from gateway.errors import DENIALS, FORWARD_AUTH_STATUS, Reason
-from gateway.http import wants_html
+from gateway.http import request_origin, wants_html
 from gateway.paths import encode_path
 from gateway.responses import denial_body, send_response
 
@@ -109,13 +109,9 @@ class ForwardAuth:
         await self._deny(send, decision, headers, path + ("?" + query if query else ""), method)
 
     def _origin(self, headers: Headers) -> str:
-        if self.public_url:
-            return self.public_url
-        host = headers.get("x-forwarded-host") or headers.get("host")
-        proto = headers.get("x-forwarded-proto") or "http"
-        if not host or proto not in ("http", "https") or any(c in host for c in "/\\@?# \t"):
-            return ""
-        return f"{proto}://{host}"
+        # The peer is a trusted proxy (checked first), so its X-Forwarded-* count; nginx talks
+        # to /auth over plain HTTP, hence the default scheme.
+        return self.public_url or request_origin(headers.raw, "http", trusted=True)
 
     async def _deny(self, send: Send, decision: Decision, headers: Headers, target: str, method: str = "") -> None:
         reason = decision.reason

@@ -1,5 +1,5 @@
-"""HTTP rules the gateway reads in more than one place, written once: what a token is and
-which media type a client prefers.
+"""HTTP rules the gateway reads in more than one place, written once: what a token is,
+which media type a client prefers, and the origin a client addressed.
 
 Pure functions with no gateway imports, so the lowest layers (``paths``, ``tables``) can use
 them without pointing upward.
@@ -8,10 +8,16 @@ them without pointing upward.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 # RFC 9110 §5.6.2: token = 1*tchar. Methods (§9.1), field names (§5.1) and cookie names
 # (RFC 6265 §4.1.1) are tokens.
 TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+# What would move a URL's authority or path if it were inside the host (RFC 3986 §3.2): a
+# host with any of these is not one we write into a Location.
+_NOT_IN_HOST = frozenset("/\\@?#, \t")
+_ORIGIN_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
 _JSON = "application/json"
 _HTML = "text/html"
@@ -72,3 +78,32 @@ def wants_html(accept: str | None) -> bool:
 @functools.lru_cache(maxsize=64)
 def _prefers_html(accept: str) -> bool:
     return negotiate(accept, (_JSON, _HTML)) == _HTML
+
+
+def request_origin(headers: Iterable[tuple[bytes, bytes]], scheme: str, trusted: bool) -> str:
+    """``scheme://host`` as the client addressed this request, for an absolute ``Location``;
+    ``""`` when that cannot be told safely (the caller then writes a relative one).
+
+    ``headers`` are the raw ASGI headers and ``scheme`` the ASGI scope's. The host is ``Host``
+    (RFC 9110 §7.2). Only from a ``trusted`` peer, ``X-Forwarded-Host`` and ``X-Forwarded-Proto``
+    take its place: a proxy that tells either twice, differently, tells two stories and neither
+    is picked. The scheme must be http or https and the host must not hold a character that
+    would move the URL's authority or path (``/\\@?#,``, space, tab).
+    """
+    host = forwarded_host = proto = None
+    for name, value in headers:
+        if name == b"host":
+            host = value if host is None else host
+        elif trusted and name == b"x-forwarded-host":
+            if forwarded_host not in (None, value):
+                return ""
+            forwarded_host = value
+        elif trusted and name == b"x-forwarded-proto":
+            if proto not in (None, value):
+                return ""
+            proto = value
+    chosen = (forwarded_host or host or b"").decode("latin-1")
+    origin_scheme = proto.decode("latin-1") if proto else _ORIGIN_SCHEMES.get(scheme, "")
+    if not chosen or origin_scheme not in ("http", "https") or any(c in _NOT_IN_HOST for c in chosen):
+        return ""
+    return f"{origin_scheme}://{chosen}"

@@ -46,6 +46,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.errors import BadRequest, Reason
+from gateway.http import request_origin
 from gateway.identity import without_cookie
 from gateway.responses import send_denial
 from gateway.upstream import AiohttpTransport
@@ -299,17 +300,11 @@ class Forwarder:
         return out
 
     def public_origin(self, scope: Scope, headers: list[tuple[bytes, bytes]], trusted: bool) -> bytes:
+        """The origin the client addressed, or ``b""`` when it cannot be told safely
+        (``http.request_origin``): only a redirect from the upstream pays for it."""
         if self.public_url:
             return self.public_url
-        host = proto = None
-        for name, value in headers:
-            if name == b"host" and host is None:
-                host = value
-            elif trusted and name == b"x-forwarded-proto":
-                proto = value
-            elif trusted and name == b"x-forwarded-host":
-                host = value
-        return (proto or _HTTP_SCHEME.get(scope.get("scheme", "http"), b"http")) + b"://" + (host or b"localhost")
+        return request_origin(headers, scope.get("scheme", "http"), trusted).encode("latin-1")
 
     async def forward(
         self,
@@ -397,7 +392,7 @@ class Forwarder:
             if name == b"location" and value.startswith(self.origin):
                 rest = value[len(self.origin) :]
                 if rest[:1] in (b"", b"/", b"?", b"#"):
-                    value = self.public_origin(scope, scope["headers"], trusted) + rest
+                    value = self.public_origin(scope, scope["headers"], trusted) + rest or b"/"
             elif name == b"content-length" and value.isdigit():
                 length = int(value)
             out.append((name, value))

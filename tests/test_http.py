@@ -5,10 +5,13 @@ from __future__ import annotations
 import string
 
 import pytest
+from cryptography.fernet import Fernet
 from starlette.types import Message
 
+from gateway.config import ENV_KEYS, ENV_PEPPER, parse
 from gateway.errors import Reason
-from gateway.http import TCHARS, is_token, negotiate, wants_html
+from gateway.http import TCHARS, is_token, negotiate, request_origin, wants_html
+from gateway.proxy import Forwarder
 from gateway.responses import send_denial
 
 # Accept values a browser navigating sends (Firefox, Chrome, Safari) and a few a program sends.
@@ -94,3 +97,66 @@ def test_tchars_are_rfc_9110() -> None:
 )
 def test_is_token(value: str, token: bool) -> None:
     assert is_token(value) is token
+
+
+_H = [(b"host", b"gw.example")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "scheme", "trusted", "origin"),
+    [
+        (_H, "http", False, "http://gw.example"),
+        (_H, "wss", False, "https://gw.example"),
+        (
+            [*_H, (b"x-forwarded-host", b"app.example"), (b"x-forwarded-proto", b"https")],
+            "http",
+            True,
+            "https://app.example",
+        ),
+        # From a peer that is not a trusted proxy, X-Forwarded-* are the client's own words.
+        (
+            [*_H, (b"x-forwarded-host", b"evil.example"), (b"x-forwarded-proto", b"https")],
+            "http",
+            False,
+            "http://gw.example",
+        ),
+        ([*_H, (b"x-forwarded-host", b"")], "http", True, "http://gw.example"),
+        # Where proxy.py and forward_auth.py disagreed before (proxy.py took any value, the
+        # last of duplicates, and "localhost" without a Host; forward_auth.py validated and took
+        # the first): now one rule, and what cannot be told safely is "" (a relative Location).
+        ([], "http", False, ""),
+        ([*_H, (b"x-forwarded-host", b"evil.example/"), (b"x-forwarded-host", b"x")], "http", True, ""),
+        ([*_H, (b"x-forwarded-host", b"a.example"), (b"x-forwarded-host", b"b.example")], "http", True, ""),
+        ([*_H, (b"x-forwarded-proto", b"https"), (b"x-forwarded-proto", b"http")], "http", True, ""),
+        ([*_H, (b"x-forwarded-proto", b"javascript")], "http", True, ""),
+        ([*_H, (b"x-forwarded-host", b"a.example, b.example")], "http", True, ""),
+        ([(b"host", b"user@evil.example")], "http", False, ""),
+        ([(b"host", b"evil.example\\@gw.example")], "http", False, ""),
+        ([(b"host", b"evil.example#")], "http", False, ""),
+        (_H, "ftp", False, ""),
+        # Twice the same is one story.
+        (
+            [*_H, (b"x-forwarded-host", b"a.example"), (b"x-forwarded-host", b"a.example")],
+            "http",
+            True,
+            "http://a.example",
+        ),
+    ],
+)
+def test_request_origin(headers: list[tuple[bytes, bytes]], scheme: str, trusted: bool, origin: str) -> None:
+    assert request_origin(headers, scheme, trusted) == origin
+
+
+async def test_proxy_rewrites_location_with_the_same_rule() -> None:
+    # proxy.py used to write whatever a trusted proxy said into the Location it rewrites.
+    env = {ENV_KEYS: Fernet.generate_key().decode(), ENV_PEPPER: Fernet.generate_key().decode()}
+    forwarder = Forwarder(parse({"upstream": {"url": "http://127.0.0.1:1"}}, env=env))
+    try:
+        scope = {"type": "http", "scheme": "http"}
+        bad = [*_H, (b"x-forwarded-host", b"evil.example/phish?")]
+        assert forwarder.public_origin(scope, bad, trusted=True) == b""
+        assert forwarder.public_origin(scope, [], trusted=False) == b""
+        good = [*_H, (b"x-forwarded-proto", b"https")]
+        assert forwarder.public_origin(scope, good, trusted=True) == b"https://gw.example"
+    finally:
+        await forwarder.aclose()
