@@ -18,14 +18,12 @@ import jinja2
 
 from gateway.config import Config
 
-Headers = list[tuple[bytes, bytes]]
-
 _CSS = (files("gateway") / "templates" / "style.css").read_text(encoding="utf-8").strip()
 _CSS_HASH = base64.b64encode(hashlib.sha256(_CSS.encode("utf-8")).digest()).decode("ascii")
 
 # Referrer-Policy "same-origin", not "no-referrer": under no-referrer a browser sends
 # "Origin: null" on same-origin form posts (Fetch §3.1), which the CSRF check must refuse.
-PAGE_HEADERS: Headers = [
+PAGE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"text/html; charset=utf-8"),
     (b"cache-control", b"no-store"),
     (

@@ -17,11 +17,9 @@ from starlette.types import Send
 from gateway.errors import DENIALS, Reason
 from gateway.http import wants_html
 
-Headers = list[tuple[bytes, bytes]]
-
-_NO_STORE: Headers = [(b"cache-control", b"no-store")]
-_JSON: Headers = [(b"content-type", b"application/json")]
-_HTML: Headers = [(b"content-type", b"text/html; charset=utf-8")]
+_NO_STORE: list[tuple[bytes, bytes]] = [(b"cache-control", b"no-store")]
+_JSON: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+_HTML: list[tuple[bytes, bytes]] = [(b"content-type", b"text/html; charset=utf-8")]
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
@@ -31,7 +29,9 @@ padding:0 1rem;color:#1b1b1b}}h1{{font-size:1.4rem}}code{{background:#eee;paddin
 """
 
 
-def denial_body(reason: Reason, html_page: bool, extra_html: str = "", **fields: object) -> tuple[int, Headers, bytes]:
+def denial_body(
+    reason: Reason, html_page: bool, extra_html: str = "", **fields: object
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     status, detail = DENIALS[reason]
     if html_page:
         title = f"{status} — {reason.value.replace('_', ' ')}"
