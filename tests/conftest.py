@@ -32,8 +32,10 @@ def need_binary(name: str) -> str:
 
 
 class RedisServer:
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, *extra: str) -> None:
+        """``extra``: more redis-server arguments (``--requirepass PW``)."""
         self.binary = binary
+        self.extra = extra
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="gw-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -56,6 +58,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.dir,
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

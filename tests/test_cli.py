@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from gateway.demo import demo_config, prepare_state
 from gateway.errors import Reason
 from gateway.factors import SecondFactor
 from gateway.store import Quota, Store, open_store_from_url
-from tests.conftest import need_binary
+from tests.conftest import RedisServer, need_binary
 from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port, wait_for_port
 
 
@@ -349,28 +350,11 @@ def test_run_never_prints_the_store_password_at_start_up(cli: Cli, tmp_path: Pat
     """A real Redis that requires the password: ``gateway run`` starts, serves, stops; nothing
     it printed on the way (at debug level, access log on) holds the password."""
     password = "pw" + secrets.token_hex(12)
-    redis_port, port = free_port(), free_port()
-    redis = subprocess.Popen(
-        [
-            need_binary("redis-server"),
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-            "--requirepass",
-            password,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
+    redis = RedisServer(need_binary("redis-server"), "--requirepass", password)
+    redis_port = redis.port
+    redis.start()
     try:
-        wait_for_port(redis_port)
         cli.path.write_text(f'[server]\nport = {port}\nlog_level = "debug"\naccess_log = true\n')
         cli.env[config_module.ENV_STORE_URL] = f"redis://default:{password}@127.0.0.1:{redis_port}/0"
         argv = [sys.executable, "-m", "gateway", "run", "--config", str(cli.path)]
@@ -383,8 +367,8 @@ def test_run_never_prints_the_store_password_at_start_up(cli: Cli, tmp_path: Pat
             proc.terminate()
             output, _ = proc.communicate(timeout=30)
     finally:
-        redis.terminate()
-        redis.wait(timeout=10)
+        redis.stop()
+        shutil.rmtree(redis.dir, ignore_errors=True)
     assert ready.status_code == 200  # it did reach Redis with the password
     assert "gateway ready" in output and "default:***@127.0.0.1" in output
     leaked = password in output

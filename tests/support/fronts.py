@@ -232,3 +232,41 @@ def totp_now(secret: str) -> str:
     return subprocess.run(
         ["oathtool", "--totp", "-b", secret], capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+# -- issue 9: headers no front in config/ may pass to the app -------------------------------------
+
+# Routing overrides and their look-alikes, what an SSO proxy says about its user (found through
+# every front by the second attack), and the h2c settings header; each front test adds its own.
+OVERRIDES = {
+    "X-Original-URL": "/admin",
+    "X-Rewrite-URL": "/admin",
+    "X-Forwarded-Prefix": "/admin",
+    "X-HTTP-Method-Override": "DELETE",
+    "X-HTTP-Method": "DELETE",
+    "X-Method-Override": "DELETE",
+    "X_Original_URL": "/admin",
+    "X.HTTP.Method.Override": "DELETE",
+    "X-Forwarded-User": "admin",
+    "X-Forwarded-Email": "admin@example.com",
+    "X-Forwarded-Groups": "admins",
+    "X-Forwarded-Preferred-Username": "admin",
+    "X-Auth-Request-User": "admin",
+    "X-Auth-Request-Email": "admin@example.com",
+    "X-Remote-User": "admin",
+    "X-WEBAUTH-USER": "admin",
+    "X_Forwarded_User": "admin",
+    "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+}
+NEVER_TO_THE_APP = {"x-original-url", "x-rewrite-url", "x-forwarded-prefix", "x-http-method-override"}
+NEVER_TO_THE_APP |= {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username"}
+NEVER_TO_THE_APP |= {"x-auth-request-user", "x-auth-request-email", "x-remote-user", "x-webauth-user"}
+NEVER_TO_THE_APP |= {"x-http-method", "x-method-override", "upgrade", "http2-settings", "x-2fa-code"}
+
+
+def reached_the_app(headers: object) -> set[str]:
+    """Which of NEVER_TO_THE_APP the app saw (``headers``: the echo's dict of lower-case names),
+    look-alikes spelled with "_" or "." included."""
+    assert isinstance(headers, dict)
+    names = {str(name).replace("_", "-").replace(".", "-") for name in headers}
+    return names & NEVER_TO_THE_APP
