@@ -421,6 +421,10 @@ class SecondFactor:
         await self.store.set_recovery_codes(user, hashes)
         return codes
 
+    async def recovery_codes_left(self, user: str) -> int:
+        """How many unused recovery codes ``user`` holds (shown after one is used)."""
+        return (await self.store.user_state(user, self.clock())).recovery_codes_left
+
     # -- sessions ------------------------------------------------------------------------------
 
     async def open_session(self, user: str, proof: str | None = None) -> str | None:
