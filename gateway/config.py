@@ -30,7 +30,7 @@ from gateway.errors import ConfigError
 from gateway.http import is_token
 from gateway.paths import ExcludeRule, parse_rule
 from gateway.store import is_key_prefix
-from gateway.tables import Table, header_name, http_url, redact_url, route_path, split_url
+from gateway.tables import Table, header_name, host_port, http_url, redact_url, route_path, split_url
 from gateway.totp import TotpParams
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,6 +51,7 @@ class ServerConfig:
         ipaddress.ip_network("::1/128"),
     )
     public_url: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
     workers: int = 1
     log_level: str = "info"
     access_log: bool = False
@@ -74,6 +75,7 @@ class UpstreamConfig:
     pool_timeout: float = 5.0
     max_connections: int = 256
     user_header: str = "Remote-User"
+    pass_host: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,9 @@ def _server(data: Any, problems: list[str]) -> ServerConfig:
         port=t.number("port", d.port, 0, 65535),
         trusted_proxies=tuple(networks),
         public_url=public_url,
+        allowed_hosts=tuple(
+            h for i, v in enumerate(t.strings("allowed_hosts", ())) if (h := host_port(t, "allowed_hosts", i, v))
+        ),
         workers=t.number("workers", d.workers, 1, 64),
         log_level=t.choice("log_level", d.log_level, ("critical", "error", "warning", "info", "debug")),
         access_log=t.get("access_log", bool, d.access_log),
@@ -228,6 +233,7 @@ def _upstream(data: Any, problems: list[str]) -> UpstreamConfig:
         pool_timeout=t.number("pool_timeout", d.pool_timeout, 0.001, 3600),
         max_connections=t.number("max_connections", d.max_connections, 1, 100_000),
         user_header=header_name(t, "user_header", d.user_header),
+        pass_host=t.get("pass_host", bool, d.pass_host),
     )
     t.finish()
     return cfg

@@ -4,6 +4,7 @@ once and name each one. Unknown keys are problems too (``Table.finish``)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -132,6 +133,37 @@ def route_path(t: Table, key: str, default: str, switchable: bool = False) -> st
         t.problem(key, f'"{value}" must be an absolute path like "/verify-2fa" with no trailing slash')
         return default
     return value
+
+
+# RFC 3986 §3.2.2: reg-name = *( unreserved / pct-encoded / sub-delims ); an IPv4 address is one
+# too. §3.2.3: port = *DIGIT (here 1 to 5 of them, at most 65535).
+_REG_NAME = re.compile(r"(?:[a-z0-9\-._~!$&'()*+,;=]|%[0-9a-f]{2})+")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def host_port(t: Table, key: str, index: int, value: str) -> str | None:
+    """``value`` lower-cased when it is an RFC 3986 ``host [":" port]`` (an IPv6 address in
+    brackets, §3.2.2), else None after naming the problem as ``key[index]``."""
+    text = value.lower()
+    host, port = text, ""
+    if text.startswith("["):
+        inside, close, rest = text[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(inside)
+            ok = bool(close) and "%" not in inside  # no zone id: RFC 6874 is not for Host
+        except ValueError:
+            ok = False
+        host, port = "", rest
+    else:
+        host, colon, port = text.rpartition(":") if ":" in text else (text, "", "")
+        port = colon + port
+        ok = _REG_NAME.fullmatch(host) is not None
+    if ok and port:
+        ok = port.startswith(":") and _PORT.fullmatch(port[1:]) is not None and int(port[1:]) <= 65535
+    if not ok:
+        t.problems.append(f'{t.key(key)}[{index}]: "{value}" is not a host or host:port (an IPv6 address goes in [])')
+        return None
+    return text
 
 
 _QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")

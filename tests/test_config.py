@@ -252,3 +252,34 @@ def test_unreadable_or_invalid_toml(tmp_path: Path) -> None:
     broken.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(broken, env=ENV)
+
+
+def test_pass_host_and_allowed_hosts() -> None:
+    cfg = config.parse({}, env=ENV)
+    assert cfg.upstream.pass_host is True and cfg.server.allowed_hosts == ()
+    given = {"server": {"allowed_hosts": ["App.Example.com", "app:8080", "[::1]:443", "10.0.0.1"]}}
+    cfg = config.parse({**given, "upstream": {"pass_host": False}}, env=ENV)
+    assert cfg.upstream.pass_host is False
+    assert cfg.server.allowed_hosts == ("app.example.com", "app:8080", "[::1]:443", "10.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"upstream": {"pass_host": "no"}}, "upstream.pass_host: expected a boolean, got str"),
+        ({"server": {"allowed_hosts": "app"}}, "server.allowed_hosts: expected a list, got str"),
+        ({"server": {"allowed_hosts": ["ok", 3]}}, "server.allowed_hosts[1]: expected a string"),
+        ({"server": {"allowed_hosts": ["::1"]}}, 'server.allowed_hosts[0]: "::1" is not a host or host:port'),
+        ({"server": {"allowed_hosts": ["a", "[::1"]}}, "server.allowed_hosts[1]:"),
+        ({"server": {"allowed_hosts": ["[fe80::1%eth0]"]}}, "server.allowed_hosts[0]:"),
+        ({"server": {"allowed_hosts": ["app:99999"]}}, "server.allowed_hosts[0]:"),
+        ({"server": {"allowed_hosts": ["app:"]}}, "server.allowed_hosts[0]:"),
+        ({"server": {"allowed_hosts": ["a b"]}}, "server.allowed_hosts[0]:"),
+        ({"server": {"allowed_hosts": ["app/x"]}}, "server.allowed_hosts[0]:"),
+        ({"server": {"allowed_hosts": ["user@app"]}}, "server.allowed_hosts[0]:"),
+        ({"server": {"allowed_hosts": [""]}}, "server.allowed_hosts[0]:"),
+    ],
+)
+def test_pass_host_and_allowed_hosts_are_validated(data: dict[str, Any], expected: str) -> None:
+    found = problems(data)
+    assert any(p.startswith(expected) for p in found), found
