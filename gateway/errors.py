@@ -71,6 +71,8 @@ class Reason(enum.StrEnum):
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_BUSY = "upstream_busy"
+    # the request named a host the gateway does not answer for (gateway/hosts.py)
+    MISDIRECTED = "misdirected_request"
     # the gateway's own routes
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -103,6 +105,8 @@ DENIALS: dict[Reason, tuple[int, str]] = {
     Reason.UPSTREAM_UNREACHABLE: (502, "The application behind the gateway could not be reached."),
     Reason.UPSTREAM_TIMEOUT: (504, "The application behind the gateway did not answer in time."),
     Reason.UPSTREAM_BUSY: (503, "The gateway has no free connection to the application; try again."),
+    # RFC 9110 §15.5.20: not able to answer for this combination of scheme and authority.
+    Reason.MISDIRECTED: (421, "This gateway does not answer for the host the request names."),
     Reason.NOT_FOUND: (404, "No such gateway route."),
     Reason.METHOD_NOT_ALLOWED: (405, "This method is not allowed here."),
     Reason.CSRF: (403, "The request did not come from the gateway's own page (CSRF check failed)."),

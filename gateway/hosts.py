@@ -1,0 +1,177 @@
+"""Which host a request addressed, and whether the gateway answers for it.
+
+Threat model. In proxy mode the app behind the gateway sees the client's ``Host`` (the default,
+``upstream.pass_host``: what Caddy, Traefik's ``passHostHeader`` and oauth2-proxy's
+``pass_host_header`` do), because apps that compare ``Origin`` with ``Host`` (Jupyter, Django's
+CSRF check) refuse browsers otherwise. An app also builds absolute links, password-reset mails
+and redirects from ``Host``; a client that names another site there (Host header injection)
+would make the app write links to it. So:
+
+* a ``Host`` is taken only when it is exactly one valid RFC 3986 ``host [":" port]`` (RFC 9112
+  §3.2: a request with none on HTTP/1.1, or with several, or with an invalid one, MUST be
+  answered 400); the reg-name is held to the unreserved characters (RFC 3986 §2.3), stricter
+  than the RFC's sub-delims and percent escapes, which no browser sends and which would split a
+  ``Forwarded`` list (``,`` ``;``) or be decoded twice (``%``);
+* when ``server.public_url`` or ``server.allowed_hosts`` is set, a host outside them is refused
+  with 421 Misdirected Request (RFC 9110 §15.5.20: "not able to produce a response for the
+  combination of scheme and authority"), never forwarded, never rewritten;
+* from a trusted front proxy, the ``X-Forwarded-Host`` it sets is the host the client addressed
+  (the front may have rewritten ``Host``), and it is held to the same rules.
+
+The policy is built from config once (``HostPolicy.from_config``) and applied by the dispatch in
+``app.py`` and again by the forwarder itself (``proxy.py``, ``websocket.py``), so no code path
+sends the upstream a host outside it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from gateway.config import Config
+from gateway.errors import BadRequest
+
+# RFC 3986 §3.2.2 reg-name, restricted to unreserved (§2.3); at most 253 characters (RFC 1035
+# §2.3.4 for a DNS name, with its dots), so a Host cannot be made a memory or log amplifier.
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~]{1,253}")
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_PORT = re.compile(r"[0-9]{1,5}")
+# RFC 9110 §4.2.1-4.2.2: the port a URI of this scheme implies when it names none.
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class MalformedHost(BadRequest):
+    """``Host`` (or a trusted ``X-Forwarded-Host``) is missing, repeated or not a host[:port]."""
+
+
+class MisdirectedHost(BadRequest):
+    """The request names a host the gateway does not answer for (421)."""
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``(host, port)`` of an RFC 3986 ``host [":" port]``, the host lower-cased (RFC 3986
+    §3.2.2: case-insensitive) and an IPv6 address kept in its brackets; None when ``value`` is
+    anything else (a port of 0 or past 65535, an empty port, userinfo, a path, spaces ...)."""
+    port: str | None
+    if value.startswith("["):
+        inside, close, rest = value[1:].partition("]")
+        if not close or "%" in inside:  # RFC 6874 zone ids are not for Host
+            return None
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            return None
+        if rest and not rest.startswith(":"):
+            return None
+        host, port = f"[{inside.lower()}]", rest[1:] if rest else None
+    else:
+        host, colon, after = value.partition(":")
+        port = after if colon else None
+        if _IPV4.fullmatch(host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                return None
+        elif not _REG_NAME.fullmatch(host) or host.strip(".") == "":
+            return None
+        host = host.lower()
+    if port is None:
+        return host, None
+    if not _PORT.fullmatch(port) or not 0 < int(port) <= 65535:
+        return None
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Addressed:
+    """The host a client addressed, as received (validated), and the scheme it used.
+    ``host`` is None only for an HTTP/1.0 request without ``Host`` (RFC 9112 §3.2 allows it)."""
+
+    host: str | None
+    scheme: str
+
+
+def addressed(
+    headers: Iterable[tuple[bytes, bytes]], scheme: str, trusted: bool, http_version: str = "1.1"
+) -> Addressed:
+    """Which host and scheme the request addressed: ``Host`` (RFC 9110 §7.2), or from a
+    ``trusted`` front proxy its ``X-Forwarded-Host`` and ``X-Forwarded-Proto``. Raises
+    ``MalformedHost`` for a missing (HTTP/1.1), repeated or invalid host; a front that tells a
+    header twice tells two stories and is refused too."""
+    hosts: list[bytes] = []
+    forwarded: list[bytes] = []
+    protos: list[bytes] = []
+    for name, value in headers:
+        if name == b"host":
+            hosts.append(value)
+        elif trusted and name == b"x-forwarded-host":
+            forwarded.append(value)
+        elif trusted and name == b"x-forwarded-proto":
+            protos.append(value)
+    if len(hosts) > 1 or len(forwarded) > 1 or len(set(protos)) > 1:
+        raise MalformedHost
+    if not hosts and http_version not in ("1.0", "0.9"):
+        raise MalformedHost
+    chosen = forwarded[0] if forwarded else hosts[0] if hosts else None
+    origin_scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    if protos:
+        proto = protos[0].decode("latin-1").strip().lower()
+        if proto not in ("http", "https"):
+            raise MalformedHost
+        origin_scheme = proto
+    if chosen is None:
+        return Addressed(None, origin_scheme)
+    text = chosen.decode("latin-1")
+    if split_host(text) is None:
+        raise MalformedHost
+    return Addressed(text, origin_scheme)
+
+
+class HostPolicy:
+    """The hosts the gateway answers for: ``server.public_url``'s and ``server.allowed_hosts``
+    (host or host:port, compared case-insensitively; the scheme's default port may be given or
+    left out). With neither set, every valid host is allowed (``check-config`` warns)."""
+
+    def __init__(self, public_url: str | None = None, allowed_hosts: Iterable[str] = ()) -> None:
+        # (host, port or None for "the default port of the request's scheme")
+        self._allowed: set[tuple[str, int | None]] = set()
+        if public_url:
+            url = urlsplit(public_url)
+            parsed = split_host(url.netloc.rpartition("@")[2])
+            if parsed is not None:
+                host, port = parsed
+                default = DEFAULT_PORTS.get(url.scheme)
+                self._allowed.add((host, port))
+                if port is None and default is not None:
+                    self._allowed.add((host, default))
+                elif port == default:
+                    self._allowed.add((host, None))
+        self._named: set[tuple[str, int | None]] = set()
+        for entry in allowed_hosts:
+            parsed = split_host(entry)
+            if parsed is not None:
+                self._named.add(parsed)
+        self.open = not public_url and not self._named
+
+    @classmethod
+    def from_config(cls, config: Config) -> HostPolicy:
+        return cls(config.server.public_url, config.server.allowed_hosts)
+
+    def allows(self, host: str | None, scheme: str = "http") -> bool:
+        """``host`` (as received: host or host:port) is one the gateway answers for on
+        ``scheme``. A missing host (HTTP/1.0) is allowed: the public host is sent for it."""
+        if self.open or host is None:
+            return True
+        parsed = split_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if (name, port) in self._allowed:
+            return True
+        default = DEFAULT_PORTS.get(scheme)
+        if port is None:
+            return (name, None) in self._named or (name, default) in self._named
+        return (name, port) in self._named or (port == default and (name, None) in self._named)
