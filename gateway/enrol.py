@@ -151,7 +151,8 @@ class Enrolment:
         except BadInput as exc:
             log.info("refused a malformed body on %s: %s", scope["path"], exc)
             if not started:
-                await send_denial(tracked, Reason.INVALID_INPUT, accept)
+                # BadInput's message names the field and what was wrong (never its value).
+                await send_denial(tracked, Reason.INVALID_INPUT, accept, detail=str(exc))
         except StoreError as exc:
             log.error("store unavailable on %s: %s", scope["path"], exc)
             if not started:
@@ -331,7 +332,7 @@ class Enrolment:
         user, client = call.user, call.client
         code, recovery = call.fields.get("code"), call.fields.get("recovery_code")
         if not code and not recovery:
-            raise BadInput("neither code nor recovery_code")
+            raise BadInput(f"code: expected {self.config.totp.digits} digits (or a recovery_code)")
         method = "code" if code else "recovery_code"
         if code:
             # A pending enrolment is finished by a code from the new secret, else the code is
@@ -388,7 +389,7 @@ class Enrolment:
     async def recovery(self, call: _Call, send: Send) -> None:
         code = call.fields.get("code")
         if not code:
-            raise BadInput("no code")
+            raise BadInput(f"code: expected {self.config.totp.digits} digits")
         outcome = await self.factors.check_code(call.user, code, call.client)
         if outcome.reason is not Reason.CODE:
             audit.info("recovery codes refused user=%r client=%s: %s", call.user, call.client, outcome.reason)

@@ -31,7 +31,8 @@ _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
 class BadInput(Exception):
-    """The body cannot be read as the fields we expect (400 invalid_input)."""
+    """The body cannot be read as the fields we expect (400 invalid_input). The message is the
+    answer's ``detail``: it names the field and what is wrong, never a value the client sent."""
 
 
 def safe_target(raw: str | None, refused: Collection[str] = ()) -> str:
