@@ -30,7 +30,7 @@ from gateway.errors import ConfigError
 from gateway.http import is_token
 from gateway.paths import ExcludeRule, parse_rule
 from gateway.store import is_key_prefix
-from gateway.tables import Table, header_name, host_port, http_url, redact_url, route_path, split_url
+from gateway.tables import Table, header_name, host_port, http_url, redact_url, route_path, split_url, unknown
 from gateway.totp import TotpParams
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -394,14 +394,20 @@ def _identity(data: Any, env: Mapping[str, str], problems: list[str]) -> Identit
     elif jwt_data is not None:
         t.problem("jwt", 'only used with mode = "jwt"')
     login_url = t.opt_str("login_url")
-    if login_url is not None and not (
-        (login_url.startswith("/") and not login_url.startswith(("//", "/\\")))
-        or http_url(t, "login_url", login_url.replace("{next}", "")) is not None
-    ):
+    if login_url is not None and not _login_url_ok(t, login_url):
         t.problem("login_url", 'must be a local path like "/login?next={next}" or an http(s) URL')
         login_url = None
     t.finish()
     return IdentityConfig(mode=mode, header=header, jwt=jwt, login_url=login_url)
+
+
+def _login_url_ok(t: Table, url: str) -> bool:
+    """A local path (not "//host", which a browser reads as another host), or an absolute http(s)
+    URL with a host; either may carry a query, where "{next}" usually goes."""
+    if url.startswith("/"):
+        return not url.startswith(("//", "/\\"))
+    parts = split_url(t, "login_url", url.replace("{next}", ""))
+    return parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _totp(data: Any, problems: list[str]) -> TotpConfig:
@@ -491,7 +497,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, source:
     env = os.environ if env is None else env
     problems: list[str] = []
     for key in sorted(set(data) - set(SECTIONS)):
-        problems.append(f"{key}: unknown table or key")
+        problems.append(f"{key}: {unknown('table or key', key, SECTIONS)}")
     server = _server(data.get("server", {}), problems)
     upstream = _upstream(data.get("upstream", {}), problems)
     cfg = Config(

@@ -4,9 +4,10 @@ once and name each one. Unknown keys are problems too (``Table.finish``)."""
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
@@ -101,8 +102,15 @@ class Table:
         return inline or from_env or None
 
     def finish(self) -> None:
+        """Name every key no getter asked for: a typo must never switch a protection off."""
         for key in sorted(set(self.data) - self.seen):
-            self.problem(key, "unknown key")
+            self.problem(key, unknown("key", key, self.seen))
+
+
+def unknown(what: str, name: str, known: Iterable[str]) -> str:
+    """``unknown key``, with the closest known name when one is close enough to be the typo."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f'unknown {what} (did you mean "{close[0]}"?)' if close else f"unknown {what}"
 
 
 def _number(x: float) -> str:

@@ -13,7 +13,7 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from gateway import config
+from gateway import config, config_warnings
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,3 +283,72 @@ def test_pass_host_and_allowed_hosts() -> None:
 def test_pass_host_and_allowed_hosts_are_validated(data: dict[str, Any], expected: str) -> None:
     found = problems(data)
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_unknown_key_suggests_the_closest_known_one() -> None:
+    assert 'server.trusted_proxy: unknown key (did you mean "trusted_proxies"?)' in problems(
+        {"server": {"trusted_proxy": ["10.0.0.0/8"]}}
+    )
+    assert 'servr: unknown table or key (did you mean "server"?)' in problems({"servr": {}})
+    assert 'store.url_fil: unknown key (did you mean "url_file"?)' in problems({"store": {"url_fil": "x"}})
+    assert "server.bogus: unknown key" in problems({"server": {"bogus": 1}})  # nothing close: no guess
+
+
+SAFE = {"upstream": {"url": "http://127.0.0.1:8000"}, "server": {"public_url": "https://app.example.com"}}
+
+
+def warned(data: dict[str, Any]) -> list[str]:
+    return config_warnings.warnings(config.parse(data, env=ENV))
+
+
+def test_a_safe_config_has_no_warnings() -> None:
+    assert warned(SAFE) == []
+    assert warned({}) == []  # forward-auth mode: the front proxy picks the hosts
+    jwt = {"mode": "jwt", "jwt": {"secret": "s" * 40}}
+    assert (
+        warned(
+            {**SAFE, "identity": jwt, "server": {**SAFE["server"], "trusted_proxies": ["0.0.0.0/0"], "host": "0.0.0.0"}}
+        )
+        == []
+    )
+    local_login = {"login_url": "/login?next={next}"}
+    assert warned({**SAFE, "identity": local_login}) == []
+    same_host = {"login_url": "https://app.example.com/login?next={next}"}
+    assert warned({**SAFE, "identity": same_host}) == []
+    assert warned({**SAFE, "paths": {"exclude": ["/static/*", "GET /_gateway/healthz"]}}) == []
+    narrow = {"host": "0.0.0.0", "trusted_proxies": ["10.1.2.0/24", "fd00::/64"], "public_url": "https://a.example"}
+    assert warned({**SAFE, "server": narrow}) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"server": {**SAFE["server"], "trusted_proxies": ["0.0.0.0/0"]}}, 'server.trusted_proxies[0]: "0.0.0.0/0"'),
+        ({"server": {**SAFE["server"], "trusted_proxies": ["127.0.0.1/32", "::/0"]}}, "server.trusted_proxies[1]:"),
+        (
+            {"server": {**SAFE["server"], "host": "0.0.0.0", "trusted_proxies": ["10.0.0.0/8"]}},
+            'server.host: "0.0.0.0"',
+        ),
+        ({"server": {**SAFE["server"], "host": "::", "trusted_proxies": ["fd00::/48"]}}, 'server.host: "::"'),
+        ({"server": {"public_url": "http://app.example.com"}}, "session.secure: true while server.public_url is http"),
+        ({**SAFE, "session": {"secure": False}}, "session.secure: false while server.public_url is https"),
+        ({**SAFE, "paths": {"exclude": ["/*"]}}, 'paths.exclude[0]: "/*" covers routes.setup ("/setup-2fa")'),
+        ({**SAFE, "paths": {"exclude": ["/ok", "POST /verify-2fa"]}}, 'paths.exclude[1]: "POST /verify-2fa" covers'),
+        ({**SAFE, "paths": {"exclude": ["/_gateway/*"]}}, "paths.exclude[0]:"),
+        ({**SAFE, "identity": {"login_url": "https://evil.example/login?next={next}"}}, "identity.login_url: another"),
+        ({"identity": {"login_url": "https://login.example/?next={next}"}}, "identity.login_url: an absolute URL"),
+        ({"upstream": {"url": "http://127.0.0.1:8000"}}, "server.allowed_hosts: empty and server.public_url unset"),
+    ],
+)
+def test_dangerous_settings_warn_naming_the_key(data: dict[str, Any], expected: str) -> None:
+    found = warned(data)
+    assert any(w.startswith(expected) for w in found), found
+
+
+def test_absolute_login_url_may_carry_a_query() -> None:
+    # "{next}" goes in the query of an absolute login URL as much as of a local one.
+    url = "https://login.example.com/login?next={next}"
+    assert config.parse({"identity": {"login_url": url}}, env=ENV).identity.login_url == url
+    assert problems({"identity": {"login_url": "javascript:alert(1)?{next}"}}) == [
+        'identity.login_url: must be a local path like "/login?next={next}" or an http(s) URL'
+    ]
