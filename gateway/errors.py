@@ -79,6 +79,7 @@ class Reason(enum.StrEnum):
     CSRF = "csrf_failed"
     INVALID_INPUT = "invalid_input"
     ALREADY_ENROLLED = "2fa_already_enrolled"
+    PAGES_UNAVAILABLE = "pages_unavailable"
 
 
 ALLOWED = frozenset({Reason.EXCLUDED, Reason.SESSION, Reason.CODE})
@@ -115,6 +116,8 @@ DENIALS: dict[Reason, tuple[int, str]] = {
         403,
         "Already enrolled: setting up a new authenticator needs a current code or a recovery code in the same request.",
     ),
+    # Issue 12 §2.1: the installed templates went missing (a reinstall into the running venv).
+    Reason.PAGES_UNAVAILABLE: (503, "The gateway's page templates are missing: reinstall the gateway."),
 }
 
 # Forward-auth answers nginx, Caddy and Traefik, not a person. nginx's auth_request turns any
