@@ -8,8 +8,8 @@ may carry a Redis password) can come from the environment (``GATEWAY_ENCRYPTION_
 read here, once, and nowhere else. No message or summary ever shows a URL's password.
 
 Every problem is collected and reported with the key it concerns
-(``store.url: scheme "mysql" is not one of sqlite, redis, rediss, unix``); an unknown key is
-an error, never silently ignored, so a typo cannot turn a protection off.
+(``server.port: 70000 is outside 0..65535``); an unknown key is an error, never silently
+ignored, so a typo cannot turn a protection off.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from gateway.errors import ConfigError
 from gateway.http import is_token
 from gateway.paths import ExcludeRule, parse_rule
-from gateway.store import is_key_prefix
+from gateway.store import is_key_prefix, parse_store_url
 from gateway.tables import Table, header_name, host_port, http_url, redact_url, route_path, split_url, unknown
 from gateway.totp import TotpParams
 
@@ -243,16 +243,11 @@ def _store(data: Any, env: Mapping[str, str], problems: list[str]) -> StoreConfi
     t = Table("store", data, problems)
     d = StoreConfig()
     url = t.secret("url", env, ENV_STORE_URL) or d.url
-    parts = split_url(t, "url", url)
-    if parts is not None:
-        if parts.scheme not in ("sqlite", "redis", "rediss", "unix"):
-            t.problem("url", f'scheme "{parts.scheme}" is not one of sqlite, redis, rediss, unix')
-        elif parts.scheme == "sqlite" and not url.startswith("sqlite:///"):
-            t.problem("url", 'must look like "sqlite:///relative/path.db" or "sqlite:////absolute/path.db"')
-        elif parts.scheme == "sqlite" and url[len("sqlite:///") :] in ("", ":memory:"):
-            # Each worker, and each restart, would have its own empty store: sessions, lockouts
-            # and enrolments gone.
-            t.problem("url", "needs a file path; an in-memory SQLite store is not shared or kept")
+    if split_url(t, "url", url) is not None:
+        try:
+            parse_store_url(url)
+        except ValueError as exc:
+            t.problem("url", str(exc))
     prefix = t.get("prefix", str, d.prefix)
     # The rule RedisStore applies, checked here too so a bad prefix fails at load.
     if not is_key_prefix(prefix):

@@ -68,7 +68,7 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "server.port: expected an integer, got str" in out.stderr
     assert "server.bogus: unknown key" in out.stderr
-    assert 'store.url: scheme "mysql"' in out.stderr
+    assert "store.url: unknown store URL scheme mysql://" in out.stderr
     assert "upstream.url: " in out.stderr
     assert "Traceback" not in out.stderr
 

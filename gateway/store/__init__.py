@@ -15,10 +15,31 @@ from __future__ import annotations
 
 from gateway.store.base import Attempt, Quota, Store, UserState, is_key_prefix
 
-__all__ = ["Attempt", "Quota", "Store", "UserState", "is_key_prefix", "open_store_from_url"]
+__all__ = ["Attempt", "Quota", "Store", "UserState", "is_key_prefix", "open_store_from_url", "parse_store_url"]
 
 _SQLITE = "sqlite:///"
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def parse_store_url(url: str) -> tuple[str, str]:
+    """``("sqlite", path)`` or ``("redis", url)`` for ``url``; raise ValueError naming the problem
+    when it is not one of the forms above. The message never repeats the URL (it may hold a
+    password). ``store.url`` is checked with this at load, so a bad one fails before serving.
+    """
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        if not url.startswith(_SQLITE):
+            raise ValueError('must look like "sqlite:///relative.db" or "sqlite:////absolute/path.db"')
+        path = url[len(_SQLITE) :]
+        if not path or path == ":memory:":
+            # Each worker, and each restart, would have its own empty store: sessions, lockouts
+            # and enrolments gone.
+            raise ValueError("needs a file path; an in-memory SQLite store is not shared or kept")
+        return "sqlite", path
+    if scheme in _REDIS_SCHEMES:
+        return "redis", url
+    shown = f"{scheme}://" if scheme else "(none)"
+    raise ValueError(f"unknown store URL scheme {shown}: use sqlite:///, redis://, rediss:// or unix://")
 
 
 def open_store_from_url(url: str, prefix: str, max_connections: int = 64) -> Store:
@@ -27,20 +48,12 @@ def open_store_from_url(url: str, prefix: str, max_connections: int = 64) -> Sto
 
     Raises ValueError naming the problem when the URL is not one of the forms above.
     """
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
-    if scheme == "sqlite":
-        if not url.startswith(_SQLITE):
-            raise ValueError("a sqlite URL is sqlite:///relative.db or sqlite:////absolute/path.db")
-        path = url[len(_SQLITE) :]
-        if not path or path == ":memory:":
-            raise ValueError("a sqlite URL needs a file path: sqlite:///relative.db or sqlite:////abs.db")
-        # Imported here so a Redis deployment never loads sqlite3, and vice versa.
+    backend, where = parse_store_url(url)
+    # Imported here so a Redis deployment never loads sqlite3, and vice versa.
+    if backend == "sqlite":
         from gateway.store.sqlite import SqliteStore
 
-        return SqliteStore(path)
-    if url.lower().startswith(_REDIS_SCHEMES):
-        from gateway.store.redis import RedisStore
+        return SqliteStore(where)
+    from gateway.store.redis import RedisStore
 
-        return RedisStore(url, prefix, max_connections)
-    shown = f"{scheme}://" if scheme else "(none)"
-    raise ValueError(f"unknown store URL scheme {shown}: use sqlite:///, redis://, rediss:// or unix://")
+    return RedisStore(where, prefix, max_connections)
