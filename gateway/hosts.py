@@ -25,20 +25,14 @@ sends the upstream a host outside it.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.config import Config
 from gateway.errors import BadRequest
+from gateway.http import split_host
 
-# RFC 3986 §3.2.2 reg-name, restricted to unreserved (§2.3); at most 253 characters (RFC 1035
-# §2.3.4 for a DNS name, with its dots), so a Host cannot be made a memory or log amplifier.
-_REG_NAME = re.compile(r"[A-Za-z0-9\-._~]{1,253}")
-_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
-_PORT = re.compile(r"[0-9]{1,5}")
 # RFC 9110 §4.2.1-4.2.2: the port a URI of this scheme implies when it names none.
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -49,40 +43,6 @@ class MalformedHost(BadRequest):
 
 class MisdirectedHost(BadRequest):
     """The request names a host the gateway does not answer for (421)."""
-
-
-def split_host(value: str) -> tuple[str, int | None] | None:
-    """``(host, port)`` of an RFC 3986 ``host [":" port]``, the host lower-cased (RFC 3986
-    §3.2.2: case-insensitive) and an IPv6 address kept in its brackets; None when ``value`` is
-    anything else (a port of 0 or past 65535, an empty port, userinfo, a path, spaces ...)."""
-    port: str | None
-    if value.startswith("["):
-        inside, close, rest = value[1:].partition("]")
-        if not close or "%" in inside:  # RFC 6874 zone ids are not for Host
-            return None
-        try:
-            ipaddress.IPv6Address(inside)
-        except ValueError:
-            return None
-        if rest and not rest.startswith(":"):
-            return None
-        host, port = f"[{inside.lower()}]", rest[1:] if rest else None
-    else:
-        host, colon, after = value.partition(":")
-        port = after if colon else None
-        if _IPV4.fullmatch(host):
-            try:
-                ipaddress.IPv4Address(host)
-            except ValueError:
-                return None
-        elif not _REG_NAME.fullmatch(host) or host.strip(".") == "":
-            return None
-        host = host.lower()
-    if port is None:
-        return host, None
-    if not _PORT.fullmatch(port) or not 0 < int(port) <= 65535:
-        return None
-    return host, int(port)
 
 
 @dataclass(frozen=True)

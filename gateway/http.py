@@ -1,5 +1,5 @@
 """HTTP rules the gateway reads in more than one place, written once: what a token is,
-which media type a client prefers, and the origin a client addressed.
+which media type a client prefers, what a host[:port] is, and the origin a client addressed.
 
 Pure functions with no gateway imports, so the lowest layers (``paths``, ``tables``) can use
 them without pointing upward.
@@ -8,15 +8,19 @@ them without pointing upward.
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from collections.abc import Iterable
 
 # RFC 9110 §5.6.2: token = 1*tchar. Methods (§9.1), field names (§5.1) and cookie names
 # (RFC 6265 §4.1.1) are tokens.
 TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
-# What would move a URL's authority or path if it were inside the host (RFC 3986 §3.2): a
-# host with any of these is not one we write into a Location.
-_NOT_IN_HOST = frozenset("/\\@?#, \t")
+# RFC 3986 §3.2.2 reg-name, restricted to unreserved (§2.3); at most 253 characters (RFC 1035
+# §2.3.4 for a DNS name, with its dots), so a Host cannot be made a memory or log amplifier.
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~]{1,253}")
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_PORT = re.compile(r"[0-9]{1,5}")
 _ORIGIN_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
 _JSON = "application/json"
@@ -104,6 +108,40 @@ def request_origin(headers: Iterable[tuple[bytes, bytes]], scheme: str, trusted:
             proto = value
     chosen = (forwarded_host or host or b"").decode("latin-1")
     origin_scheme = proto.decode("latin-1") if proto else _ORIGIN_SCHEMES.get(scheme, "")
-    if not chosen or origin_scheme not in ("http", "https") or any(c in _NOT_IN_HOST for c in chosen):
+    if origin_scheme not in ("http", "https") or split_host(chosen) is None:
         return ""
     return f"{origin_scheme}://{chosen}"
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``(host, port)`` of an RFC 3986 ``host [":" port]``, the host lower-cased (RFC 3986
+    §3.2.2: case-insensitive) and an IPv6 address kept in its brackets; None when ``value`` is
+    anything else (a port of 0 or past 65535, an empty port, userinfo, a path, spaces ...)."""
+    port: str | None
+    if value.startswith("["):
+        inside, close, rest = value[1:].partition("]")
+        if not close or "%" in inside:  # RFC 6874 zone ids are not for Host
+            return None
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            return None
+        if rest and not rest.startswith(":"):
+            return None
+        host, port = f"[{inside.lower()}]", rest[1:] if rest else None
+    else:
+        host, colon, after = value.partition(":")
+        port = after if colon else None
+        if _IPV4.fullmatch(host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                return None
+        elif not _REG_NAME.fullmatch(host) or host.strip(".") == "":
+            return None
+        host = host.lower()
+    if port is None:
+        return host, None
+    if not _PORT.fullmatch(port) or not 0 < int(port) <= 65535:
+        return None
+    return host, int(port)

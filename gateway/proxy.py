@@ -22,9 +22,16 @@ parameter, so tests can put another under httpx.
 * Routing-override headers (``X-Original-URL``, ``X-Rewrite-URL``, ``X-Forwarded-Prefix``,
   ``X-HTTP-Method-Override`` ...) are dropped: frameworks that honour them would route to a
   path or method the gateway never checked.
-* ``X-Forwarded-For`` is appended to (RFC 7239 §5.2's de facto cousin); ``-Proto`` and
-  ``-Host`` are set. Client-supplied ``X-Forwarded-*`` and ``Forwarded`` are kept only
+* ``Host`` (gateway/hosts.py): the host the client addressed, validated (one, an RFC 3986
+  ``host[:port]``, else 400) and inside the host policy (else 421), is sent upstream when
+  ``upstream.pass_host`` (the default), else the upstream URL's ``host[:port]``. The check is
+  made here too, not only by the dispatch, so no caller can have a host outside the policy sent.
+* ``X-Forwarded-For`` is appended to (RFC 7239 §5.2's de facto cousin); ``-Proto`` (public_url's
+  scheme, else a trusted front's, else the connection's) and ``-Host`` (the host the client
+  addressed) are set. Client-supplied ``X-Forwarded-*`` and ``Forwarded`` are kept only
   from trusted proxies.
+* ``Location``, ``Content-Location`` and ``Refresh`` answers that point at the upstream's own
+  origin are rewritten to the public one (``public_location``).
 * The 2FA code header, the gateway's session cookie and any client-supplied user header are
   stripped, and so are look-alikes of these and of the forwarding headers spelled with ``_``
   or ``.`` (``Remote_User``: CGI-style apps read it as ``Remote-User``); the verified user
@@ -46,7 +53,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.errors import BadRequest, Reason
-from gateway.http import request_origin
+from gateway.hosts import DEFAULT_PORTS, Addressed, HostPolicy, MalformedHost, MisdirectedHost, addressed
 from gateway.identity import without_cookie
 from gateway.responses import send_denial
 from gateway.upstream import AiohttpTransport
@@ -127,8 +134,6 @@ _FORWARDING_HEADERS = frozenset(
         b"x-original-method",
     }
 )
-# X-Forwarded-Proto names the HTTP scheme, also for a WebSocket handshake.
-_HTTP_SCHEME = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # A response at most this large (by Content-Length) is relayed without a disconnect watcher.
 _SMALL_RESPONSE = 256 * 1024
@@ -213,13 +218,21 @@ def default_transport(config: Config) -> httpx.AsyncBaseTransport:
 
 
 class Forwarder:
-    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, config: Config, transport: httpx.AsyncBaseTransport | None = None, hosts: HostPolicy | None = None
+    ) -> None:
         assert config.upstream.url is not None
         self.upstream = httpx.URL(config.upstream.url)
         self.origin = f"{self.upstream.scheme}://{self.upstream.netloc.decode('ascii')}".encode()
+        self._upstream_origins = _origin_spellings(self.upstream)
         self.base_path = self.upstream.raw_path.rstrip(b"/")
         self.host = self.upstream.netloc
-        self.public_url = config.server.public_url.encode() if config.server.public_url else None
+        public_url = config.server.public_url
+        self.public_url = public_url.rstrip("/").encode() if public_url else None
+        self.public_scheme = httpx.URL(public_url).scheme.encode() if public_url else None
+        self.public_host = httpx.URL(public_url).netloc if public_url else None
+        self.hosts = hosts if hosts is not None else HostPolicy.from_config(config)
+        self.pass_host = config.upstream.pass_host
         self.transport = transport if transport is not None else default_transport(config)
         up = config.upstream
         self.timeout = {
@@ -252,18 +265,42 @@ class Forwarder:
     async def aclose(self) -> None:
         await self.transport.aclose()
 
-    def request_headers(self, scope: Scope, user: str | None, trusted: bool) -> list[tuple[bytes, bytes]]:
-        """The headers to send upstream, without framing (``request_framing`` adds it). Names
-        arrive lower-cased from the ASGI server."""
+    @property
+    def connect_timeout(self) -> float | None:
+        return self.timeout["connect"]
+
+    def addressed(self, scope: Scope, trusted: bool) -> Addressed:
+        """The host and scheme the client addressed (gateway/hosts.py), inside the host policy:
+        raises ``MalformedHost`` (400) or ``MisdirectedHost`` (421) otherwise."""
+        where = addressed(scope["headers"], scope.get("scheme", "http"), trusted, scope.get("http_version", "1.1"))
+        if not self.hosts.allows(where.host, where.scheme):
+            raise MisdirectedHost
+        return where
+
+    def upstream_host(self, where: Addressed) -> bytes:
+        """The ``Host`` the upstream receives: the client's with ``pass_host`` (the public host
+        for an HTTP/1.0 request that named none), else the upstream URL's."""
+        if not self.pass_host:
+            return self.host
+        if where.host is not None:
+            return where.host.encode("latin-1")
+        return self.public_host or self.host
+
+    def request_headers(
+        self, scope: Scope, user: str | None, trusted: bool, where: Addressed | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """The headers to send upstream, ``Host`` first, without framing (``request_framing``
+        adds it). Names arrive lower-cased from the ASGI server. Raises ``MalformedHost`` or
+        ``MisdirectedHost`` when ``where`` is not given and the request's host is refused."""
+        if where is None:
+            where = self.addressed(scope, trusted)
         incoming: list[tuple[bytes, bytes]] = scope["headers"]
         drop = self._drop_trusted if trusted else self._drop_untrusted
-        out: list[tuple[bytes, bytes]] = [(b"host", self.host)]
-        forwarded_for = proto = fwd_host = None
-        host = b""
+        out: list[tuple[bytes, bytes]] = [(b"host", self.upstream_host(where))]
+        forwarded_for = None
         named = False
         for name, value in incoming:
             if name == b"host":
-                host = value
                 continue
             if (b"_" in name or b"." in name) and name.replace(b"_", b"-").replace(b".", b"-") in self._look_alikes:
                 continue
@@ -277,12 +314,8 @@ class Forwarder:
             elif name == b"x-forwarded-for":
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 continue
-            elif name == b"x-forwarded-proto":
-                proto = value
-                continue
-            elif name == b"x-forwarded-host":
-                fwd_host = value
-                continue
+            elif name in (b"x-forwarded-proto", b"x-forwarded-host"):
+                continue  # set below from ``where``, which read them (trusted peers only)
             out.append((name, value))
         if named:
             # RFC 9110 §7.6.1: what Connection names is hop-by-hop too (rare: filtered again
@@ -293,18 +326,32 @@ class Forwarder:
         client = scope.get("client")
         peer = client[0].encode() if client else b"unknown"
         out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
-        out.append((b"x-forwarded-proto", proto or _HTTP_SCHEME.get(scope.get("scheme", "http"), b"http")))
-        out.append((b"x-forwarded-host", fwd_host or host))
+        out.append((b"x-forwarded-proto", self.public_scheme or where.scheme.encode()))
+        if where.host is not None:
+            out.append((b"x-forwarded-host", where.host.encode("latin-1")))
         if user is not None:
             out.append((self.user_header, user.encode()))
         return out
 
-    def public_origin(self, scope: Scope, headers: list[tuple[bytes, bytes]], trusted: bool) -> bytes:
-        """The origin the client addressed, or ``b""`` when it cannot be told safely
-        (``http.request_origin``): only a redirect from the upstream pays for it."""
+    def public_origin(self, where: Addressed) -> bytes:
+        """The origin the client addressed: ``server.public_url``, else the validated host the
+        request named; ``b""`` (a relative URL) for an HTTP/1.0 request that named none."""
         if self.public_url:
             return self.public_url
-        return request_origin(headers, scope.get("scheme", "http"), trusted).encode("latin-1")
+        if where.host is None:
+            return b""
+        return f"{where.scheme}://{where.host}".encode("latin-1")
+
+    def public_location(self, value: bytes, where: Addressed) -> bytes:
+        """A ``Location`` or ``Content-Location`` value with the upstream's own origin replaced
+        by the public one (RFC 9110 §10.2.2, §8.7); any other value is left as the app sent it."""
+        return rewrite_origin(value, self._upstream_origins, self.public_origin(where))
+
+    def websocket_url(self, path: str, query: str) -> str:
+        """The upstream URL for a WebSocket handshake on the checked ``path`` (encoded)."""
+        scheme = "wss" if self.upstream.scheme == "https" else "ws"
+        target = self.base_path.decode("ascii") + path + ("?" + query if query else "")
+        return f"{scheme}://{self.upstream.netloc.decode('ascii')}{target}"
 
     async def forward(
         self,
@@ -328,7 +375,13 @@ class Forwarder:
         except AmbiguousFraming:
             # The client connection's own framing is in doubt too: close it after the answer.
             return await send_denial(send, Reason.MALFORMED_REQUEST, _accept(scope), [(b"connection", b"close")])
-        headers = self.request_headers(scope, user, trusted)
+        try:
+            where = self.addressed(scope, trusted)
+        except MalformedHost:
+            return await send_denial(send, Reason.MALFORMED_REQUEST, _accept(scope))
+        except MisdirectedHost:
+            return await send_denial(send, Reason.MISDIRECTED, _accept(scope))
+        headers = self.request_headers(scope, user, trusted, where)
         headers.extend(framing)
         query: bytes = scope.get("query_string", b"")
         target = self.base_path + path.encode("ascii") + (b"?" + query if query else b"")
@@ -363,7 +416,7 @@ class Forwarder:
             return await send_denial(send, Reason.UPSTREAM_UNREACHABLE, _accept(scope))
 
         try:
-            await self._respond(scope, receive, send, response, trusted, extra_headers)
+            await self._respond(scope, receive, send, response, where, extra_headers)
         finally:
             await response.aclose()
 
@@ -373,7 +426,7 @@ class Forwarder:
         receive: Receive,
         send: Send,
         response: httpx.Response,
-        trusted: bool,
+        where: Addressed,
         extra_headers: list[tuple[bytes, bytes]] | None,
     ) -> None:
         raw = response.headers.raw
@@ -389,10 +442,10 @@ class Forwarder:
             name = name.lower()
             if name in drop:
                 continue
-            if name == b"location" and value.startswith(self.origin):
-                rest = value[len(self.origin) :]
-                if rest[:1] in (b"", b"/", b"?", b"#"):
-                    value = self.public_origin(scope, scope["headers"], trusted) + rest or b"/"
+            if name in _URL_HEADERS:
+                value = self.public_location(value, where)
+            elif name == b"refresh":
+                value = rewrite_refresh(value, self._upstream_origins, self.public_origin(where))
             elif name == b"content-length" and value.isdigit():
                 length = int(value)
             out.append((name, value))
@@ -477,6 +530,51 @@ class _RequestBody(httpx.AsyncByteStream):
 
 
 _NO_BODY = httpx.ByteStream(b"")
+# Response fields whose value is one URI reference (RFC 9110 §10.2.2 Location, §8.7
+# Content-Location); Refresh (HTML's "5; url=...") is read apart.
+_URL_HEADERS = frozenset({b"location", b"content-location"})
+# HTML Living Standard, "shared declarative refresh steps": a number, then ";" or ",", then an
+# optional "url=" and the URL, optionally quoted.
+_REFRESH = re.compile(rb"(\s*[0-9.]+\s*[;,]\s*(?:url\s*=\s*)?[\"']?)(.*?)([\"']?\s*)", re.IGNORECASE | re.DOTALL)
+
+
+def _origin_spellings(url: httpx.URL) -> tuple[bytes, ...]:
+    """``scheme://host[:port]`` of ``url``, lower-cased, with and without its scheme's default
+    port: an app may write either (RFC 9110 §4.2.3 makes them equivalent)."""
+    scheme = url.scheme.lower()
+    host = url.raw_host.decode("ascii").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = url.port or DEFAULT_PORTS.get(scheme)
+    spellings = {f"{scheme}://{host}:{port}"}
+    if port == DEFAULT_PORTS.get(scheme):
+        spellings.add(f"{scheme}://{host}")
+    return tuple(sorted((s.encode("ascii") for s in spellings), key=len, reverse=True))
+
+
+def rewrite_origin(value: bytes, origins: tuple[bytes, ...], public: bytes) -> bytes:
+    """``value`` with a leading upstream origin (one of ``origins``, compared case-insensitively)
+    replaced by ``public`` (``b""``: a relative reference). The origin must end where the URL's
+    authority ends (RFC 3986 §3.2: at "/", "?", "#" or the end), so ``http://up@evil/``,
+    ``http://up.evil/``, ``http://up:80\\evil`` and ``//up/`` are left as they are, never
+    made to point somewhere else by the gateway."""
+    head = value[: max(len(o) for o in origins) + 1].lower()
+    for origin in origins:
+        if head.startswith(origin):
+            rest = value[len(origin) :]
+            if rest[:1] in (b"", b"/", b"?", b"#"):
+                return public + rest or b"/"
+            return value
+    return value
+
+
+def rewrite_refresh(value: bytes, origins: tuple[bytes, ...], public: bytes) -> bytes:
+    """A ``Refresh`` value (``5; url=http://up/x``) with its URL rewritten by ``rewrite_origin``;
+    one without a URL (``5``) or of another shape is left as it is."""
+    match = _REFRESH.fullmatch(value)
+    if match is None or not match.group(2):
+        return value
+    return match.group(1) + rewrite_origin(match.group(2), origins, public) + match.group(3)
 
 
 def _accept(scope: Scope) -> str | None:

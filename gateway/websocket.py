@@ -19,19 +19,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import EXTERNAL_CLOSE_CODES, CloseCode
+from websockets.http11 import Request
 
+from gateway.decision import Decision, Facts
 from gateway.errors import Reason
+from gateway.hosts import MalformedHost, MisdirectedHost
 from gateway.paths import encode_path
+from gateway.proxy import Forwarder
+from gateway.responses import denial_body
 from gateway.revocation import SessionWatch, admitting_session
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("gateway.websocket")
 
@@ -74,14 +79,29 @@ def sendable_close_code(code: int | None, *, abnormal: int) -> int:
     return code
 
 
-async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send: Send, sessions: SessionWatch) -> None:
+Admit = Callable[[Scope], Awaitable[tuple[Facts, Decision]]]
+SetCookie = Callable[[str], tuple[bytes, bytes]]
+
+
+async def proxy_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    admit: Admit,
+    forwarder: Forwarder | None,
+    sessions: SessionWatch,
+    cookie: str,
+    set_cookie: SetCookie,
+) -> None:
+    """One WebSocket request in proxy mode. ``admit`` builds the facts of the handshake (as a
+    GET) and runs the counted decision; ``cookie`` is the session cookie's name and
+    ``set_cookie`` makes the ``Set-Cookie`` field for a session a code opened."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    forwarder = gateway.forwarder
-    facts, _ = gateway.facts({**scope, "method": "GET"})
-    decision = await gateway.decide(facts, "proxy")
-    session = admitting_session(decision, facts.headers, gateway.config.session.cookie)
+    facts, decision = await admit({**scope, "method": "GET"})
+    session = admitting_session(decision, facts.headers, cookie)
     if not decision.allowed or forwarder is None or decision.path is None:
         log.info("websocket handshake denied: %s", decision.reason.value)
         await send({"type": "websocket.close", "code": _POLICY_VIOLATION})
@@ -93,18 +113,18 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
         return
 
     user = decision.user if decision.reason is not Reason.EXCLUDED else None
-    headers = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in forwarder.request_headers({**scope, "method": "GET"}, user, facts.peer_trusted)
-        if k not in _HANDSHAKE and k != b"host"
-    ]
-    query: bytes = scope.get("query_string", b"")
-    scheme = "wss" if forwarder.upstream.scheme == "https" else "ws"
-    target = forwarder.base_path.decode("ascii") + encode_path(decision.path)
-    if query:
-        # All ASCII, so websockets sends it as it is (a non-ASCII URL it would quote, "%" included).
-        target += "?" + encode_query(query)
-    url = f"{scheme}://{forwarder.upstream.netloc.decode('ascii')}{target}"
+    try:
+        # The host policy, checked again here (gateway/hosts.py): the dispatch may not have.
+        where = forwarder.addressed(scope, facts.peer_trusted)
+    except MalformedHost:
+        return await _refuse(scope, send, Reason.MALFORMED_REQUEST)
+    except MisdirectedHost:
+        return await _refuse(scope, send, Reason.MISDIRECTED)
+    fields = forwarder.request_headers({**scope, "method": "GET"}, user, facts.peer_trusted, where)
+    host = fields[0][1].decode("latin-1")  # request_headers puts Host first
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields[1:] if k not in _HANDSHAKE]
+    # All ASCII, so websockets sends it as it is (a non-ASCII URL it would quote, "%" included).
+    url = forwarder.websocket_url(encode_path(decision.path), encode_query(scope.get("query_string", b"")))
     try:
         upstream = await connect(
             url,
@@ -113,9 +133,10 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
             user_agent_header=None,
             compression=None,
             proxy=None,
-            open_timeout=forwarder.timeout["connect"],
+            open_timeout=forwarder.connect_timeout,
             max_size=None,
             ping_interval=None,
+            create_connection=_with_host(host),
         )
     except InvalidStatus as exc:
         log.warning("upstream refused the websocket handshake: %s", exc.response.status_code)
@@ -128,13 +149,50 @@ async def proxy_websocket(gateway: Gateway, scope: Scope, receive: Receive, send
 
     accept: dict[str, Any] = {"type": "websocket.accept", "subprotocol": upstream.subprotocol}
     if decision.new_session:
-        accept["headers"] = [gateway.session_cookie(decision.new_session)]
+        accept["headers"] = [set_cookie(decision.new_session)]
     await send(accept)
     if session is None or decision.user is None:  # an excluded path: no session to end with
         await _relay(upstream, receive, send, None)
         return
     with sessions.watching(session, decision.user) as ended:
         await _relay(upstream, receive, send, ended)
+
+
+async def _refuse(scope: Scope, send: Send, reason: Reason) -> None:
+    """Refuse the handshake with the denial's status and JSON body (the ASGI "WebSocket Denial
+    Response" extension), or, from a server without it, by closing it (HTTP 403)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": _POLICY_VIOLATION})
+        return
+    status, headers, body = denial_body(reason, html_page=False)
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _with_host(host: str) -> type[ClientConnection]:
+    """websockets' client connection, sending ``host`` as the handshake's ``Host`` (once, first)
+    instead of the URL's: ``connect`` builds the request from the URL it dials, and extra
+    headers are added to it, never replace (RFC 6455 §4.1: the Host is the server's name as the
+    client knows it, which is the public one)."""
+
+    class HostConnection(ClientConnection):
+        def __init__(self, protocol: ClientProtocol, *args: Any, **kwargs: Any) -> None:
+            super().__init__(protocol, *args, **kwargs)
+            build = protocol.connect
+
+            def connect_with_host() -> Request:
+                request = build()
+                headers = Headers(Host=host)
+                for name, value in request.headers.raw_items():
+                    if name.lower() != "host":
+                        headers[name] = value
+                request.headers = headers
+                return request
+
+            protocol.connect = connect_with_host  # type: ignore[method-assign]
+
+    return HostConnection
 
 
 async def _relay(

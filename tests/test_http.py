@@ -10,6 +10,7 @@ from starlette.types import Message
 
 from gateway.config import ENV_KEYS, ENV_PEPPER, parse
 from gateway.errors import Reason
+from gateway.hosts import MalformedHost
 from gateway.http import TCHARS, is_token, negotiate, request_origin, wants_html
 from gateway.proxy import Forwarder
 from gateway.responses import send_denial
@@ -148,15 +149,21 @@ def test_request_origin(headers: list[tuple[bytes, bytes]], scheme: str, trusted
 
 
 async def test_proxy_rewrites_location_with_the_same_rule() -> None:
-    # proxy.py used to write whatever a trusted proxy said into the Location it rewrites.
+    # proxy.py used to write whatever a trusted proxy said into the Location it rewrites; now a
+    # host that request_origin would not write is refused before anything is forwarded.
     env = {ENV_KEYS: Fernet.generate_key().decode(), ENV_PEPPER: Fernet.generate_key().decode()}
     forwarder = Forwarder(parse({"upstream": {"url": "http://127.0.0.1:1"}}, env=env))
     try:
         scope = {"type": "http", "scheme": "http"}
         bad = [*_H, (b"x-forwarded-host", b"evil.example/phish?")]
-        assert forwarder.public_origin(scope, bad, trusted=True) == b""
-        assert forwarder.public_origin(scope, [], trusted=False) == b""
+        assert request_origin(bad, "http", True) == ""
+        with pytest.raises(MalformedHost):
+            forwarder.addressed({**scope, "headers": bad}, trusted=True)
+        with pytest.raises(MalformedHost):
+            forwarder.addressed({**scope, "headers": []}, trusted=False)
         good = [*_H, (b"x-forwarded-proto", b"https")]
-        assert forwarder.public_origin(scope, good, trusted=True) == b"https://gw.example"
+        where = forwarder.addressed({**scope, "headers": good}, trusted=True)
+        assert forwarder.public_origin(where) == b"https://gw.example"
+        assert forwarder.public_origin(where).decode() == request_origin(good, "http", True)
     finally:
         await forwarder.aclose()
