@@ -142,8 +142,7 @@ def verification_cost(bench: Bench) -> None:
     per call; a fake clock moves one period per call so the replay guard never refuses."""
     import uvloop
 
-    from gateway.errors import Reason
-    from gateway.factors import SecondFactor
+    from gateway.factors import Refused, SecondFactor
     from gateway.store import open_store_from_url
 
     path = bench.workdir / "verify.toml"
@@ -165,7 +164,7 @@ def verification_cost(bench: Bench) -> None:
                 started = time.perf_counter()
                 outcome = await factors.check_code("verifier", code, "127.0.0.1")
                 elapsed = time.perf_counter() - started
-                if outcome.reason is not Reason.CODE:
+                if isinstance(outcome, Refused):
                     raise RuntimeError(f"a valid code was refused: {outcome.reason}")
                 if i >= warmup:
                     timings.append(elapsed * 1000)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import Any
+
+from starlette.datastructures import Headers
 
 from gateway.config import Config, IPNetwork
 from gateway.errors import ALLOWED, AmbiguousPath, DecryptError, Reason, StoreError
-from gateway.factors import SecondFactor
+from gateway.factors import Refused, SecondFactor
 from gateway.http import TCHARS
-from gateway.identity import IdentityReader, read_one_cookie
+from gateway.identity import Denied, IdentityReader, read_one_cookie
 from gateway.paths import Exclusions, canonical_path, encode_path
 
 log = logging.getLogger("gateway.decision")
@@ -35,7 +36,7 @@ class Facts:
     path: str  # the raw path as sent on the wire, without query or fragment
     client: str | None  # the client address, resolved through trusted proxies
     peer_trusted: bool  # the TCP peer is one of server.trusted_proxies
-    headers: Any  # a case-insensitive mapping (starlette Headers)
+    headers: Headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +118,9 @@ class Decider:
         if self.exclusions.matches(method, path) and (path == facts.path or encode_path(path) == facts.path):
             return Decision(Reason.EXCLUDED, path=path)
 
-        identity, why = self.identity.read(facts.headers, facts.peer_trusted)
-        if identity is None:
-            return Decision(why, path=path)
+        identity = self.identity.read(facts.headers, facts.peer_trusted)
+        if isinstance(identity, Denied):
+            return Decision(identity.reason, path=path)
         user = identity.user
 
         def deny(reason: Reason, retry_after: int | None = None) -> Decision:
@@ -143,7 +144,7 @@ class Decider:
                 return deny(Reason.NOT_ENROLLED)
             return deny(Reason.CODE_REQUIRED)
         outcome = await self.factors.check_code(user, raw_code, facts.client)
-        if outcome.reason is not Reason.CODE:
+        if isinstance(outcome, Refused):
             return deny(outcome.reason, outcome.retry_after)
         session = await self.factors.open_session(user, outcome.proof)
         if session is None:

@@ -44,9 +44,9 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import DENIALS, DecryptError, Reason, StoreError
-from gateway.factors import Outcome
+from gateway.factors import Accepted, Refused
 from gateway.http import negotiate
-from gateway.identity import cookie_values
+from gateway.identity import Denied, cookie_values
 from gateway.inputs import BadInput, read_fields, read_query, safe_target
 from gateway.pages import PAGE_HEADERS, Pages, group_secret
 from gateway.qr import png_data_url, qr_png
@@ -138,9 +138,9 @@ class Enrolment:
                 audit.warning("csrf refused route=%s client=%s", scope["path"], facts.client)
                 await send_denial(tracked, Reason.CSRF, accept)
                 return
-            identity, why = self.gateway.decider.identity.read(headers, facts.peer_trusted)
-            if identity is None:
-                await send_denial(tracked, why, accept)
+            identity = self.gateway.decider.identity.read(headers, facts.peer_trusted)
+            if isinstance(identity, Denied):
+                await send_denial(tracked, identity.reason, accept)
                 return
             call = _Call(scope, headers, facts.client, identity.user, identity.label, html)
             query = read_query(scope)
@@ -193,7 +193,7 @@ class Enrolment:
     def _setup_location(self, call: _Call) -> str:
         return f"{self.config.routes.setup}?next={quote(call.next, safe='/')}"
 
-    async def _refuse(self, call: _Call, send: Send, outcome: Outcome, template: str, **context: Any) -> None:
+    async def _refuse(self, call: _Call, send: Send, outcome: Refused, template: str, **context: Any) -> None:
         """A failed code: the form again with the error for a browser, a denial for a program."""
         reason = outcome.reason
         if call.html and reason is Reason.NOT_ENROLLED:
@@ -215,7 +215,7 @@ class Enrolment:
         fields: dict[str, Any] = {"setup": self.config.routes.setup} if reason is Reason.NOT_ENROLLED else {}
         await send_denial(send, reason, None, retry_after=outcome.retry_after, **fields)
 
-    async def _open_session(self, call: _Call, outcome: Outcome) -> bool:
+    async def _open_session(self, call: _Call, outcome: Accepted) -> bool:
         """A fresh 2FA session for this browser; a session id it already held is revoked, so an
         id planted before verification (session fixation) never becomes a verified one. False
         when the authenticator ``outcome`` was judged against has changed since (reset, new)."""
@@ -261,7 +261,7 @@ class Enrolment:
                 if code
                 else self.factors.check_recovery(user, recovery, call.client)
             )
-            if outcome.reason is not Reason.CODE:
+            if isinstance(outcome, Refused):
                 audit.info("re-enrolment refused user=%r client=%s: %s", user, call.client, outcome.reason)
                 if outcome.reason is Reason.LOCKED:
                     await self._refuse(
@@ -338,12 +338,12 @@ class Enrolment:
             # A pending enrolment is finished by a code from the new secret, else the code is
             # checked against the active one: one attempt for both (factors.verify_code).
             outcome = await self.factors.verify_code(user, code, client)
-            if outcome.activated:
+            if isinstance(outcome, Accepted) and outcome.activated:
                 await self._enrolled(call, send, outcome)
                 return
         else:
             outcome = await self.factors.check_recovery(user, recovery, client)
-        if outcome.reason is not Reason.CODE:
+        if isinstance(outcome, Refused):
             audit.info("verification failed user=%r client=%s method=%s: %s", user, client, method, outcome.reason)
             pending = None
             if call.html and outcome.reason is not Reason.LOCKED and not await self.factors.is_enrolled(user):
@@ -356,7 +356,7 @@ class Enrolment:
                 await self._refuse(call, send, outcome, "verify.html", title="Enter your code")
             return
         if not await self._open_session(call, outcome):
-            await self._refuse(call, send, Outcome(Reason.INVALID_CODE), "verify.html", title="Enter your code")
+            await self._refuse(call, send, Refused(Reason.INVALID_CODE), "verify.html", title="Enter your code")
             return
         audit.info("verified user=%r client=%s method=%s, session opened", user, client, method)
         if call.html:
@@ -368,9 +368,9 @@ class Enrolment:
             body["recovery_codes_left"] = state.recovery_codes_left
         await send_json(send, 200, body, call.extra_headers)
 
-    async def _enrolled(self, call: _Call, send: Send, outcome: Outcome) -> None:
+    async def _enrolled(self, call: _Call, send: Send, outcome: Accepted) -> None:
         if not await self._open_session(call, outcome):
-            await self._refuse(call, send, Outcome(Reason.INVALID_CODE), "verify.html", title="Enter your code")
+            await self._refuse(call, send, Refused(Reason.INVALID_CODE), "verify.html", title="Enter your code")
             return
         codes = await self.factors.new_recovery_codes(call.user)
         audit.info(
@@ -391,7 +391,7 @@ class Enrolment:
         if not code:
             raise BadInput(f"code: expected {self.config.totp.digits} digits")
         outcome = await self.factors.check_code(call.user, code, call.client)
-        if outcome.reason is not Reason.CODE:
+        if isinstance(outcome, Refused):
             audit.info("recovery codes refused user=%r client=%s: %s", call.user, call.client, outcome.reason)
             await self._refuse(call, send, outcome, "recovery.html", title="New recovery codes")
             return

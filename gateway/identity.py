@@ -37,13 +37,16 @@ Equal duplicates are one candidate: they cannot make two readers disagree.
 
 from __future__ import annotations
 
+import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import jwt
+from starlette.datastructures import Headers
 
+from gateway.cache import MISS, TtlCache
 from gateway.config import IdentityConfig
 from gateway.errors import Reason
 
@@ -57,6 +60,19 @@ _CACHE_SIZE = 10_000
 class Identity:
     user: str
     label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """No identity the gateway can use: ``reason`` is IDENTITY_REQUIRED (none was sent, or not
+    by a trusted proxy), INVALID_IDENTITY or AMBIGUOUS_IDENTITY."""
+
+    reason: Reason
+
+
+_REQUIRED = Denied(Reason.IDENTITY_REQUIRED)
+_INVALID = Denied(Reason.INVALID_IDENTITY)
+_AMBIGUOUS = Denied(Reason.AMBIGUOUS_IDENTITY)
 
 
 def valid_user(user: object) -> bool:
@@ -97,9 +113,9 @@ def without_cookie(cookie_header: str, name: str) -> str:
     return ";".join(kept).strip()
 
 
-def read_one_cookie(headers: Any, name: str) -> tuple[str | None, bool]:
+def read_one_cookie(headers: Headers, name: str) -> tuple[str | None, bool]:
     """``(value, ambiguous)`` of cookie ``name`` across every ``Cookie`` header: ambiguous when
-    two different values are present. ``headers`` is a Starlette ``Headers``."""
+    two different values are present."""
     values = set(cookie_values(headers.getlist("cookie"), name))
     if len(values) > 1:
         return None, True
@@ -110,73 +126,67 @@ def read_one_cookie(headers: Any, name: str) -> tuple[str | None, bool]:
 class IdentityReader:
     """Reads the identity of one request; built once from the config."""
 
-    def __init__(self, config: IdentityConfig) -> None:
+    def __init__(self, config: IdentityConfig, clock: Callable[[], float] = time.time) -> None:
         self.mode = config.mode
         self.header = config.header.lower()
         self.jwt = config.jwt
-        # Verified tokens, remembered until they expire: a hit costs one dict lookup instead of
-        # a signature check. Bounded; a token is only ever cached after full verification.
-        self._cache: dict[str, tuple[Identity, float]] = {}
+        # Verified tokens, remembered until they expire (no shorter ttl: a token's claims do not
+        # change): a hit costs one dict lookup instead of a signature check. A token is only
+        # ever cached after full verification.
+        self._verified: TtlCache[str, Identity] = TtlCache(math.inf, _CACHE_SIZE, clock)
 
-    def read(self, headers: Any, peer_trusted: bool) -> tuple[Identity | None, Reason]:
-        """``(identity, Reason.EXCLUDED)`` on success (the reason is unused then), else
-        ``(None, IDENTITY_REQUIRED, INVALID_IDENTITY or AMBIGUOUS_IDENTITY)``. ``headers`` is a case-insensitive
-        mapping (Starlette ``Headers``)."""
+    def read(self, headers: Headers, peer_trusted: bool) -> Identity | Denied:
+        """The request's one identity, or why it has none."""
         if self.mode == "header":
             if not peer_trusted:
-                return None, Reason.IDENTITY_REQUIRED
+                return _REQUIRED
             found = headers.getlist(self.header)
             if len(found) > 1 or (found and "," in found[0]):
-                return None, Reason.AMBIGUOUS_IDENTITY
+                return _AMBIGUOUS
             user = found[0] if found else None
             if user is None or user == "":
-                return None, Reason.IDENTITY_REQUIRED
+                return _REQUIRED
             # Header values arrive as bytes read as Latin-1 (RFC 9110 §5.5); nginx and SSO
             # proxies send a non-ASCII user name as UTF-8. Read it so, and refuse what is not.
             if not user.isascii():
                 try:
                     user = user.encode("latin-1").decode("utf-8")
                 except UnicodeError:
-                    return None, Reason.INVALID_IDENTITY
+                    return _INVALID
             if not valid_user(user):
-                return None, Reason.INVALID_IDENTITY
-            return Identity(user, user), Reason.EXCLUDED
+                return _INVALID
+            return Identity(user, user)
         return self._read_jwt(headers)
 
-    def _read_jwt(self, headers: Any) -> tuple[Identity | None, Reason]:
+    def _read_jwt(self, headers: Headers) -> Identity | Denied:
         assert self.jwt is not None
         candidates = set()
         auths = headers.getlist("authorization")
         if len(auths) > 1:
-            return None, Reason.AMBIGUOUS_IDENTITY
+            return _AMBIGUOUS
         if auths:
             parts = auths[0].split()
             if len(parts) == 2 and parts[0].lower() == "bearer" and "," not in parts[1]:
                 candidates.add(parts[1])
             elif _JWT_SHAPE.search(auths[0]):
-                return None, Reason.AMBIGUOUS_IDENTITY
+                return _AMBIGUOUS
         if self.jwt.cookie:
             candidates.update(v for v in cookie_values(headers.getlist("cookie"), self.jwt.cookie) if v)
         if len(candidates) > 1:
-            return None, Reason.AMBIGUOUS_IDENTITY
+            return _AMBIGUOUS
         if not candidates:
-            return None, Reason.IDENTITY_REQUIRED
+            return _REQUIRED
         token = candidates.pop()
         if len(token) > 8192:
-            return None, Reason.INVALID_IDENTITY
-        now = time.time()
-        hit = self._cache.get(token)
-        if hit is not None:
-            if hit[1] > now:
-                return hit[0], Reason.EXCLUDED
-            del self._cache[token]
+            return _INVALID
+        cached = self._verified.get(token)
+        if cached is not MISS:
+            return cached
         identity, expires = self._verify(token)
         if identity is None:
-            return None, Reason.INVALID_IDENTITY
-        if len(self._cache) >= _CACHE_SIZE:
-            self._cache.clear()
-        self._cache[token] = (identity, expires)
-        return identity, Reason.EXCLUDED
+            return _INVALID
+        self._verified.put(token, identity, until=expires)
+        return identity
 
     def _verify(self, token: str) -> tuple[Identity | None, float]:
         cfg = self.jwt

@@ -18,7 +18,7 @@ from gateway.config import Config
 from gateway.crypto import SecretBox
 from gateway.decision import Decider, Facts, client_address
 from gateway.errors import Reason
-from gateway.factors import SecondFactor, address_scope, proof_of
+from gateway.factors import Accepted, Outcome, Refused, SecondFactor, address_scope, proof_of
 from gateway.store import open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.totp import new_secret
@@ -58,6 +58,10 @@ async def setup(tmp_path: Path, clock: Clock, **tables: Any) -> tuple[Config, De
     await store.open()
     factors = SecondFactor(cfg, store, clock)
     return cfg, Decider(cfg, factors), factors
+
+
+def activated(outcome: Outcome) -> bool:
+    return isinstance(outcome, Accepted) and outcome.activated
 
 
 async def enrol_direct(cfg: Config, factors: SecondFactor, user: str) -> str:
@@ -284,7 +288,7 @@ async def test_a_pending_secret_under_a_removed_key_is_no_enrolment(tmp_path: Pa
     _, _, after = await setup(tmp_path, clock, env={"GATEWAY_ENCRYPTION_KEYS": new_key})
     assert await after.pending_secret("alice") is None
     outcome = await after.finish_enrolment("alice", pyotp.TOTP(secret).at(clock.now), None)
-    assert outcome.reason is Reason.NOT_ENROLLED
+    assert outcome == Refused(Reason.NOT_ENROLLED)
     assert not await after.is_enrolled("alice")
     await factors.store.close()
     await after.store.close()
@@ -353,14 +357,14 @@ async def test_a_stale_cached_secret_never_grants(tmp_path: Path, how: str) -> N
     old = await enrol_direct(cfg, factors_a, "alice")
     # The attack kept b's cache warm (GET /setup-2fa needs only the first factor); here its entry
     # simply outlives the test.
-    factors_b._secrets.ttl = 3600.0
+    factors_b.secrets._active.ttl = 3600.0
     assert await factors_b.is_enrolled("alice")  # b caches the old secret now
     if how == "reset":
         await factors_a.reset_user("alice")  # what `gateway users reset` does, elsewhere
     else:
         new = await factors_a.begin_enrolment("alice", proof_of(old))
         assert new is not None
-        assert (await factors_a.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None)).activated
+        assert activated(await factors_a.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None))
     # The old authenticator's next step (inside the accepted window), unused so far.
     decision = await decider_b.decide(facts(code=pyotp.TOTP(old).at(clock.now + cfg.totp.period)))
     assert not decision.allowed and decision.new_session is None
@@ -376,7 +380,7 @@ async def test_a_session_is_not_kept_when_the_secret_changed_while_its_code_was_
     cfg, _, factors = await setup(tmp_path, clock)
     secret = await enrol_direct(cfg, factors, "alice")
     outcome = await factors.check_code("alice", pyotp.TOTP(secret).at(clock.now), None)
-    assert outcome.reason is Reason.CODE
+    assert isinstance(outcome, Accepted)
     await factors.store.delete_user("alice")  # the reset, between the judgement and the session
     assert await factors.open_session("alice", outcome.proof) is None
     assert (await factors.store.user_state("alice", clock.now)).sessions == 0
@@ -390,7 +394,7 @@ async def test_an_enrolment_begun_without_a_code_never_replaces_an_authenticator
     compare-and-set on it."""
     clock = Clock()
     cfg, _, factors_a, _, factors_b = await two_workers(tmp_path, clock)
-    factors_b._secrets.ttl = 3600.0
+    factors_b.secrets._active.ttl = 3600.0
     assert not await factors_b.is_enrolled("alice")  # b caches "not enrolled"
     victim = await enrol_direct(cfg, factors_a, "alice")
     assert await factors_b.begin_enrolment("alice") is None  # the store, not the cache, decides
@@ -404,7 +408,7 @@ async def test_an_enrolment_begun_without_a_code_never_replaces_an_authenticator
     victim = await enrol_direct(cfg, factors_a, "alice")
     await factors_a.store.set_pending("alice", record, clock.now + 600)
     outcome = await factors_b.finish_enrolment("alice", pyotp.TOTP(attacker).at(clock.now), None)
-    assert outcome.reason is not Reason.CODE
+    assert isinstance(outcome, Refused)
     token = await factors_a.store.get_secret("alice")
     assert token is not None and SecretBox(cfg.encryption.keys).decrypt("alice", token) == victim
     await factors_a.store.close()
@@ -422,10 +426,11 @@ async def test_an_ipv6_client_is_counted_by_its_slash_64(tmp_path: Path) -> None
         await factors.check_code(user, "000000", f"2001:db8:1:2::{n}")
         for n, user in enumerate(("u1", "u2", "u3", "u4"), start=1)
     ]
-    assert [o.reason for o in outcomes[:2]] == [Reason.INVALID_CODE, Reason.INVALID_CODE]
-    assert outcomes[2].reason is Reason.LOCKED and outcomes[3].reason is Reason.LOCKED
+    assert outcomes[:2] == [Refused(Reason.INVALID_CODE), Refused(Reason.INVALID_CODE)]
+    assert [type(o) for o in outcomes[2:]] == [Refused, Refused]
+    assert {o.reason for o in outcomes[2:] if isinstance(o, Refused)} == {Reason.LOCKED}
     # another /64 is another client; an IPv4-mapped address is its IPv4 address
-    assert (await factors.check_code("u4", "000000", "2001:db8:1:3::1")).reason is Reason.INVALID_CODE
+    assert await factors.check_code("u4", "000000", "2001:db8:1:3::1") == Refused(Reason.INVALID_CODE)
     assert address_scope("::ffff:192.0.2.1") == address_scope("192.0.2.1") == "ip:192.0.2.1"
     # NAT64's well-known prefix embeds the IPv4 client (RFC 6052): one scope per IPv4 client.
     assert address_scope("64:ff9b::192.0.2.1") == "ip:192.0.2.1"
@@ -441,11 +446,11 @@ async def test_a_re_enrolment_binds_to_the_authenticator_its_code_came_from(tmp_
     cfg, _, factors = await setup(tmp_path, clock)
     stolen = await enrol_direct(cfg, factors, "alice")
     proven = await factors.check_code("alice", pyotp.TOTP(stolen).at(clock.now - cfg.totp.period), None)
-    assert proven.reason is Reason.CODE and proven.proof == proof_of(stolen)
+    assert isinstance(proven, Accepted) and proven.proof == proof_of(stolen)
     # Meanwhile she re-enrols to a new phone.
     new = await factors.begin_enrolment("alice", proof_of(stolen))
     assert new is not None
-    assert (await factors.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None)).activated
+    assert activated(await factors.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None))
     # The thief's request goes on with the proof of the stolen phone: nothing is begun.
     assert await factors.begin_enrolment("alice", proven.proof) is None
     assert await factors.begin_enrolment("alice") is None
@@ -462,6 +467,6 @@ async def test_a_new_authenticator_voids_the_old_recovery_codes_at_once(tmp_path
     [code, *_] = await factors.new_recovery_codes("alice")
     new = await factors.begin_enrolment("alice", proof_of(old))
     assert new is not None
-    assert (await factors.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None)).activated
-    assert (await factors.check_recovery("alice", code, None)).reason is Reason.INVALID_CODE
+    assert activated(await factors.finish_enrolment("alice", pyotp.TOTP(new).at(clock.now), None))
+    assert await factors.check_recovery("alice", code, None) == Refused(Reason.INVALID_CODE)
     await factors.store.close()

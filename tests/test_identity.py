@@ -20,7 +20,7 @@ from gateway import config as config_module
 from gateway import identity as identity_module
 from gateway.config import IdentityConfig, JwtConfig
 from gateway.errors import DENIALS, Reason
-from gateway.identity import IdentityReader, cookie_values, valid_user, without_cookie
+from gateway.identity import Denied, Identity, IdentityReader, cookie_values, valid_user, without_cookie
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, free_port, make_config
 
 SECRET = "s3cret-" * 6
@@ -38,8 +38,43 @@ def token(claims: dict[str, Any], key: str = SECRET, alg: str = "HS256") -> str:
     return jwt.encode({k: v for k, v in base.items() if v is not None}, key, algorithm=alg)
 
 
-def read(reader: IdentityReader, headers: dict[str, str], trusted: bool = True) -> tuple[Any, Reason]:
-    return reader.read(Headers(headers), trusted)
+def pair(result: Identity | Denied) -> tuple[Any, Reason | None]:
+    """``(identity, None)`` or ``(None, why)``: one shape for the assertions below."""
+    return (None, result.reason) if isinstance(result, Denied) else (result, None)
+
+
+def read(reader: IdentityReader, headers: dict[str, str], trusted: bool = True) -> tuple[Any, Reason | None]:
+    return pair(reader.read(Headers(headers), trusted))
+
+
+def test_read_answers_an_identity_or_a_denial() -> None:
+    """Each step has its own result type (issue 11): an Identity on success, never a Reason."""
+    reader = IdentityReader(IdentityConfig(mode="header", header="Remote-User"))
+    assert reader.read(Headers({"Remote-User": "alice"}), True) == Identity("alice", "alice")
+    assert reader.read(Headers({}), True) == Denied(Reason.IDENTITY_REQUIRED)
+    assert hs_reader().read(Headers({"Authorization": "Bearer a.b.c"}), True) == Denied(Reason.INVALID_IDENTITY)
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JWT cache (gateway.cache.TtlCache) serves a verified token with no second signature
+    check until the token's own exp plus leeway, on the reader's clock; then it is verified again."""
+    now = [time.time()]
+    cfg = JwtConfig(secret=SECRET, algorithms=("HS256",), audience=(AUD,), leeway=5)
+    reader = IdentityReader(IdentityConfig(mode="jwt", jwt=cfg), clock=lambda: now[0])
+    exp = int(now[0]) + 30
+    bearer = Headers({"Authorization": f"Bearer {token({'exp': exp})}"})
+    assert reader.read(bearer, True) == Identity("user-1", "user-1")
+    verified: list[str] = []
+
+    def verify_again(raw: str) -> tuple[Identity | None, float]:
+        verified.append(raw)
+        return None, 0.0  # as PyJWT would answer once the token has expired
+
+    monkeypatch.setattr(reader, "_verify", verify_again)
+    now[0] = exp + 5 - 0.001  # within exp + leeway: still the cached identity
+    assert reader.read(bearer, True) == Identity("user-1", "user-1") and verified == []
+    now[0] = exp + 5
+    assert reader.read(bearer, True) == Denied(Reason.INVALID_IDENTITY) and len(verified) == 1
 
 
 def test_header_mode_believes_only_trusted_peers() -> None:
@@ -167,9 +202,9 @@ def test_jwt_mode_end_to_end(upstream: UpstreamProcess, tmp_path: Path) -> None:
 
 
 # -- one request, one identity (issue 10) ---------------------------------------------------
-def raw_read(reader: IdentityReader, raw: list[tuple[bytes, bytes]], trusted: bool = True) -> tuple[Any, Reason]:
+def raw_read(reader: IdentityReader, raw: list[tuple[bytes, bytes]], trusted: bool = True) -> tuple[Any, Reason | None]:
     """Headers exactly as they came off the wire, duplicates and all."""
-    return reader.read(Headers(raw=raw), trusted)
+    return pair(reader.read(Headers(raw=raw), trusted))
 
 
 def test_jwt_candidates_that_disagree_are_ambiguous() -> None:

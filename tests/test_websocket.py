@@ -27,8 +27,7 @@ from websockets.typing import Subprotocol
 
 from gateway.app import Gateway, create_app
 from gateway.config import Config
-from gateway.errors import Reason
-from gateway.factors import SecondFactor, proof_of
+from gateway.factors import Accepted, SecondFactor, proof_of
 from gateway.store import open_store_from_url
 from gateway.websocket import SESSION_ENDED, encode_query, sendable_close_code
 from tests.conftest import RedisServer
@@ -325,10 +324,10 @@ async def re_enrol(factors: SecondFactor, user: str) -> None:
     # A re-enrolment: the enrolment pages start one only after a code from the active secret.
     token = await factors.store.get_secret(user)
     assert token is not None
-    secret = await factors.begin_enrolment(user, proof_of(factors.box.decrypt(user, token)))
+    secret = await factors.begin_enrolment(user, proof_of(factors.secrets.box.decrypt(user, token)))
     assert secret is not None
     outcome = await factors.finish_enrolment(user, pyotp.TOTP(secret).now(), None)
-    assert outcome.reason is Reason.CODE
+    assert isinstance(outcome, Accepted)
 
 
 async def assert_closed_for_session(ws: Any, upstream: UpstreamProcess, query: str) -> None:
