@@ -21,7 +21,8 @@ excluded path next to the ``X-Forwarded-Uri`` Caddy sets. A disagreement is deni
 
 Answers: 200 allow (with ``Remote-User`` for the proxy to copy upstream); 401 when the user
 or the code is missing or wrong; 403 when the user may not pass (not enrolled, locked out,
-an ambiguous path); 503 when the store is down. Never a 3xx: nginx turns those into a 500.
+an ambiguous path); 503 when the store is down. A denial's JSON body is also sent in the
+``X-Gateway-Denial`` header, since nginx's ``auth_request`` drops the body. Never a 3xx: nginx turns those into a 500.
 A denial of a browser navigation (original ``GET``/``HEAD`` asking for ``text/html``) that
 the user can fix on the gateway's pages carries a ``Location`` to the verify (or setup) page,
 for the proxy to redirect to, as proxy mode would; an API client gets no ``Location``.
@@ -30,19 +31,21 @@ for the proxy to redirect to, as proxy mode would; an API client gets no ``Locat
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
-from gateway.decision import Decision
+from gateway.decision import Decision, Facts
 from gateway.errors import DENIALS, FORWARD_AUTH_STATUS, Reason
 from gateway.http import request_origin, wants_html
 from gateway.paths import encode_path
+from gateway.redirects import LoginRedirects
+from gateway.request_facts import RequestFacts
 from gateway.responses import denial_body, send_response
+from gateway.session_cookie import SessionCookie
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+Decide = Callable[[Facts], Awaitable[Decision]]
 
 _URI_HEADERS = frozenset({b"x-original-uri", b"x-forwarded-uri", b"x-original-url"})
 _METHOD_HEADERS = frozenset({b"x-original-method", b"x-forwarded-method"})
@@ -64,17 +67,28 @@ def split_target(target: str) -> tuple[str, str]:
 
 
 class ForwardAuth:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.user_header = gateway.config.upstream.user_header.lower().encode()
-        self.public_url = gateway.config.server.public_url
+    """``/auth``, raw ASGI: it runs on every request the front proxy sees. ``decide`` is the
+    one decision, counted as mode "auth"."""
+
+    def __init__(
+        self,
+        facts: RequestFacts,
+        decide: Decide,
+        cookie: SessionCookie,
+        redirects: LoginRedirects,
+        user_header: str,
+        public_url: str | None,
+    ) -> None:
+        self.facts = facts
+        self.decide = decide
+        self.cookie = cookie
+        self.redirects = redirects
+        self.user_header = user_header.lower().encode()
+        self.public_url = public_url
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gw = self.gateway
         headers = Headers(scope=scope)
-        client = scope.get("client")
-        peer = client[0] if client else None
-        if not gw.peer_trusted(peer):
+        if not self.facts.trust.trusts_scope(scope):
             await self._deny(send, Decision(Reason.UNTRUSTED_PEER), headers, "")
             return
         targets: set[tuple[str, str]] = set()
@@ -96,14 +110,14 @@ class ForwardAuth:
         # GET whatever the client sent, so guessing from it would let a POST pass a "GET /x"
         # exclusion. Unknown matches only the rules for every method.
         method = methods.pop() if methods else _UNKNOWN_METHOD
-        facts, _ = gw.facts(scope, method=method, path=path, headers=headers)
-        decision = await gw.decide(facts, "auth")
+        facts = self.facts(scope, method=method, path=path, headers=headers)
+        decision = await self.decide(facts)
         if decision.allowed:
             out: list[tuple[bytes, bytes]] = [(b"cache-control", b"no-store")]
             if decision.user is not None and decision.reason is not Reason.EXCLUDED:
                 out.append((self.user_header, decision.user.encode()))
             if decision.new_session:
-                out.append(gw.session_cookie(decision.new_session))
+                out.append(self.cookie.set(decision.new_session))
             await send_response(send, 200, out, b"")
             return
         await self._deny(send, decision, headers, path + ("?" + query if query else ""), method)
@@ -122,13 +136,19 @@ class ForwardAuth:
         # status (and nginx's error_page, Caddy's handle_response redirect only on a Location).
         if browser and method in ("GET", "HEAD") and decision.path is not None:
             local = encode_path(decision.path) + (target[target.find("?") :] if "?" in target else "")
-            page = self.gateway.login_location(reason, local)
+            page = self.redirects.location(reason, local)
             if page is not None:
                 location = page if page.startswith(("http://", "https://")) else self._origin(headers) + page
         # Traefik shows the denial itself (a browser does not follow a 401's Location): link it.
         extra = f'<p><a href="{html.escape(location)}">Continue</a></p>' if location else ""
-        _, base, body = denial_body(reason, browser, extra)
+        fields = {"setup": self.redirects.setup_route} if reason is Reason.NOT_ENROLLED else {}
+        _, base, body = denial_body(reason, browser, extra, **fields)
         out = list(base)
+        # nginx's auth_request drops this answer's body: the JSON rides in a header too (one
+        # line of ASCII: json.dumps escapes the rest), for the example's error_page to hand it
+        # to the client as the answer (config/nginx/auth_request.conf).
+        json_body = denial_body(reason, False, **fields)[2] if browser else body
+        out.append((b"x-gateway-denial", json_body))
         if decision.retry_after is not None:
             out.append((b"retry-after", str(decision.retry_after).encode()))
         if location is not None:

@@ -14,12 +14,10 @@ from collections.abc import Collection, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.types import Message, Receive, Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import AmbiguousPath
-from gateway.http import negotiate as negotiate  # re-exported for tests/test_enrol.py until it imports gateway.http
 from gateway.paths import canonical_path, encode_path
 
 MAX_BODY = 16 * 1024
@@ -62,20 +60,28 @@ def safe_target(raw: str | None, refused: Collection[str] = ()) -> str:
     return encode_path(path) + sep + query
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadInput("the client went away")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadInput("the body is too large")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
+class BodyLimit:
+    """Pure ASGI: a request body over :data:`MAX_BODY` is :class:`BadInput` as soon as it is
+    known to be (our forms are a few hundred bytes), and a client that goes away mid-body is
+    too; nothing larger is ever held in memory."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        size = 0
+
+        async def limited() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadInput("the client went away")
+            size += len(message.get("body", b""))
+            if size > MAX_BODY:
+                raise BadInput("the body is too large")
+            return message
+
+        await self.app(scope, limited if scope["type"] == "http" else receive, send)
 
 
 def _unique(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -98,10 +104,11 @@ def read_query(scope: Scope) -> dict[str, str]:
     return _unique(pairs)
 
 
-async def read_fields(scope: Scope, receive: Receive, headers: Headers) -> dict[str, str]:
-    """The known fields of a JSON or form body, each a string; BadInput otherwise."""
-    body = await _read_body(receive)
-    content_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+async def read_fields(request: Request) -> dict[str, str]:
+    """The known fields of a JSON or form body, each a string; BadInput otherwise. The body's
+    size is bounded by :class:`BodyLimit` around the router."""
+    body = await request.body()
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     data: Any
     if content_type == "application/json":
         try:
@@ -111,13 +118,15 @@ async def read_fields(scope: Scope, receive: Receive, headers: Headers) -> dict[
         if not isinstance(data, dict):
             raise BadInput("not a JSON object")
     elif content_type == "application/x-www-form-urlencoded":
+        # Not Request.form(): it reads %ff as Latin-1, and a code or target that is not UTF-8
+        # is malformed, not a wrong code.
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=_MAX_FIELDS, errors="strict")
         except (UnicodeDecodeError, ValueError):
             raise BadInput("not a form") from None
         data = _unique(pairs)
     elif content_type == "multipart/form-data":
-        data = await _multipart(scope, body)
+        data = await _multipart(request)
     elif not body.strip():
         data = {}
     else:
@@ -134,17 +143,8 @@ async def read_fields(scope: Scope, receive: Receive, headers: Headers) -> dict[
     return fields
 
 
-async def _multipart(scope: Scope, body: bytes) -> dict[str, Any]:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    request = Request(scope, replay)
+async def _multipart(request: Request) -> dict[str, Any]:
+    # The body is already read (Request.body() keeps it), so form() parses those bytes.
     try:
         form = await request.form(max_files=0, max_fields=_MAX_FIELDS)
     except Exception:  # python-multipart's and Starlette's parse errors: all one answer

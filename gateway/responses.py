@@ -1,8 +1,9 @@
 """How a denial is said: the one boundary where a :class:`Reason` becomes status, headers and
 body. JSON ``{"error", "detail"}`` for programs, a small HTML page for browsers.
 
-Responses are sent as raw ASGI messages: the gateway answers many denials under attack and
-they should cost as little as an allow.
+On the hot paths (proxy, ``/auth``) responses are sent as raw ASGI messages: the gateway
+answers many denials under attack and they should cost as little as an allow. The pages'
+router gets the same bytes as Starlette responses (``*_response``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import functools
 import html
 import json
 from collections.abc import Iterable
+from typing import Any
 
+from starlette.responses import Response
 from starlette.types import Send
 
 from gateway.errors import DENIALS, Reason
@@ -57,6 +60,27 @@ async def send_response(send: Send, status: int, headers: Iterable[tuple[bytes, 
     await send({"type": "http.response.body", "body": body})
 
 
+def denial(
+    reason: Reason,
+    accept: str | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    retry_after: int | None = None,
+    extra_html: str = "",
+    **fields: object,
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``(status, headers, body)`` of a denial, as :func:`send_denial` and
+    :func:`denial_response` send it."""
+    status, base, body = denial_body(reason, wants_html(accept), extra_html, **fields)
+    out = base + list(headers)
+    if retry_after is not None:
+        # RFC 9110 §10.2.3
+        out.append((b"retry-after", str(retry_after).encode()))
+    if status == 401:
+        # RFC 9110 §11.6.1: a 401 carries a challenge. The scheme is ours; it names the header.
+        out.append((b"www-authenticate", b'X-2FA-Code realm="gateway"'))
+    return status, out, body
+
+
 async def send_denial(
     send: Send,
     reason: Reason,
@@ -66,17 +90,31 @@ async def send_denial(
     extra_html: str = "",
     **fields: object,
 ) -> None:
-    status, base, body = denial_body(reason, wants_html(accept), extra_html, **fields)
-    out = base + list(headers)
-    if retry_after is not None:
-        # RFC 9110 §10.2.3
-        out.append((b"retry-after", str(retry_after).encode()))
-    if status == 401:
-        # RFC 9110 §11.6.1: a 401 carries a challenge. The scheme is ours; it names the header.
-        out.append((b"www-authenticate", b'X-2FA-Code realm="gateway"'))
+    status, out, body = denial(reason, accept, headers, retry_after, extra_html, **fields)
     await send_response(send, status, out, body)
 
 
+def raw_response(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> Response:
+    """A Starlette response with exactly these headers (repeats kept: two ``Set-Cookie``), plus
+    ``Content-Length``: what :func:`send_response` sends, for the pages' router."""
+    response = Response(body, status_code=status)
+    response.raw_headers.extend(headers)
+    return response
+
+
+def denial_response(reason: Reason, accept: str | None = None, **kwargs: Any) -> Response:
+    """:func:`send_denial` as a Starlette response."""
+    return raw_response(*denial(reason, accept, **kwargs))
+
+
 async def send_json(send: Send, status: int, data: object, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps(data, separators=(",", ":")).encode()
-    await send_response(send, status, _JSON + _NO_STORE + list(headers), body)
+    await send_response(send, status, *_json(data, headers))
+
+
+def json_response(status: int, data: object, headers: Iterable[tuple[bytes, bytes]] = ()) -> Response:
+    """:func:`send_json` as a Starlette response."""
+    return raw_response(status, *_json(data, headers))
+
+
+def _json(data: object, headers: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    return _JSON + _NO_STORE + list(headers), json.dumps(data, separators=(",", ":")).encode()

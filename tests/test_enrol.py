@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from gateway.errors import StoreError
-from gateway.inputs import negotiate, safe_target
+from gateway.http import negotiate
+from gateway.inputs import safe_target
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import need_binary
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
@@ -488,11 +489,14 @@ def test_public_url_origin_is_accepted(tmp_path: Path, upstream: UpstreamProcess
     config = make_config(tmp_path, upstream=upstream.url, server={"public_url": "https://2fa.example.org"})
     server = GatewayServer(config).start()
     try:
-        with client(server) as c:
+        # As behind a front proxy (trusted): Host is the gateway's address, the public host is
+        # X-Forwarded-Host, which the host policy (hosts.py) checks against public_url.
+        front = {"Remote-User": USER, "X-Forwarded-Host": "2fa.example.org", "X-Forwarded-Proto": "https"}
+        with client(server, headers=front) as c:
             r = c.post("/logout-2fa", json={}, headers={"Origin": "https://2fa.example.org"})
             assert r.status_code == 200
             r = c.post("/logout-2fa", json={}, headers={"Origin": "https://evil.example.org"})
-            assert r.status_code == 403
+            assert r.status_code == 403 and r.json()["error"] == "csrf_failed"
     finally:
         server.stop()
 
