@@ -7,13 +7,17 @@ WebSocket handshake, forward-auth and the gateway's pages all build their facts 
 
 from __future__ import annotations
 
+import math
+import time
+
 from starlette.datastructures import Headers
 from starlette.types import Scope
 
+from gateway.cache import MISS, TtlCache
 from gateway.config import IPNetwork
 from gateway.decision import Facts, client_address, is_trusted
 
-# Distinct peers remembered: a proxy or two in production, a bounded set under a scan.
+# Distinct peers remembered (a proxy or two in production); a scan from more starts it over.
 _MAX_PEERS = 10_000
 
 
@@ -22,16 +26,16 @@ class TrustPolicy:
 
     def __init__(self, networks: tuple[IPNetwork, ...]) -> None:
         self.networks = networks
-        self._known: dict[str, bool] = {}
+        # Whether an address is trusted cannot change while the config does not: no expiry.
+        self._known: TtlCache[str, bool] = TtlCache(math.inf, _MAX_PEERS, time.monotonic)
 
     def trusts(self, peer: str | None) -> bool:
         if peer is None:
             return False
         trusted = self._known.get(peer)
-        if trusted is None:
+        if trusted is MISS:
             trusted = is_trusted(peer, self.networks)
-            if len(self._known) < _MAX_PEERS:
-                self._known[peer] = trusted
+            self._known.put(peer, trusted)
         return trusted
 
     def trusts_scope(self, scope: Scope) -> bool:
