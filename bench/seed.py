@@ -124,7 +124,8 @@ def session_by_code(url: str, headers: Mapping[str, str], config: Config, secret
 def bulk_seed(redis_port: int, config: Config, count: int, sessions: bool = True) -> float:
     """Add ``count`` filler users (one secret each, and a live session each when ``sessions``)
     in the key layout of ``gateway.store.redis``; returns the seconds it took."""
-    from gateway.store.redis import RedisStore, _pack
+    from gateway.store.redis import RedisStore
+    from gateway.store.redis_layout import pack_expiring
 
     started = time.monotonic()
     store = RedisStore(config.store.url, config.store.prefix)
@@ -139,7 +140,7 @@ def bulk_seed(redis_port: int, config: Config, count: int, sessions: bool = True
                 yield _resp(
                     b"SET",
                     store._session_key(hash_session_id(f"filler-session-{i}")).encode(),
-                    _pack(expires, user.encode()),
+                    pack_expiring(expires, user.encode()),
                     b"PXAT",
                     str(int(expires * 1000)).encode(),
                 )

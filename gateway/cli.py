@@ -1,320 +1,123 @@
-"""The ``gateway`` command.
+"""The ``gateway`` command: it parses arguments, calls one function, and prints its result.
 
-    gateway run [--config PATH]            serve (uvicorn)
+    gateway run [--config PATH]            serve (gateway.serve)
     gateway check-config [--config PATH]   validate; exit 0 with a summary, 1 with every problem
     gateway keygen                         print a new Fernet key (also fine as a pepper)
-    gateway demo                           the gateway in front of a demo app, on the embedded store
-    gateway users list|show|reset|logout|unlock|import
+    gateway demo                           the gateway in front of a demo app (gateway.demo)
+    gateway users list|show|reset|logout|unlock|import   (gateway.admin; --demo: the demo's users)
     gateway keys rotate                    re-encrypt every secret under the newest key
+    gateway --version
 
 ``--config`` defaults to ``$GATEWAY_CONFIG``, then ``./gateway.toml``. Every command prints
-one clear result and exits non-zero on failure; none prints a secret.
+one clear result and exits non-zero on failure; none prints a secret. The gateway's own errors
+(ConfigError, StoreError, DecryptError, AdminError) become a message and exit status 1 in
+:func:`main`, and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import csv
-import os
+import importlib.metadata
 import sys
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
+from gateway import admin, config_warnings
 from gateway import config as config_module
-from gateway.config import Config
-from gateway.crypto import SecretBox, decrypt_legacy, new_key
-from gateway.errors import ConfigError, DecryptError, StoreError
-from gateway.logs import configure_logging
-from gateway.server import LimitedConfig, client_limits, serve_uvicorn
-from gateway.store import Store, open_store_from_url
-from gateway.tables import redact_url
+from gateway.config import Config, ServerConfig
+from gateway.crypto import new_key
+from gateway.demo.run import run_demo
+from gateway.demo.state import DEFAULT_DIR, existing_demo_config
+from gateway.errors import ConfigError, DecryptError, GatewayError, StoreError
+from gateway.serve import serve
 
-T = TypeVar("T")
+EXIT_OK, EXIT_FAILED = 0, 1
+_SERVER_DEFAULTS = ServerConfig()
+
+# What config.load reads from the environment, for every command that loads a config.
+_CONFIG_ENVIRONMENT = f"""environment:
+  {config_module.ENV_CONFIG:<25} the config file when --config is not given (then ./gateway.toml)
+  {config_module.ENV_KEYS:<25} encryption keys, newest first (or encryption.keys_file)
+  {config_module.ENV_PEPPER:<25} recovery-code pepper (or encryption.recovery_pepper_file)
+  {config_module.ENV_JWT_SECRET:<25} identity.jwt.secret, for HS* JWTs (or secret_file)
+  {config_module.ENV_STORE_URL:<25} store.url, which may hold a Redis password
+Exit status: 0 on success, 1 on any failure (the message says which)."""
+
+_NO_ENVIRONMENT = "environment: none is read.\nExit status: 0 on success, 1 on failure."
+
+_DEMO_ENVIRONMENT = f"""environment: none is read: the demo's keys and store are files in --dir
+(default ./{DEFAULT_DIR}), made on first use, private to their owner. Delete it to start over.
+Exit status: 0 when stopped, 1 when it cannot start."""
 
 
-class CommandError(Exception):
-    """A command failed in a way the user can act on; the message is printed as is."""
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Epilogs keep their lines; every option shows its default."""
 
 
-def _load(path: str | None) -> Config:
-    return config_module.load(path or config_module.default_path())
-
-
-def _print_config_error(exc: ConfigError, path: str | None) -> None:
-    print(f"gateway: {len(exc.problems)} problem(s) in {path or config_module.default_path()}:", file=sys.stderr)
-    for problem in exc.problems:
-        print(f"  {problem}", file=sys.stderr)
-
-
-async def _with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
-    store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
-    await store.open()
+def _version() -> str:
     try:
-        return await work(store)
-    finally:
-        await store.close()
+        return importlib.metadata.version("gateway")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
-# -- run -------------------------------------------------------------------------------------
+def _add(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str, epilog: str
+) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, epilog=epilog, formatter_class=_Formatter)
 
 
-def _configure_logging(config: Config) -> None:
-    jwt_cookie = config.identity.jwt.cookie if config.identity.jwt else None
-    configure_logging(
-        config.server.log_level,
-        headers=(config.totp.header,),
-        cookies=tuple(c for c in (config.session.cookie, jwt_cookie) if c),
+def _with_config(p: argparse.ArgumentParser, leaf: bool = False) -> argparse.ArgumentParser:
+    # On a sub-subcommand too (`gateway users list --config X`), where SUPPRESS keeps its
+    # absent default from overwriting a --config given before the subcommand.
+    default = argparse.SUPPRESS if leaf else None
+    p.add_argument(
+        "--config",
+        "-c",
+        default=default,
+        help=f"TOML file (default: ${config_module.ENV_CONFIG}, then ./gateway.toml)",
     )
+    return p
 
 
-def _app_factory() -> object:
-    """For uvicorn workers > 1: each worker process loads the config the parent checked (and,
-    being a fresh process, sets up its own logging)."""
-    from gateway.app import create_app
-
-    config = _load(os.environ.get(config_module.ENV_CONFIG))
-    _configure_logging(config)
-    return create_app(config)
-
-
-def uvicorn_config(config: Config, app: object) -> LimitedConfig:
-    """The one uvicorn configuration of ``gateway run`` and ``gateway demo`` (tests use it too)."""
-    server = config.server
-    return LimitedConfig(
-        app,
-        limits=client_limits(server),
-        host=server.host,
-        port=server.port,
-        log_level=server.log_level,
-        access_log=server.access_log,
-        timeout_keep_alive=server.keepalive_timeout,
-        # The gateway reads X-Forwarded-For itself, from trusted proxies only; uvicorn's
-        # own rewriting of the client address would let it be spoofed.
-        proxy_headers=False,
-        server_header=False,
-        lifespan="on",
-        log_config=None,
-        workers=server.workers,
-        factory=isinstance(app, str),
+def _with_demo(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="the users of `gateway demo` (its store and keys in --dir; no environment variable is read)",
     )
+    p.add_argument(
+        "--dir",
+        default=argparse.SUPPRESS,
+        help=f"with --demo: the demo's state directory (default: ./{DEFAULT_DIR})",
+    )
+    return p
 
 
-def serve(config: Config, config_path: str | None = None) -> int:
-    from gateway.app import create_app
+def _users_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    users = _with_demo(_with_config(_add(sub, "users", "manage the users in the store", _CONFIG_ENVIRONMENT)))
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
 
-    _configure_logging(config)
-    try:
-        asyncio.run(_with_store(config, lambda store: store.ping()))
-    except StoreError as exc:
-        print(f"gateway: the store at {redact_url(config.store.url)} is unreachable: {exc}", file=sys.stderr)
-        return 1
-    if config.server.workers > 1:
-        if config_path:
-            os.environ[config_module.ENV_CONFIG] = os.path.abspath(config_path)
-        started = serve_uvicorn(uvicorn_config(config, "gateway.cli:_app_factory"))
-    else:
-        started = serve_uvicorn(uvicorn_config(config, create_app(config)))
-    return 0 if started else 1
+    def leaf(name: str, text: str) -> argparse.ArgumentParser:
+        return _with_demo(_with_config(_add(users_sub, name, text, _CONFIG_ENVIRONMENT), leaf=True))
 
-
-# -- users -----------------------------------------------------------------------------------
-
-
-def _fmt_time(ts: float | None) -> str:
-    return "no" if ts is None else time.strftime("until %Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
-async def _users(config: Config, args: argparse.Namespace) -> str:
-    from gateway.factors import SecondFactor, address_scope
-
-    async def work(store: Store) -> str:
-        factors = SecondFactor(config, store)
-        if args.users_command == "list":
-            users = await store.list_users()
-            return "\n".join(users) if users else "(no users)"
-        if args.users_command == "unlock" and args.address:
-            # A per-address lock (limits.ip_*) holds everyone behind that address (a NAT, a VPN).
-            await store.clear_failures(address_scope(args.address))
-            return f"unlocked address {args.address}"
-        user: str | None = args.user
-        if user is None:
-            raise CommandError("name a USER (or, for unlock, --address ADDR)")
-        state = await store.user_state(user, time.time())
-        if not (state.enrolled or state.pending or state.sessions or state.locked_until or state.failures):
-            raise CommandError(f"no such user: {user}")
-        if args.users_command == "show":
-            return "\n".join(
-                [
-                    f"user: {user}",
-                    f"enrolled: {'yes' if state.enrolled else 'no'}"
-                    + (" (enrolment pending)" if state.pending else ""),
-                    f"locked: {_fmt_time(state.locked_until)}",
-                    f"recent failures: {state.failures}",
-                    f"recovery codes left: {state.recovery_codes_left}",
-                    f"sessions: {state.sessions}",
-                ]
-            )
-        if args.users_command == "reset":
-            await factors.reset_user(user)
-            return f"reset {user}: secret, sessions and recovery codes removed; the user must enrol again"
-        if args.users_command == "logout":
-            ended = await factors.revoke_user_sessions(user)
-            return f"ended {ended} 2FA session(s) of {user}; the next request needs a code"
-        await factors.unlock(user)
-        return f"unlocked {user}"
-
-    return await _with_store(config, work)
-
-
-async def _import(config: Config, path: str, source_key: str, force: bool) -> tuple[str, int]:
-    """Import ``user_id,encrypted_secret`` rows made by two_fast_auth's ``encrypt_secret``."""
-    from gateway import totp
-
-    box = SecretBox(config.encryption.keys)
-    params = config.totp.params
-    try:
-        decrypt_legacy(b"", source_key)  # a bad key is one error, not one per row
-    except ValueError as exc:
-        raise CommandError(f"--source-key: {exc}") from None
-    except DecryptError:
-        pass  # the key is valid; the empty token is not
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(enumerate(csv.reader(f), start=1))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise CommandError(f"cannot read {path}: {exc}") from None
-
-    async def work(store: Store) -> tuple[str, int]:
-        imported = unchanged = 0
-        problems: list[str] = []
-        for line, row in rows:
-            if not row or (line == 1 and row[0].strip().lower() in ("user_id", "user", "username")):
-                continue
-            if len(row) != 2:
-                problems.append(f"line {line}: expected 2 columns (user_id,encrypted_secret), got {len(row)}")
-                continue
-            user, token = row[0].strip(), row[1].strip()
-            from gateway.identity import valid_user
-
-            if not valid_user(user):
-                problems.append(f"line {line}: invalid user id")
-                continue
-            try:
-                secret = decrypt_legacy(token.encode(), source_key)
-                totp.code_at(secret, 0, params)
-            except DecryptError:
-                problems.append(f"line {line} ({user}): does not decrypt with the source key")
-                continue
-            except ValueError:
-                problems.append(f"line {line} ({user}): the decrypted secret is not a usable TOTP secret")
-                continue
-            current = await store.get_secret(user)
-            if current is not None:
-                try:
-                    same = box.decrypt(user, current) == secret
-                except DecryptError:
-                    same = False
-                if same:
-                    unchanged += 1
-                    continue
-                if not force:
-                    problems.append(f"line {line} ({user}): already enrolled with another secret (--force replaces)")
-                    continue
-            await store.set_secret(user, box.encrypt(user, secret))
-            if current is not None:
-                # A replaced authenticator: what the old one opened or came with ends with it.
-                await store.revoke_user_sessions(user)
-                await store.set_recovery_codes(user, [])
-            imported += 1
-        lines = [f"imported {imported}, unchanged {unchanged}, skipped {len(problems)}"]
-        lines += [f"  {p}" for p in problems]
-        return "\n".join(lines), (1 if problems else 0)
-
-    return await _with_store(config, work)
-
-
-def _source_key(args: argparse.Namespace) -> str:
-    if args.source_key is not None:
-        return str(args.source_key)
-    try:
-        with open(args.source_key_file, encoding="utf-8") as f:
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CommandError(f"cannot read --source-key-file {args.source_key_file}: {exc}") from None
-
-
-async def _rotate(config: Config) -> str:
-    box = SecretBox(config.encryption.keys)
-
-    async def work(store: Store) -> str:
-        rotated = current = failed = 0
-        for user, token in await store.iter_secrets():
-            try:
-                if not box.needs_rotation(token):
-                    current += 1
-                    continue
-                new = box.rotate(user, token)
-            except DecryptError:
-                failed += 1
-                print(f"gateway: the secret of {user!r} does not decrypt with any configured key", file=sys.stderr)
-                continue
-            # Compare-and-set: a user who re-enrolled meanwhile keeps the new secret.
-            if await store.replace_secret(user, token, new):
-                rotated += 1
-            else:
-                current += 1
-        if failed:
-            raise CommandError(f"rotated {rotated}, already current {current}, FAILED {failed}: keep the old keys")
-        # Pending enrolments are not rewritten: they live at most totp.pending_ttl and are
-        # re-created by starting setup again, so the old key is needed only that long.
-        return (
-            f"rotated {rotated}, already current {current}: every active secret is under the newest key; "
-            f"keep the old key {config.totp.pending_ttl} s more for enrolments pending now"
-        )
-
-    return await _with_store(config, work)
-
-
-# -- main ------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="A two-factor authentication gateway.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_config(p: argparse.ArgumentParser, leaf: bool = False) -> argparse.ArgumentParser:
-        # On a sub-subcommand too (`gateway users list --config X`), where SUPPRESS keeps its
-        # absent default from overwriting a --config given before the subcommand.
-        default = argparse.SUPPRESS if leaf else None
-        p.add_argument(
-            "--config", "-c", default=default, help="TOML file (default: $GATEWAY_CONFIG, then ./gateway.toml)"
-        )
-        return p
-
-    with_config(sub.add_parser("run", help="serve"))
-    with_config(sub.add_parser("check-config", help="validate a config file"))
-    sub.add_parser("keygen", help="print a new Fernet key")
-    demo = sub.add_parser("demo", help="run the gateway in front of a demo app (embedded store)")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--dir", default=None, help="where the demo keeps its state (default: ./.gateway-demo)")
-
-    users = with_config(sub.add_parser("users", help="manage users"))
-    users_sub = users.add_subparsers(dest="users_command", required=True)
-    with_config(users_sub.add_parser("list", help="every enrolled or enrolling user"), leaf=True)
+    leaf("list", "print every enrolled or enrolling user, one a line")
     for name, text in (
-        ("show", "a user's state (never the secret)"),
-        ("reset", "remove a user's secret, sessions and recovery codes"),
+        ("show", "print a user's state (never the secret)"),
+        ("reset", "remove a user's secret, sessions and recovery codes: they must enrol again"),
         ("logout", "end every 2FA session of a user (the secret stays)"),
     ):
-        with_config(users_sub.add_parser(name, help=text), leaf=True).add_argument("user")
-    unlock = with_config(users_sub.add_parser("unlock", help="lift a user's (or an address's) lockout"), leaf=True)
+        leaf(name, text).add_argument("user")
+    unlock = leaf("unlock", "lift a user's (or an address's) lockout")
     unlock.add_argument("user", nargs="?")
     unlock.add_argument("--address", help="lift the lockout of a client address instead (limits.ip_*)")
-    imp = with_config(
-        users_sub.add_parser("import", help="import two_fast_auth users from a CSV of user_id,encrypted_secret"),
+    imp = _with_config(
+        _add(
+            users_sub,
+            "import",
+            "import two_fast_auth users from a CSV of user_id,encrypted_secret; exit 1 if any row is skipped",
+            _CONFIG_ENVIRONMENT,
+        ),
         leaf=True,
     )
     imp.add_argument("file")
@@ -327,53 +130,133 @@ def _parser() -> argparse.ArgumentParser:
         help="replace a different secret a user already has (ends their sessions and recovery codes)",
     )
 
-    keys = with_config(sub.add_parser("keys", help="manage encryption keys"))
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    with_config(keys_sub.add_parser("rotate", help="re-encrypt every secret under the newest key"), leaf=True)
-    return parser
+
+def parser() -> argparse.ArgumentParser:
+    """The whole command line (tests read every subcommand's help from it)."""
+    top = argparse.ArgumentParser(
+        prog="gateway",
+        description="A two-factor authentication gateway.",
+        epilog=_CONFIG_ENVIRONMENT,
+        formatter_class=_Formatter,
+    )
+    top.add_argument("--version", action="version", version=f"gateway {_version()}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _with_config(
+        _add(
+            sub,
+            "run",
+            "serve the gateway as the config says, until stopped "
+            f"(on server.host:server.port, default {_SERVER_DEFAULTS.host}:{_SERVER_DEFAULTS.port})",
+            _CONFIG_ENVIRONMENT,
+        )
+    )
+    check = _with_config(
+        _add(
+            sub,
+            "check-config",
+            "validate a config file: print a summary and exit 0, or every problem and exit 1; "
+            "settings that load but are probably unsafe are warnings, on stderr, each naming its key",
+            _CONFIG_ENVIRONMENT,
+        )
+    )
+    check.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
+    _add(sub, "keygen", "print a new Fernet key (for encryption.keys, or as a recovery pepper)", _NO_ENVIRONMENT)
+    demo = _add(
+        sub,
+        "demo",
+        "run the gateway in front of a demo app on the embedded store; DEMO ONLY: its login takes any name",
+        _DEMO_ENVIRONMENT,
+    )
+    demo.add_argument("--port", type=int, default=8080, help="where the gateway listens")
+    demo.add_argument("--host", default="127.0.0.1", help="the address it listens on")
+    demo.add_argument("--dir", default=None, help=f"where the demo keeps its state (default: ./{DEFAULT_DIR})")
+    _users_parser(sub)
+    keys = _with_config(_add(sub, "keys", "manage encryption keys", _CONFIG_ENVIRONMENT))
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    _with_config(
+        _add(
+            keys_sub,
+            "rotate",
+            "re-encrypt every secret under the newest key (the first of encryption.keys)",
+            _CONFIG_ENVIRONMENT,
+        ),
+        leaf=True,
+    )
+    return top
+
+
+def _print_config_error(exc: ConfigError, source: str) -> None:
+    print(f"gateway: {len(exc.problems)} problem(s) in {source}:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def _check_config(config: Config, strict: bool) -> int:
+    found = config_warnings.warnings(config)
+    for warning in found:
+        print(f"gateway: warning: {warning}", file=sys.stderr)
+    print(f"ok: {config.summary()}" + (f" ({len(found)} warning(s))" if found else ""))
+    return EXIT_FAILED if strict and found else EXIT_OK
+
+
+def _users(config: Config, args: argparse.Namespace) -> int:
+    if args.users_command == "import":
+        source_key = admin.read_source_key(args.source_key, args.source_key_file)
+        report = admin.import_users(config, args.file, source_key, args.force)
+        print("\n".join(report.lines))
+        return EXIT_FAILED if report.problems else EXIT_OK
+    user, address = getattr(args, "user", None), getattr(args, "address", None)
+    print(admin.user_command(config, args.users_command, user, address))
+    return EXIT_OK
+
+
+def _uses_demo(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "demo", False))
+
+
+def _config_source(args: argparse.Namespace) -> str:
+    """Where the command's config comes from, as messages name it."""
+    return "the demo's state" if _uses_demo(args) else (args.config or config_module.default_path())
+
+
+def _load(args: argparse.Namespace) -> Config:
+    if _uses_demo(args):
+        return existing_demo_config(getattr(args, "dir", None))
+    return config_module.load(args.config or config_module.default_path())
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        print(new_key())
+        return EXIT_OK
+    if args.command == "demo":
+        return run_demo(host=args.host, port=args.port, state_dir=args.dir)
+    config = _load(args)
+    if args.command == "check-config":
+        return _check_config(config, args.strict)
+    if args.command == "run":
+        return serve(config, args.config)
+    if args.command == "users":
+        return _users(config, args)
+    print(admin.rotate_keys(config))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "keygen":
-        print(new_key())
-        return 0
-    if args.command == "demo":
-        from gateway.demo import run_demo
-
-        return run_demo(host=args.host, port=args.port, state_dir=args.dir)
-    path = args.config
+    """Run one command; its exit status. The one boundary where the gateway's errors become a
+    message on stderr."""
+    args = parser().parse_args(argv)
     try:
-        config = _load(path)
+        return _dispatch(args)
     except ConfigError as exc:
-        _print_config_error(exc, path)
-        return 1
-    try:
-        if args.command == "check-config":
-            print(f"ok: {config.summary()}")
-            return 0
-        if args.command == "run":
-            return serve(config, path)
-        if args.command == "users":
-            if args.users_command == "import":
-                message, code = asyncio.run(_import(config, args.file, _source_key(args), args.force))
-                print(message)
-                return code
-            print(asyncio.run(_users(config, args)))
-            return 0
-        if args.command == "keys":
-            print(asyncio.run(_rotate(config)))
-            return 0
+        _print_config_error(exc, _config_source(args))
     except StoreError as exc:
         print(f"gateway: store error: {exc}", file=sys.stderr)
-        return 1
-    except CommandError as exc:
+    except DecryptError as exc:
+        print(f"gateway: a stored secret does not decrypt: {exc}", file=sys.stderr)
+    except GatewayError as exc:  # AdminError: the message says what to do
         print(f"gateway: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 1
-    return 2
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,5 +1,8 @@
 """How the gateway listens: uvicorn's httptools protocol with limits on what a client sends.
 
+The limits themselves, and the counting of heads and trailers, are in ``gateway.server_limits``;
+``gateway.serve`` builds the uvicorn config around this protocol and runs it.
+
 Threat model (what an unauthenticated client can do before any rule of the gateway runs):
 
 - **A huge head.** llhttp (under httptools) buffers a header line of any length, and uvicorn
@@ -68,44 +71,16 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httptools
 import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-from uvicorn.supervisors import Multiprocess
 
-from gateway.config import ServerConfig
+from gateway.server_limits import BadHandshake, ClientLimits, HeadTooLarge, TrailerCounter
 
 log = logging.getLogger("gateway.server")
-
-
-@dataclass(frozen=True, slots=True)
-class ClientLimits:
-    """What a client may send: the ``server.*`` limits, carried to every connection."""
-
-    max_head_bytes: int = 64 * 1024
-    max_headers: int = 100
-    head_timeout: float = 30.0
-    body_timeout: float = 30.0
-    min_body_rate: int = 1024  # bytes a second, averaged from the body's start; 0: no minimum
-    body_rate_grace: float = 5.0
-    send_timeout: float = 60.0
-
-
-def client_limits(server: ServerConfig) -> ClientLimits:
-    return ClientLimits(
-        max_head_bytes=server.max_head_bytes,
-        max_headers=server.max_headers,
-        head_timeout=server.head_timeout,
-        body_timeout=server.body_timeout,
-        min_body_rate=server.min_body_rate,
-        body_rate_grace=server.body_rate_grace,
-        send_timeout=server.send_timeout,
-    )
 
 
 class LimitedConfig(uvicorn.Config):
@@ -116,40 +91,6 @@ class LimitedConfig(uvicorn.Config):
         # The WebSocket protocol named, not "auto": the handshake deadline reads its state.
         super().__init__(app, http=LimitedHttpToolsProtocol, ws="websockets-sansio", **kwargs)
         self.limits = limits
-
-
-class _HeadTooLarge(Exception):
-    """Raised from a parser callback; httptools hands it back as the context of its error."""
-
-
-class _BadHandshake(Exception):
-    """Raised from a parser callback: a WebSocket handshake RFC 6455 §4.1 does not allow."""
-
-
-class _Trailers:
-    """What ``self.headers`` is while a body is read: uvicorn's ``on_header`` appends trailer
-    fields to it. They are counted and dropped (the gateway forwards no request trailers);
-    past the head's limits, the request is refused. One per connection, no cost per request."""
-
-    __slots__ = ("bytes", "fields", "limits")
-
-    def __init__(self, limits: ClientLimits) -> None:
-        self.limits = limits
-        self.fields = 0  # of the head, then of the head and its trailers
-        self.bytes = 0
-
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        # uvicorn looks for an Upgrade field again at the end of a request with one: a
-        # WebSocket handshake keeps its header list, so none is here.
-        return iter(())
-
-    def append(self, field: tuple[bytes, bytes]) -> None:
-        self.fields += 1
-        self.bytes += len(field[0]) + len(field[1]) + 4
-        if self.fields > self.limits.max_headers:
-            raise _HeadTooLarge(f"more than {self.limits.max_headers} header and trailer fields")
-        if self.bytes > self.limits.max_head_bytes:
-            raise _HeadTooLarge(f"the request head and trailers exceed {self.limits.max_head_bytes} bytes")
 
 
 def _close_unanswered_handshake(transport: asyncio.Transport, protocol: Any, timeout: float) -> None:
@@ -218,7 +159,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._paused_at: float | None = None  # loop.time() when the server stopped reading
         self._write_paused_at: float | None = None  # loop.time() when the client stopped reading
         self._idle_bytes = 0  # received while a body is awaited, since the last body byte
-        self._trailers = _Trailers(self.limits)
+        self._trailers = TrailerCounter(self.limits)
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -254,9 +195,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             context = exc.__context__
-            if isinstance(context, _HeadTooLarge):
+            if isinstance(context, HeadTooLarge):
                 self._refuse(431, "request_header_fields_too_large", str(context))
-            elif isinstance(context, _BadHandshake):
+            elif isinstance(context, BadHandshake):
                 self._send_error(400, "bad_request", str(context))
             else:
                 self._bad_request()
@@ -305,14 +246,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         headers = self.headers
         size = len(self.url) + len(b"".join(itertools.chain.from_iterable(headers))) + 4 * len(headers)
         if size > self.limits.max_head_bytes:
-            raise _HeadTooLarge(f"the request head exceeds {self.limits.max_head_bytes} bytes")
+            raise HeadTooLarge(f"the request head exceeds {self.limits.max_head_bytes} bytes")
         if len(headers) > self.limits.max_headers:
-            raise _HeadTooLarge(f"more than {self.limits.max_headers} header fields")
+            raise HeadTooLarge(f"more than {self.limits.max_headers} header fields")
         upgrade = self.parser.should_upgrade() and self._should_upgrade()
         if upgrade:
             self._check_handshake()
         super().on_headers_complete()
-        if not upgrade:  # the fields llhttp reports from now on are trailers (_Trailers)
+        if not upgrade:  # the fields llhttp reports from now on are trailers (TrailerCounter)
             self._trailers.fields, self._trailers.bytes = len(headers), size
             self.headers = self._trailers  # type: ignore[assignment]
         self._body_pending = True
@@ -329,10 +270,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """RFC 6455 §4.1: the opening handshake is a GET, and has no body (the websockets
         library refuses one without answering)."""
         if self.parser.get_method() != b"GET":
-            raise _BadHandshake("a WebSocket handshake must be a GET")
+            raise BadHandshake("a WebSocket handshake must be a GET")
         for name, value in self.headers:
             if (name == b"content-length" and value.strip() != b"0") or name == b"transfer-encoding":
-                raise _BadHandshake("a WebSocket handshake has no body")
+                raise BadHandshake("a WebSocket handshake has no body")
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -505,14 +446,3 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + body)
         self._close()
-
-
-def serve_uvicorn(config: LimitedConfig) -> bool:
-    """What ``uvicorn.run`` does with a ready Config: one server, or ``config.workers``
-    processes sharing one socket. True once a single server has started and stopped."""
-    server = uvicorn.Server(config=config)
-    if config.workers > 1:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
-        return True
-    server.run()
-    return server.started

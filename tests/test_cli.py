@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import os
 import secrets
 import shutil
@@ -18,10 +19,12 @@ import pyotp
 import pytest
 from cryptography.fernet import Fernet
 
+from gateway import cli as cli_module
 from gateway import config as config_module
 from gateway.config import Config
-from gateway.demo import demo_config, prepare_state
-from gateway.factors import Accepted, SecondFactor
+from gateway.demo.state import demo_config, prepare_state
+from gateway.errors import Reason
+from gateway.factors import SecondFactor
 from gateway.store import Quota, Store, open_store_from_url
 from tests.conftest import RedisServer, need_binary
 from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port, wait_for_port
@@ -83,7 +86,7 @@ def login_works(config: Config, user: str, secret: str, at: float | None = None)
 
     async def check(store: Store, factors: SecondFactor) -> bool:
         outcome = await factors.check_code(user, pyotp.TOTP(secret).at(at), None)
-        return isinstance(outcome, Accepted)
+        return outcome.reason is Reason.CODE
 
     return with_store(config, check, at)
 
@@ -372,3 +375,99 @@ def test_run_never_prints_the_store_password_at_start_up(cli: Cli, tmp_path: Pat
     assert "gateway ready" in output and "default:***@127.0.0.1" in output
     leaked = password in output
     assert not leaked, "the password appears in the output"
+
+
+# -- the command line itself (issue 12 §2.6) ------------------------------------------------------
+
+
+def test_version(cli: Cli) -> None:
+    result = cli("--version", config=False)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"gateway {importlib.metadata.version('gateway')}"
+
+
+CONFIG_ENVIRONMENT = (
+    config_module.ENV_CONFIG,
+    config_module.ENV_KEYS,
+    config_module.ENV_PEPPER,
+    config_module.ENV_JWT_SECRET,
+    config_module.ENV_STORE_URL,
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("run",),
+        ("check-config",),
+        ("users",),
+        ("users", "list"),
+        ("users", "show"),
+        ("users", "reset"),
+        ("users", "logout"),
+        ("users", "unlock"),
+        ("users", "import"),
+        ("keys",),
+        ("keys", "rotate"),
+    ],
+)
+def test_help_of_a_command_that_loads_a_config_names_what_it_reads(
+    command: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "--config" in out and "(default: $GATEWAY_CONFIG, then ./gateway.toml)" in " ".join(out.split())
+    for name in CONFIG_ENVIRONMENT:
+        assert name in out, (command, name)
+
+
+@pytest.mark.parametrize(("command", "says"), [("keygen", "none is read"), ("demo", "none is read")])
+def test_help_of_a_command_that_reads_no_environment_says_so(
+    command: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli_module.main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert says in out
+    assert config_module.ENV_KEYS not in out
+    if command == "demo":  # and its defaults
+        assert "(default: 8080)" in out and "(default: 127.0.0.1)" in out and "./.gateway-demo" in out
+
+
+def test_users_manage_the_demos_users(cli: Cli, tmp_path: Path) -> None:
+    """`gateway users ... --demo --dir D` works on the store `gateway demo --dir D` made, with its
+    keys, and no config file or GATEWAY_* variable at all."""
+    state = tmp_path / "demo"
+    nothing_yet = cli("users", "list", "--demo", "--dir", str(state), config=False)
+    assert nothing_yet.returncode == 1 and "start `gateway demo` first" in nothing_yet.stderr
+    prepare_state(state)
+    config = demo_config(state, "127.0.0.1", 8080, 9999)
+    secret = enrol(config, "alice")
+    cli.env = {}  # the demo's keys are its own files
+    listed = cli("users", "list", "--demo", "--dir", str(state), config=False)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == ["alice"]
+    shown = cli("users", "show", "alice", "--demo", "--dir", str(state), config=False)
+    assert "enrolled: yes" in shown.stdout and secret not in shown.stdout
+    reset = cli("users", "reset", "alice", "--demo", "--dir", str(state), config=False)
+    assert reset.returncode == 0 and "must enrol again" in reset.stdout
+    assert cli("users", "list", "--demo", "--dir", str(state), config=False).stdout.strip() == "(no users)"
+
+
+DANGEROUS = '[server]\ntrusted_proxies = ["0.0.0.0/0"]\n\n[identity]\nmode = "header"\n'
+
+
+def test_check_config_warns_on_stderr_and_fails_only_when_strict(cli: Cli) -> None:
+    """Issue 12 §2.5: a config that loads but lets anyone claim any user says so, naming the key."""
+    safe = cli("check-config", "--strict")
+    assert safe.returncode == 0 and "warning" not in safe.stderr
+
+    cli.path.write_text(cli.path.read_text() + DANGEROUS)
+    lenient = cli("check-config")
+    assert lenient.returncode == 0 and lenient.stdout.startswith("ok: ")
+    assert "warning: server.trusted_proxies[0]" in lenient.stderr
+    assert "trusted_proxies" not in lenient.stdout and lenient.stdout.rstrip().endswith("(1 warning(s))")
+    strict = cli("check-config", "--strict")
+    assert strict.returncode == 1 and "warning: server.trusted_proxies[0]" in strict.stderr

@@ -217,14 +217,15 @@ def test_a_websocket_handshake_still_works(gateway: Gateway) -> None:
 
 
 def test_gateway_run_and_demo_build_the_same_limited_server(tmp_path: Path) -> None:
-    """`gateway demo` serves through cli.serve too: its uvicorn config carries the limits."""
-    from gateway.cli import uvicorn_config
-    from gateway.demo import demo_config, prepare_state
-    from gateway.server import ClientLimits, LimitedHttpToolsProtocol
+    """`gateway demo` serves through serve.serve too: its uvicorn config carries the limits."""
+    from gateway.demo.state import demo_config, prepare_state
+    from gateway.serve import APP_FACTORY, uvicorn_config
+    from gateway.server import LimitedHttpToolsProtocol
+    from gateway.server_limits import ClientLimits
 
     prepare_state(tmp_path / "demo")
     config = demo_config(tmp_path / "demo", "127.0.0.1", 8080, 9999)
-    built = uvicorn_config(config, "gateway.cli:_app_factory")
+    built = uvicorn_config(config, APP_FACTORY)
     assert built.http is LimitedHttpToolsProtocol
     assert built.limits == ClientLimits(64 * 1024, 100, 30.0, 30.0, 1024, 5.0, 60.0)
     assert built.timeout_keep_alive == config.server.keepalive_timeout

@@ -1,22 +1,8 @@
 """The shared store on Redis (>= 7.0), for several gateway instances behind one balancer.
 
-Key layout, ``P`` being the prefix and ``{u}`` the escaped user in a Redis Cluster hash tag,
-so every key of one user lives in one slot and the Lua scripts stay cluster-safe::
-
-    P:{u}:secret      string  active ciphertext
-    P:{u}:pending     string  packed (expires_at, ciphertext), expires at expires_at
-    P:{u}:step        string  last accepted TOTP time step
-    P:{u}:recovery    set     recovery-code hashes
-    P:{u}:sessions    set     session hashes of the user (found again by delete_user)
-    P:{scope}:attempts hash   n, reset_at, locked_until: the attempts taken in the window
-                              ending at reset_at, when the key also expires (scope escaped
-                              like a user: "user%3Aalice"); locked_until while n is at its limit
-    P:s:<hash>        string  packed (expires_at, user), expires at expires_at
-
-Inside the braces ``%``, ``{``, ``}`` and ``:`` are percent-encoded, so no user name can
-close the hash tag early or spell another user's key. Expiring values carry their expiry
-alongside the payload: Redis deletes them in real time, and reads also compare with ``now``
-so a frozen clock in tests sees the same answers as the SQLite store.
+The client side: the connection pools, the batching of attempts into one round trip, and the
+one boundary where redis errors become StoreError. What is kept under which key, and the Lua
+scripts, are in ``gateway.store.redis_layout``.
 """
 
 from __future__ import annotations
@@ -24,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote
@@ -38,120 +23,26 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreError
 from gateway.store.base import Attempt, Quota, UserState, is_key_prefix
+from gateway.store.redis_layout import (
+    ACTIVATE_LUA,
+    ADVANCE_STEP_LUA,
+    COMPARE_AND_SET_LUA,
+    DELETE_USER_LUA,
+    INDEX_SESSION_LUA,
+    RELEASE_ATTEMPT_LUA,
+    TAKE_ATTEMPT_LUA,
+    TAKE_SESSIONS_LUA,
+    pack_expiring,
+    session_key,
+    to_ms,
+    unpack_live,
+    user_key,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 SOCKET_TIMEOUT = 2.0
-_EXPIRY = struct.Struct(">d")
-_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D", ":": "%3A"})
-
-# KEYS: step. ARGV: step. Compare-and-set so one time step is accepted once (RFC 6238 §5.2).
-_ADVANCE_STEP_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-return 1
-"""
-
-# KEYS: secret. ARGV: old, new.
-_COMPARE_AND_SET_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-"""
-
-# KEYS: secret, pending, recovery. ARGV: "1" and the expected secret, or "0" (no secret
-# expected); new.
-_ACTIVATE_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if ARGV[1] == '1' then
-  if cur ~= ARGV[2] then return 0 end
-elseif cur then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('DEL', KEYS[2], KEYS[3])
-return 1
-"""
-
-# KEYS: attempts. ARGV: now, limit, until (= now + window), until in ms, k. Takes up to k
-# attempts (k callers of one event-loop turn on the same scope, RedisStore._flush), as many as
-# there is room for. Returns {taken, until or ""} (until: they used the last room, the scope is
-# now locked), or {0, locked_until} when the quota was already full. Times travel as Python
-# reprs and come back unchanged: Lua would truncate a returned float. The common case (room
-# left, no stale lock) is HMGET, HSET, PEXPIREAT.
-_TAKE_ATTEMPT_LUA = """
-local h = redis.call('HMGET', KEYS[1], 'n', 'reset_at', 'locked_until')
-local limit = tonumber(ARGV[2])
-local n = 0
-if h[1] and tonumber(h[2]) > tonumber(ARGV[1]) then n = tonumber(h[1]) end
-if n >= limit then return {0, h[2]} end
-local k = math.min(tonumber(ARGV[5]), limit - n)
-n = n + k
-if n >= limit then
-  redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3], 'locked_until', ARGV[3])
-else
-  redis.call('HSET', KEYS[1], 'n', n, 'reset_at', ARGV[3])
-  if h[3] then redis.call('HDEL', KEYS[1], 'locked_until') end
-end
-redis.call('PEXPIREAT', KEYS[1], ARGV[4])
-if n >= limit then return {k, ARGV[3]} end
-return {k, ''}
-"""
-
-# KEYS: attempts. One attempt given back; the count is then below its limit, so no lock.
-_RELEASE_ATTEMPT_LUA = """
-local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
-if not n then return 0 end
-if n > 0 then redis.call('HSET', KEYS[1], 'n', n - 1) end
-redis.call('HDEL', KEYS[1], 'locked_until')
-return 1
-"""
-
-# KEYS: sessions. ARGV: session hash, expires_at in ms. The index lives as long as its
-# longest session (PEXPIRETIME is -1 on a fresh key, so the first session always sets it).
-_INDEX_SESSION_LUA = """
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('PEXPIRETIME', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-end
-return 1
-"""
-
-# KEYS: secret, pending, step, recovery, sessions. Returns the session hashes it dropped.
-# Take the whole session index at once: a session opened after this is a new one, kept.
-_TAKE_SESSIONS_LUA = """
-local sessions = redis.call('SMEMBERS', KEYS[1])
-redis.call('DEL', KEYS[1])
-return sessions
-"""
-
-_DELETE_USER_LUA = """
-local sessions = redis.call('SMEMBERS', KEYS[5])
-redis.call('DEL', unpack(KEYS))
-return sessions
-"""
-
-
-def _escape(name: str) -> str:
-    return name.translate(_ESCAPES)
-
-
-def _ms(t: float) -> int:
-    return int(t * 1000)
-
-
-def _pack(expires_at: float, payload: bytes) -> bytes:
-    return _EXPIRY.pack(expires_at) + payload
-
-
-def _unpack(value: bytes | str | None, now: float) -> bytes | None:
-    """The payload of a packed value, or None when absent or expired at ``now``."""
-    if not isinstance(value, bytes) or len(value) < _EXPIRY.size:
-        return None
-    (expires_at,) = _EXPIRY.unpack_from(value)
-    return value[_EXPIRY.size :] if expires_at > now else None
 
 
 def _pool(url: str, max_connections: int, read_timeout: float | None) -> aioredis.BlockingConnectionPool:
@@ -235,19 +126,19 @@ class RedisStore:
         self._batch_client = aioredis.Redis.from_pool(batch_pool)
         self._open = False
         # EVALSHA with the script's digest, loading it once on NOSCRIPT (also after a restart).
-        self._lua_advance_step = self._client.register_script(_ADVANCE_STEP_LUA)
-        self._lua_replace_secret = self._client.register_script(_COMPARE_AND_SET_LUA)
-        self._lua_activate = self._client.register_script(_ACTIVATE_LUA)
-        self._lua_take_attempt = self._client.register_script(_TAKE_ATTEMPT_LUA)
+        self._lua_advance_step = self._client.register_script(ADVANCE_STEP_LUA)
+        self._lua_replace_secret = self._client.register_script(COMPARE_AND_SET_LUA)
+        self._lua_activate = self._client.register_script(ACTIVATE_LUA)
+        self._lua_take_attempt = self._client.register_script(TAKE_ATTEMPT_LUA)
         # What the next flush sends: plain commands, and attempts by (key, limit, window).
         self._queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
         self._takes: dict[tuple[bytes, int, float], list[tuple[float, asyncio.Future[tuple[bool, bytes]]]]] = {}
         self._flushes: set[asyncio.Task[None]] = set()
         self._flush_due = False
-        self._lua_release_attempt = self._client.register_script(_RELEASE_ATTEMPT_LUA)
-        self._lua_index_session = self._client.register_script(_INDEX_SESSION_LUA)
-        self._lua_delete_user = self._client.register_script(_DELETE_USER_LUA)
-        self._lua_take_sessions = self._client.register_script(_TAKE_SESSIONS_LUA)
+        self._lua_release_attempt = self._client.register_script(RELEASE_ATTEMPT_LUA)
+        self._lua_index_session = self._client.register_script(INDEX_SESSION_LUA)
+        self._lua_delete_user = self._client.register_script(DELETE_USER_LUA)
+        self._lua_take_sessions = self._client.register_script(TAKE_SESSIONS_LUA)
 
     @property
     def _r(self) -> aioredis.Redis:
@@ -256,10 +147,10 @@ class RedisStore:
         return self._client
 
     def _key(self, name: str, kind: str) -> str:
-        return f"{self.prefix}:{{{_escape(name)}}}:{kind}"
+        return user_key(self.prefix, name, kind)
 
     def _session_key(self, session_hash: str) -> str:
-        return f"{self.prefix}:s:{session_hash}"
+        return session_key(self.prefix, session_hash)
 
     # -- lifecycle -------------------------------------------------------------------------
     @_translate_errors
@@ -301,11 +192,11 @@ class RedisStore:
 
     @_translate_errors
     async def get_pending(self, user: str, now: float) -> bytes | None:
-        return _unpack(await self._r.get(self._key(user, "pending")), now)
+        return unpack_live(await self._r.get(self._key(user, "pending")), now)
 
     @_translate_errors
     async def set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None:
-        await self._r.set(self._key(user, "pending"), _pack(expires_at, ciphertext), pxat=_ms(expires_at))
+        await self._r.set(self._key(user, "pending"), pack_expiring(expires_at, ciphertext), pxat=to_ms(expires_at))
 
     @_translate_errors
     async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
@@ -395,7 +286,7 @@ class RedisStore:
         for (key, limit, window), waiters in takes.items():
             now = max(at for at, _ in waiters)
             until = now + window
-            commands.append(("EVALSHA", sha, 1, key, repr(now), limit, repr(until), _ms(until), len(waiters)))
+            commands.append(("EVALSHA", sha, 1, key, repr(now), limit, repr(until), to_ms(until), len(waiters)))
         try:
             if not self._open:
                 raise StoreError("redis store is not open")
@@ -409,7 +300,7 @@ class RedisStore:
                 # EVALSHA; on NOSCRIPT (a restarted server) no script of the batch ran: load it
                 # once and send again. redis-py's pipeline scripts would ask SCRIPT EXISTS each time.
                 if first and any(isinstance(r, NoScriptError) for r in replies):
-                    await self._r.script_load(_TAKE_ATTEMPT_LUA)
+                    await self._r.script_load(TAKE_ATTEMPT_LUA)
                     continue
                 break
         except BaseException as exc:  # every caller gets the error (translated where it awaits)
@@ -469,8 +360,8 @@ class RedisStore:
         # by the second attack: 235 of 300 such sessions outlived `users reset`).
         index = self._key(user, "sessions")
         key = self._session_key(session_hash)
-        await self._lua_index_session(client=self._r, keys=[index], args=[session_hash, _ms(expires_at)])
-        await self._r.set(key, _pack(expires_at, user.encode()), pxat=_ms(expires_at))
+        await self._lua_index_session(client=self._r, keys=[index], args=[session_hash, to_ms(expires_at)])
+        await self._r.set(key, pack_expiring(expires_at, user.encode()), pxat=to_ms(expires_at))
         if not await self._r.sismember(index, session_hash):
             await self._r.delete(key)
             return False
@@ -478,13 +369,13 @@ class RedisStore:
 
     @_translate_errors
     async def get_session(self, session_hash: str, now: float) -> str | None:
-        user = _unpack(await self._r.get(self._session_key(session_hash)), now)
+        user = unpack_live(await self._r.get(self._session_key(session_hash)), now)
         return None if user is None else user.decode()
 
     @_translate_errors
     async def revoke_session(self, session_hash: str) -> None:
         value = await self._r.getdel(self._session_key(session_hash))
-        user = _unpack(value, float("-inf"))
+        user = unpack_live(value, float("-inf"))
         if user is not None:
             await self._r.srem(self._key(user.decode(), "sessions"), session_hash)
 
@@ -545,7 +436,7 @@ class RedisStore:
                 for session_hash in ordered:
                     pipe.get(self._session_key(session_hash.decode()))
                 values = await pipe.execute()
-            live = sum(_unpack(v, now) is not None for v in values)
+            live = sum(unpack_live(v, now) is not None for v in values)
             # Lazy purge of the index, only of sessions Redis itself has dropped: ``now`` may
             # be a caller's clock, and an index entry lost too early would hide a live session.
             gone = [h for h, v in zip(ordered, values, strict=True) if v is None]
@@ -555,7 +446,7 @@ class RedisStore:
         return UserState(
             user=user,
             enrolled=bool(enrolled),
-            pending=_unpack(pending, now) is not None,
+            pending=unpack_live(pending, now) is not None,
             locked_until=until if until is not None and until > now else None,
             failures=int(n) if n is not None and float(reset_at) > now else 0,
             recovery_codes_left=int(codes),

@@ -26,7 +26,8 @@ from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.crypto import SecretBox
-from gateway.server import LimitedConfig, client_limits
+from gateway.server import LimitedConfig
+from gateway.server_limits import client_limits
 from gateway.store import open_store_from_url
 from gateway.totp import new_secret
 

@@ -1,0 +1,109 @@
+"""Serving a checked config: logging, the store's first ping, the app, uvicorn.
+
+The entry point that serves the app, and so the only module (with tests and bench) that imports
+``gateway.app``: ``gateway run`` and ``gateway demo`` both come through :func:`serve`, so both
+listen with the same limited protocol (``gateway.server``) and the same uvicorn settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from gateway import config as config_module
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.errors import StoreError
+from gateway.logs import configure_logging
+from gateway.server import LimitedConfig
+from gateway.server_limits import client_limits
+from gateway.store import open_store_from_url
+from gateway.tables import redact_url
+
+# What uvicorn imports in each worker process when server.workers > 1.
+APP_FACTORY = "gateway.serve:app_factory"
+
+
+def configure_logging_for(config: Config) -> None:
+    """Logging as ``server.log_level`` says, with the config's secret-bearing header and cookies
+    redacted from every line."""
+    jwt_cookie = config.identity.jwt.cookie if config.identity.jwt else None
+    configure_logging(
+        config.server.log_level,
+        headers=(config.totp.header,),
+        cookies=tuple(c for c in (config.session.cookie, jwt_cookie) if c),
+    )
+
+
+def app_factory() -> object:
+    """For uvicorn workers > 1: each worker process loads the config the parent checked (and,
+    being a fresh process, sets up its own logging)."""
+    config = config_module.load(config_module.default_path())
+    configure_logging_for(config)
+    return create_app(config)
+
+
+def uvicorn_config(config: Config, app: object) -> LimitedConfig:
+    """The one uvicorn configuration of ``gateway run`` and ``gateway demo`` (tests use it too)."""
+    server = config.server
+    return LimitedConfig(
+        app,
+        limits=client_limits(server),
+        host=server.host,
+        port=server.port,
+        log_level=server.log_level,
+        access_log=server.access_log,
+        timeout_keep_alive=server.keepalive_timeout,
+        # The gateway reads X-Forwarded-For itself, from trusted proxies only; uvicorn's
+        # own rewriting of the client address would let it be spoofed.
+        proxy_headers=False,
+        server_header=False,
+        lifespan="on",
+        log_config=None,
+        workers=server.workers,
+        factory=isinstance(app, str),
+    )
+
+
+async def _ping_store(config: Config) -> None:
+    store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
+    await store.open()
+    try:
+        await store.ping()
+    finally:
+        await store.close()
+
+
+def serve_uvicorn(config: LimitedConfig) -> bool:
+    """What ``uvicorn.run`` does with a ready Config: one server, or ``config.workers``
+    processes sharing one socket. True once a single server has started and stopped."""
+    server = uvicorn.Server(config=config)
+    if config.workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return True
+    server.run()
+    return server.started
+
+
+def serve(config: Config, config_path: str | None = None) -> int:
+    """Serve until stopped; the exit status. A store that does not answer now is one clear
+    line, not a traceback on the first request."""
+    configure_logging_for(config)
+    try:
+        asyncio.run(_ping_store(config))
+    except StoreError as exc:
+        print(f"gateway: the store at {redact_url(config.store.url)} is unreachable: {exc}", file=sys.stderr)
+        return 1
+    if config.server.workers > 1:
+        if config_path:
+            # The one way to hand the checked config's path to the worker processes uvicorn
+            # spawns: they import APP_FACTORY, which reads it back through config.default_path.
+            os.environ[config_module.ENV_CONFIG] = os.path.abspath(config_path)
+        started = serve_uvicorn(uvicorn_config(config, APP_FACTORY))
+    else:
+        started = serve_uvicorn(uvicorn_config(config, create_app(config)))
+    return 0 if started else 1
