@@ -117,9 +117,9 @@ async def proxy_websocket(
         # The host policy, checked again here (gateway/hosts.py): the dispatch may not have.
         where = forwarder.addressed(scope, facts.peer_trusted)
     except MalformedHost:
-        return await _refuse(scope, send, Reason.MALFORMED_REQUEST)
+        return await refuse_handshake(scope, send, Reason.MALFORMED_REQUEST)
     except MisdirectedHost:
-        return await _refuse(scope, send, Reason.MISDIRECTED)
+        return await refuse_handshake(scope, send, Reason.MISDIRECTED)
     fields = forwarder.request_headers({**scope, "method": "GET"}, user, facts.peer_trusted, where)
     host = fields[0][1].decode("latin-1")  # request_headers puts Host first
     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields[1:] if k not in _HANDSHAKE]
@@ -158,7 +158,7 @@ async def proxy_websocket(
         await _relay(upstream, receive, send, ended)
 
 
-async def _refuse(scope: Scope, send: Send, reason: Reason) -> None:
+async def refuse_handshake(scope: Scope, send: Send, reason: Reason) -> None:
     """Refuse the handshake with the denial's status and JSON body (the ASGI "WebSocket Denial
     Response" extension), or, from a server without it, by closing it (HTTP 403)."""
     if "websocket.http.response" not in scope.get("extensions", {}):
