@@ -105,6 +105,12 @@ def test_a_newcomer_enrols_in_chromium_and_reaches_the_protected_page(demo: tupl
             page.get_by_role("button", name="Turn on two-factor authentication").click()
             codes = page.locator("#recovery-codes li").all_inner_texts()
             assert len(codes) == 10
+            # Copy and download (gateway/static/codes.js) ran under the CSP: the buttons show,
+            # and the download is the codes, made in the browser (issue 12 §2.4).
+            expect(page.get_by_role("button", name="Copy codes")).to_be_visible()
+            with page.expect_download() as download:
+                page.get_by_role("button", name="Download as a text file").click()
+            assert Path(download.value.path()).read_text().split() == codes
             shot("05-recovery-codes")
 
             page.get_by_role("link", name="I have saved them, continue").click()
@@ -121,8 +127,16 @@ def test_a_newcomer_enrols_in_chromium_and_reaches_the_protected_page(demo: tupl
             expect(page).to_have_url(re.compile(r"/verify-2fa\?next=/protected$"))
             shot("08-verify")
             page.get_by_text("Use a recovery code instead").click()
+            # A wrong recovery code is called one, and its form stays open (issue 12 §2.4).
+            page.get_by_label("Recovery code").fill("AAAAA-BBBBB")
+            page.get_by_role("button", name="Use recovery code").click()
+            expect(page.get_by_role("alert")).to_contain_text("recovery code is wrong")
+            expect(page.get_by_label("Recovery code")).to_be_visible()
             page.get_by_label("Recovery code").fill(codes[0])
             page.get_by_role("button", name="Use recovery code").click()
+            expect(page.get_by_role("status")).to_contain_text("You have 9 recovery codes left")
+            shot("09-recovery-code-used")
+            page.get_by_role("link", name="Continue").click()
             expect(page).to_have_url(base + "/protected")
             expect(page.locator("body")).to_contain_text("user alice")
         finally:
