@@ -3,7 +3,7 @@
 Users are enrolled and sessions opened through the gateway's own code (``SecretBox``,
 ``Store``, ``SecondFactor``); a session for the HTTP rows comes from one real code check over
 HTTP. Only the bulk seeding of row 8 (up to a million users) writes Redis directly, with
-``redis-cli --pipe``, using the key names and value layout of ``gateway.store.redis`` itself,
+``redis-cli --pipe``, using the key names and value layout of ``gateway.store.redis_layout`` itself,
 and reads a sample back through the store to prove the layout still matches.
 """
 
@@ -123,7 +123,7 @@ def session_by_code(url: str, headers: Mapping[str, str], config: Config, secret
 
 def bulk_seed(redis_port: int, config: Config, count: int, sessions: bool = True) -> float:
     """Add ``count`` filler users (one secret each, and a live session each when ``sessions``)
-    in the key layout of ``gateway.store.redis``; returns the seconds it took."""
+    in the key layout of ``gateway.store.redis_layout``; returns the seconds it took."""
     from gateway.store.redis import RedisStore
     from gateway.store.redis_layout import pack_expiring
 
