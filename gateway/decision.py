@@ -52,6 +52,13 @@ class Decision:
     def allowed(self) -> bool:
         return self.reason in ALLOWED
 
+    @property
+    def forwarded_user(self) -> str | None:
+        """Who the upstream is told the request comes from: the user of a request allowed by a
+        2FA session or code; None for an excluded path (no identity is read there) and for
+        every denial."""
+        return self.user if self.reason is Reason.SESSION or self.reason is Reason.CODE else None
+
 
 def is_trusted(address: str | None, networks: tuple[IPNetwork, ...]) -> bool:
     if not address or not networks:

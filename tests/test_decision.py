@@ -93,6 +93,24 @@ async def test_order_of_the_decision(tmp_path: Path) -> None:
     await factors.store.close()
 
 
+async def test_only_a_request_let_in_by_its_second_factor_names_a_user_to_forward(tmp_path: Path) -> None:
+    """``Decision.forwarded_user``: the one rule for "which user does the upstream hear of", so
+    the proxy, /auth and the WebSocket handshake need not test ``reason is not EXCLUDED``."""
+    clock = Clock()
+    cfg, decider, factors = await setup(tmp_path, clock)
+    excluded = await decider.decide(facts("/public/x"))  # a Remote-User is sent, and not read
+    assert excluded.allowed and excluded.user is None and excluded.forwarded_user is None
+    denied = await decider.decide(facts("/admin"))
+    assert denied.user == "alice" and denied.forwarded_user is None
+    secret = await enrol_direct(cfg, factors, "alice")
+    clock.now += cfg.store.cache_ttl
+    by_code = await decider.decide(facts("/admin", code=pyotp.TOTP(secret).at(clock.now)))
+    assert by_code.reason is Reason.CODE and by_code.forwarded_user == "alice"
+    by_session = await decider.decide(facts("/admin", cookie=f"{cfg.session.cookie}={by_code.new_session}"))
+    assert by_session.reason is Reason.SESSION and by_session.forwarded_user == "alice"
+    await factors.store.close()
+
+
 async def test_concurrent_requests_with_one_code_give_exactly_one_success(tmp_path: Path) -> None:
     clock = Clock()
     cfg, decider, factors = await setup(tmp_path, clock)
