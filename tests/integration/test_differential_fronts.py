@@ -7,7 +7,9 @@ raw target, so what must hold is that the app receives exactly one request per a
 gave, a ``Remote-User`` only for a user who proved both factors, and for no user only a path
 the gateway excludes (and that arrived canonical, as the exclusion requires); never a code
 header, an upgrade, a routing override or an ambiguous framing. Proxy mode behind nginx
-(``proxy_pass.conf``) is checked the same way.
+(``proxy_pass.conf``) is checked the same way, and the app must see the Host the client sent
+nginx, once, in ``Host`` and ``X-Forwarded-Host`` (``upstream.pass_host``); a hostile Host is
+refused by nginx or by the gateway and reaches nothing.
 
 ``GATEWAY_FUZZ_EXAMPLES`` scales the number of conversations (a third of it per front,
 default 100).
@@ -26,12 +28,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import AmbiguousPath
+from gateway.http import split_host
 from gateway.paths import canonical_path, encode_path
 from tests.conftest import need_binary
 from tests.support.conversations import AMBIGUOUS, NEVER_UPSTREAM, USERS, Spec, excluded, requests, same_name
 from tests.support.fronts import CaddyFront, NginxFront, basic_auth, raw_request, totp_now
 from tests.support.recorder import RawClient, Received, Recorder
 from tests.support.servers import GatewayServer, enrol, make_config
+from tests.test_hosts import HOSTILE_HOSTS
 
 pytestmark = pytest.mark.integration
 
@@ -149,8 +153,12 @@ def _canonical(path: str) -> str | None:
 REFRAMED = {"caddy forward_auth": frozenset({"both"})}
 
 
-def check(spec: Spec, received: Received, front: str = "") -> None:
+def check(spec: Spec, received: Received, front: str = "", host: str = "") -> None:
     ambiguous = AMBIGUOUS - REFRAMED.get(front, frozenset())
+    if front == "nginx proxy_pass":
+        # nginx sets Host and X-Forwarded-Host to $http_host; the gateway passes them on.
+        assert received.header("host") == [host] and received.header("x-forwarded-host") == [host]
+        assert received.header("x-forwarded-proto") == ["http"]
     assert spec.framing not in ambiguous, "a request with ambiguous framing reached the app"
     assert received.method == spec.method
     path = received.target.split("?", 1)[0]
@@ -216,4 +224,21 @@ def converse(front: Front, app: Recorder, data: st.DataObject) -> None:
     event(f"{len(claimed)} of {len(specs)} reached the app")
     assert sorted(seq for _, seq in claimed) == sorted(got)
     for spec, seq in claimed:
-        check(spec, got[seq], front.name)
+        check(spec, got[seq], front.name, f"127.0.0.1:{front.port}")
+
+
+@pytest.mark.parametrize("host", [*HOSTILE_HOSTS, "App.Example:8080", "[::1]:1"])
+def test_nginx_proxy_pass_hostile_host(nginx_proxy_pass: Front, app: Recorder, host: str) -> None:
+    before = len(app.snapshot()[0])
+    auth = ": ".join(identity("alice"))
+    data = f"GET /public/x HTTP/1.1\r\nHost: {host}\r\n{auth}\r\nConnection: close\r\n\r\n".encode()
+    with RawClient(nginx_proxy_pass.port, timeout=5) as client:
+        answer = client.ask(data)
+    got = app.snapshot()[0][before:]
+    if split_host(host.strip()) is None:
+        assert answer is None or answer.status == 400, answer
+        assert got == []
+    else:
+        assert answer is not None and answer.status == 200
+        sent = host.strip()  # RFC 9110 §5.5: the whitespace around a field value is not part of it
+        assert [(r.header("host"), r.header("x-forwarded-host")) for r in got] == [([sent], [sent])]
