@@ -55,7 +55,9 @@ def _hash(source: str) -> str:
 class Pages:
     """Renders the templates with what every page needs (issuer, routes, code length)."""
 
-    def __init__(self, config: Config, directory: Path = DIRECTORY, static: Path = STATIC) -> None:
+    def __init__(self, config: Config, directory: Path | None = None, static: Path | None = None) -> None:
+        directory = directory or DIRECTORY  # read now, so a test can point it elsewhere
+        static = static or STATIC
         digits = config.totp.digits
         self.common: dict[str, Any] = {
             "issuer": config.totp.issuer,
@@ -78,6 +80,8 @@ class Pages:
         try:
             css = (directory / "style.css").read_text(encoding="utf-8").strip()
             script = (static / "codes.js").read_text(encoding="utf-8").strip()
+            # base.html too: "extends" loads it at render time, from the environment's cache.
+            env.get_template("base.html")
             self._templates = {name: env.get_template(name) for name in TEMPLATES}
         except (OSError, jinja2.TemplateError) as exc:
             self._templates = {}
