@@ -1,28 +1,42 @@
-"""Reading one TOML table with typed getters that collect problems under their full key
-(``server.port: expected an integer, got str``), so ``config.py`` can report every mistake at
-once and name each one. Unknown keys are problems too (``Table.finish``)."""
+"""Declaring and reading the keys of one TOML table.
+
+A key is declared once, as a dataclass field made by ``key()``: its default, its range or
+choices, how it is read and checked, and the comment ``gateway.example.toml`` shows for it.
+``read_table`` reads a table from those declarations, with typed getters that collect problems
+under their full key (``server.port: expected an integer, got str``), so every mistake is
+reported at once and named; an unknown key is a problem too (``Table.finish``).
+``render_table`` writes the table's part of the example from the same declarations.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import ipaddress
+import inspect
+import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
-from gateway.http import is_token
+from gateway.http import is_token, split_host
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
 
 
 class Table:
     """One TOML table being read: typed getters that record problems under their full key."""
 
-    def __init__(self, name: str, data: Any, problems: list[str]) -> None:
+    def __init__(self, name: str, data: Any, problems: list[str], env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.problems = problems
+        self.env: Mapping[str, str] = env or {}
         self.seen: set[str] = set()
         if not isinstance(data, dict):
             problems.append(f"{name}: must be a table")
@@ -107,6 +121,176 @@ class Table:
             self.problem(key, unknown("key", key, self.seen))
 
 
+# -- declaring keys ---------------------------------------------------------------------------
+
+Reader = Callable[[Table, str, Any], Any]
+"""How a key is read: ``(table, key, default) -> value``, naming any problem under the key."""
+
+_KEY = "gateway.key"  # the dataclass field metadata entry holding a Key
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One key's declaration, beyond its field's name and default: see ``key()``."""
+
+    read: Reader
+    note: str
+    doc: str
+    limits: str
+    shown: Any
+    commented: bool
+    env: tuple[str, str] | None
+    file_sample: str | None
+    table: type[DataclassInstance] | None
+
+
+def key(
+    default: Any,
+    note: str = "",
+    *,
+    doc: str = "",
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] = (),
+    read: Reader | None = None,
+    shown: Any = dataclasses.MISSING,
+    commented: bool | None = None,
+    env: tuple[str, str] | None = None,
+    file_sample: str | None = None,
+    table: type[DataclassInstance] | None = None,
+) -> Any:
+    """A dataclass field declaring one config key, in one place.
+
+    ``note`` is the comment after the value in ``gateway.example.toml`` (the range ``low..high``
+    or the ``choices`` are added to it), ``doc`` the comment lines above it. ``read`` reads and
+    checks it (default: by the default's type, ``low..high`` and ``choices``). The example shows
+    ``shown`` instead of the default, as a comment when ``commented`` (default: when the default
+    is None). A secret is also read from
+    ``<key>_file`` and from the environment variable ``env`` = (name, what it holds); the example
+    shows ``<key>_file = file_sample``. ``table``: the class of a sub-table (read by the caller; the
+    example shows it commented out).
+    """
+    if read is None:
+        read = _typed_reader(default, low, high, choices)
+    limits = f"{_number(low)}..{_number(high)}" if low is not None and high is not None else ""
+    if choices:
+        limits = ", ".join(choices)
+    if commented is None:
+        commented = default is None  # an optional key is shown as a commented-out sample
+    declared = Key(read, note, doc, limits, shown, commented, env, file_sample, table)
+    # A secret stays out of repr(), and so out of any log line or traceback that shows a config.
+    hidden = env is not None or file_sample is not None
+    return dataclasses.field(default=default, repr=not hidden, metadata={_KEY: declared})
+
+
+def _typed_reader(default: Any, low: float | None, high: float | None, choices: tuple[str, ...]) -> Reader:
+    if choices:
+        return lambda t, name, d: t.choice(name, d, choices)
+    if low is not None and high is not None:
+        return lambda t, name, d: t.number(name, d, low, high)
+    if isinstance(default, tuple):
+        return lambda t, name, d: t.strings(name, d)
+    if default is None:
+        return lambda t, name, d: t.opt_str(name)
+    kind = type(default)
+    return lambda t, name, d: t.get(name, kind, d)
+
+
+def declared(cls: type[DataclassInstance]) -> list[tuple[str, Any, Key]]:
+    """``(name, default, Key)`` of every key ``cls`` declares, in order."""
+    return [(f.name, f.default, f.metadata[_KEY]) for f in dataclasses.fields(cls) if _KEY in f.metadata]
+
+
+def read_table(cls: type[D], t: Table, defaults: Mapping[str, Any] | None = None, **given: Any) -> D:
+    """An instance of ``cls`` read from ``t`` by its declarations; ``given`` fields are already
+    read (by a caller that checks them with other keys), ``defaults`` replace declared ones.
+    Then every key of ``t`` nobody asked for is named as unknown."""
+    values = dict(given)
+    for name, default, k in declared(cls):
+        if name not in given:
+            values[name] = k.read(t, name, (defaults or {}).get(name, default))
+    t.finish()
+    return cls(**values)
+
+
+def each(parse: Callable[[str], Any]) -> Reader:
+    """A reader for a list of strings, each made into a value by ``parse``, whose ValueError is
+    named as ``key[i]``."""
+
+    def read(t: Table, name: str, default: Any) -> Any:
+        if name not in t.data:
+            t.seen.add(name)
+            return default
+        out: list[Any] = []
+        for i, text in enumerate(t.strings(name, ())):
+            try:
+                out.append(parse(text))
+            except ValueError as exc:
+                t.problems.append(f"{t.key(name)}[{i}]: {exc}")
+        return tuple(out)
+
+    return read
+
+
+def secret_value(env_name: str | None) -> Reader:
+    """A reader for a secret given inline, as ``<key>_file``, or in ``env_name``: one of them."""
+    return lambda t, name, d: t.secret(name, t.env, env_name) or d
+
+
+# -- the example ---------------------------------------------------------------------------------
+
+_NOTE_COLUMN = 27
+
+
+def render_table(name: str, cls: type[DataclassInstance], commented: bool = False) -> list[str]:
+    """``[name]`` and its keys as ``gateway.example.toml`` shows them, from the declarations:
+    the class docstring, then each key's doc, ``key = value`` and note."""
+    mark = "# " if commented else ""
+    lines = [f"{mark}[{name}]"]
+    doc = cls.__dict__.get("__doc__")
+    lines += _comment(inspect.cleandoc(doc) if doc else "")
+    subtables: list[tuple[str, type[DataclassInstance]]] = []
+    for key_name, default, k in declared(cls):
+        if k.table is not None:
+            subtables.append((key_name, k.table))
+            continue
+        lines += _comment(k.doc)
+        value = default if k.shown is dataclasses.MISSING else k.shown
+        note = f"{k.note} ({k.limits})" if k.note and k.limits else k.note or k.limits
+        # A secret with no default is shown only in its *_file form: it does not belong inline.
+        secret_key = k.env is not None or k.file_sample is not None
+        if value is not None and not (secret_key and not value):
+            prefix = "# " if (commented or k.commented) else ""
+            lines.append(_with_note(f"{prefix}{key_name} = {toml_value(value)}", note))
+            note = ""
+        if k.file_sample is not None:
+            note = "; ".join(n for n in (note, f"or {k.env[0]}" if k.env else "") if n)
+            lines.append(_with_note(f"# {key_name}_file = {toml_value(k.file_sample)}", note))
+    for key_name, sub in subtables:
+        lines += ["", *render_table(f"{name}.{key_name}", sub, commented=True)]
+    return lines
+
+
+def _comment(text: str) -> list[str]:
+    return [f"# {line}".rstrip() for line in text.splitlines()] if text else []
+
+
+def _with_note(line: str, note: str) -> str:
+    return f"{line:<{_NOTE_COLUMN}} # {note}" if note else line
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as TOML: a bool, number, string or list of them; anything else as its str()."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    # A JSON string is a TOML basic string (TOML 1.0 §String: the same escapes).
+    return json.dumps(value if isinstance(value, str) else str(value), ensure_ascii=False)
+
+
 def unknown(what: str, name: str, known: Iterable[str]) -> str:
     """``unknown key``, with the closest known name when one is close enough to be the typo."""
     close = difflib.get_close_matches(name, sorted(known), n=1)
@@ -121,6 +305,15 @@ def _number(x: float) -> str:
 def kind_name(kinds: tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "a table"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def host_port(value: str) -> str:
+    """``value`` lower-cased if it is an RFC 3986 ``host [":" port]`` by the one grammar the
+    gateway applies to ``Host`` (``http.split_host``; an IPv6 address in brackets); ValueError
+    otherwise."""
+    if split_host(value) is None:
+        raise ValueError(f'"{value}" is not a host or host:port (an IPv6 address goes in [])')
+    return value.lower()
 
 
 def header_name(t: Table, key: str, default: str) -> str:
@@ -141,37 +334,6 @@ def route_path(t: Table, key: str, default: str, switchable: bool = False) -> st
         t.problem(key, f'"{value}" must be an absolute path like "/verify-2fa" with no trailing slash')
         return default
     return value
-
-
-# RFC 3986 §3.2.2: reg-name = *( unreserved / pct-encoded / sub-delims ); an IPv4 address is one
-# too. §3.2.3: port = *DIGIT (here 1 to 5 of them, at most 65535).
-_REG_NAME = re.compile(r"(?:[a-z0-9\-._~!$&'()*+,;=]|%[0-9a-f]{2})+")
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
-def host_port(t: Table, key: str, index: int, value: str) -> str | None:
-    """``value`` lower-cased when it is an RFC 3986 ``host [":" port]`` (an IPv6 address in
-    brackets, §3.2.2), else None after naming the problem as ``key[index]``."""
-    text = value.lower()
-    host, port = text, ""
-    if text.startswith("["):
-        inside, close, rest = text[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(inside)
-            ok = bool(close) and "%" not in inside  # no zone id: RFC 6874 is not for Host
-        except ValueError:
-            ok = False
-        host, port = "", rest
-    else:
-        host, colon, port = text.rpartition(":") if ":" in text else (text, "", "")
-        port = colon + port
-        ok = _REG_NAME.fullmatch(host) is not None
-    if ok and port:
-        ok = port.startswith(":") and _PORT.fullmatch(port[1:]) is not None and int(port[1:]) <= 65535
-    if not ok:
-        t.problems.append(f'{t.key(key)}[{index}]: "{value}" is not a host or host:port (an IPv6 address goes in [])')
-        return None
-    return text
 
 
 _QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,10 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from gateway import config, config_warnings
+from gateway import config, config_keys, config_warnings
 from gateway.errors import ConfigError
+from gateway.tables import declared
+from gateway.totp import TotpParams
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = Fernet.generate_key().decode()
@@ -352,3 +357,69 @@ def test_absolute_login_url_may_carry_a_query() -> None:
     assert problems({"identity": {"login_url": "javascript:alert(1)?{next}"}}) == [
         'identity.login_url: must be a local path like "/login?next={next}" or an http(s) URL'
     ]
+
+
+def test_example_file_is_written_from_the_declarations() -> None:
+    # Each key is declared once (gateway/config_keys.py); the example is made from it.
+    written = (ROOT / "gateway.example.toml").read_text(encoding="utf-8")
+    assert written == config.example(), "run: python -m gateway.config --example > gateway.example.toml"
+
+
+def test_example_shows_every_declared_key_with_its_default_and_no_other() -> None:
+    text = config.example()
+    data = tomllib.loads(text)
+    assert set(data) == set(config.SECTIONS)
+    tables = list(config_keys.TABLES)
+    for name, cls in tables:
+        keys = declared(cls)
+        tables += [(f"{name}.{key_name}", k.table) for key_name, _, k in keys if k.table is not None]
+        section = re.split(rf"^(?:# )?\[{re.escape(name)}\]\n", text, flags=re.M)[1]
+        section = re.split(r"^(?:# )?\[", section, flags=re.M)[0]
+        for key_name, _, k in keys:
+            if k.table is not None:
+                continue
+            # set, or shown commented out (a sample, or a secret's *_file form)
+            assert re.search(rf"^(# )?{key_name}(_file)? = ", section, re.M), f"{name}.{key_name} not shown"
+            if k.doc:
+                assert all(f"# {line}".rstrip() in section for line in k.doc.splitlines()), f"{name}.{key_name}"
+        if "." not in name:
+            assert set(data[name]) <= {key_name for key_name, _, _ in keys}, f"[{name}] has an undeclared key"
+    # What the example sets is the declared default, except where a key declares a value to show.
+    shown: dict[str, dict[str, Any]] = {}
+    for name, cls in config_keys.TABLES:
+        for key_name, _, k in declared(cls):
+            if k.shown is not dataclasses.MISSING and not k.commented:
+                shown.setdefault(name, {})[key_name] = k.shown
+    assert shown == {"upstream": {"url": "http://127.0.0.1:8000"}, "paths": {"exclude": ("/healthz", "/static/*")}}
+    as_written = config.parse(data, env=ENV)
+    defaults = config.parse(
+        {t: {k: list(v) if isinstance(v, tuple) else v for k, v in kv.items()} for t, kv in shown.items()}, env=ENV
+    )
+    assert dataclasses.replace(as_written, source="") == dataclasses.replace(defaults, source="")
+
+
+def test_a_key_declared_with_a_range_is_read_with_it_and_shows_it() -> None:
+    assert "port = 8080                 # 0..65535" in config.example()
+    assert problems({"server": {"port": 65536}}) == ["server.port: 65536 is outside 0..65535"]
+    assert 'log_level = "info"          # critical, error, warning, info, debug' in config.example()
+
+
+def test_secrets_stay_out_of_repr_and_the_example() -> None:
+    env = {**ENV, config.ENV_STORE_URL: "redis://:hunter2@h:6379/0", config.ENV_JWT_SECRET: "s" * 40}
+    cfg = config.parse({"identity": {"mode": "jwt"}}, env=env)
+    assert not any(s in repr(cfg) for s in (KEY, PEPPER, "hunter2", "s" * 40))
+    assert "keys_file = " in config.example() and "\nkeys = " not in config.example()
+
+
+def test_example_command_prints_the_example() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.config", "--example"], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert out.returncode == 0 and out.stdout == config.example(), out.stderr
+
+
+def test_totp_params_come_from_the_totp_table() -> None:
+    data = {"totp": {"digits": 8, "period": 60, "algorithm": "SHA256", "window": 2}}
+    params = config.parse(data, env=ENV).totp.params
+    assert params == TotpParams(digits=8, period=60, algorithm="SHA256", window=2)
+    assert config.parse({}, env=ENV).totp.params == TotpParams()
