@@ -257,7 +257,7 @@ class Enrolment:
     async def setup(self, call: _Call) -> Response:
         user = call.user
         # Read from the store, not the worker's cache: whether a code is needed is a grant.
-        enrolled = await self.factors.is_enrolled(user, fresh=True)
+        enrolled = await self.factors.is_enrolled_fresh(user)
         proof = None  # which authenticator this request proved, if it is enrolled
         if enrolled:
             # A pending secret never replaces the active one until verified, but starting one

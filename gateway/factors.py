@@ -154,10 +154,14 @@ class SecondFactor:
         log.warning("recovery code used user=%r", user)
         return Accepted(proof_of(secret))
 
-    async def is_enrolled(self, user: str, fresh: bool = False) -> bool:
-        """Whether the user has an active secret; ``fresh``: read past this worker's cache."""
-        secret = await (self.secrets.active_fresh(user) if fresh else self.secrets.active(user))
-        return secret is not None
+    async def is_enrolled(self, user: str) -> bool:
+        """Whether the user has an active secret, as this worker saw it within
+        ``store.cache_ttl``: fine for what to show, not for what to grant."""
+        return await self.secrets.active(user) is not None
+
+    async def is_enrolled_fresh(self, user: str) -> bool:
+        """Whether the user has an active secret, read from the store now."""
+        return await self.secrets.active_fresh(user) is not None
 
     async def unlock(self, user: str) -> None:
         await self.lockouts.unlock(user)
