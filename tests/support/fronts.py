@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.conftest import need_binary
 from tests.support.servers import ROOT, free_port, wait_for_port
 
 CONFIG = ROOT / "config"
@@ -194,6 +195,43 @@ class CaddyFront:
             self.proc = None
             self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# The Caddyfile's example account ("alice", hash of "change-me"), replaced by the test's users.
+CADDY_EXAMPLE_USER = "alice $2a$14$1bc0Yf8WIEjgFeiwVmnb1eDexb5nunQFlGiuP/jMPnIObPgzNjmeG"
+
+
+def start_forward_auth(
+    kind: str, gateway_port: int, app_port: int, passwords: dict[str, str], caddy_hash: str | None = None
+) -> NginxFront | CaddyFront:
+    """nginx (config/nginx/auth_request.conf) or Caddy (config/caddy/Caddyfile) in front of the
+    app on ``app_port``, asking the gateway on ``gateway_port``; ``passwords``: the first factor's
+    users. Caddy's users all share the password ``caddy_hash`` was made from (bcrypt is slow)."""
+    if kind == "nginx":
+        nginx = NginxFront(
+            need_binary("nginx"),
+            "auth_request.conf",
+            {
+                "server 127.0.0.1:8080;": f"server 127.0.0.1:{gateway_port};",
+                "server 127.0.0.1:3000;": f"server 127.0.0.1:{app_port};",
+            },
+        )
+        nginx.replacements["/etc/nginx/gateway.htpasswd"] = nginx.htpasswd(passwords)
+        return nginx.start()
+    assert kind == "caddy" and caddy_hash is not None, kind
+    caddy = CaddyFront(
+        need_binary("caddy"),
+        {
+            "admin localhost:2019": "admin off",
+            "127.0.0.1:8080": f"127.0.0.1:{gateway_port}",
+            "127.0.0.1:3000": f"127.0.0.1:{app_port}",
+            CADDY_EXAMPLE_USER: "\n\t\t".join(f"{user} {caddy_hash}" for user in passwords),
+        },
+    )
+    try:
+        return caddy.start()
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\n{caddy.output()}") from None
 
 
 def raw_request(
