@@ -7,6 +7,7 @@ The gateway's clock is a test clock, so pending expiry and time steps need no sl
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import re
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pyotp
 import pytest
 
 from gateway.errors import StoreError
@@ -25,6 +27,7 @@ from gateway.http import negotiate
 from gateway.inputs import safe_target
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import need_binary
+from tests.support.inprocess import UPSTREAM, InProcess, in_process
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
 
 USER = "alice"
@@ -564,3 +567,100 @@ def test_safe_target(raw: str | None, target: str) -> None:
 )
 def test_negotiate(accept: str | None, chosen: str) -> None:
     assert negotiate(accept, ("application/json", "image/png", "text/html")) == chosen
+
+
+# -- in-process (httpx.ASGITransport, the real SQLite store) ---------------------------------------
+
+BROWSER = {"Remote-User": USER, "Accept": "text/html"}
+
+
+async def enrol_in_process(gw: InProcess) -> tuple[pyotp.TOTP, list[str]]:
+    """Setup then verify through the app: (the authenticator, the recovery codes)."""
+    r = await gw.client.post("/setup-2fa", headers={"Remote-User": USER, "Accept": "application/json"})
+    totp = pyotp.TOTP(secret_of(r.json()["otpauth_uri"]))
+    r = await gw.client.post("/verify-2fa", json={"code": totp.now()}, headers={"Remote-User": USER})
+    assert r.status_code == 200, r.text
+    gw.client.cookies.clear()
+    return totp, r.json()["recovery_codes"]
+
+
+async def test_a_wrong_recovery_code_is_named_and_its_form_stays_open(tmp_path: Path) -> None:
+    """Issue 12 §2.4: it was reported as a wrong 6-digit code, with the recovery form closed."""
+    async with in_process(make_config(tmp_path, upstream=UPSTREAM)) as gw:
+        await enrol_in_process(gw)
+        r = await gw.client.post("/verify-2fa", data={"recovery_code": "AAAAA-BBBBB"}, headers=BROWSER)
+        assert r.status_code == 401
+        assert "recovery code is wrong" in r.text and "6-digit code is wrong" not in r.text
+        assert re.search(r"<details open>\s*<summary>Use a recovery code instead", r.text)
+        # A wrong 6-digit code still says so, with the recovery form closed.
+        r = await gw.client.post("/verify-2fa", data={"code": "000000"}, headers=BROWSER)
+        assert r.status_code == 401 and "code is wrong or expired" in r.text and "<details open>" not in r.text
+        # Re-enrolment with a recovery code says the same (setup_start.html).
+        r = await gw.client.post("/setup-2fa", data={"recovery_code": "AAAAA-BBBBB"}, headers=BROWSER)
+        assert r.status_code == 403 and "recovery code is wrong" in r.text
+        assert re.search(r"<details open>\s*<summary>I no longer have my authenticator", r.text)
+        # Programs get the same JSON as before.
+        r = await gw.client.post("/verify-2fa", json={"recovery_code": "AAAAA-BBBBB"}, headers={"Remote-User": USER})
+        assert r.status_code == 401 and r.json()["error"] == "2fa_invalid"
+
+
+async def test_a_recovery_code_login_says_how_many_are_left(tmp_path: Path) -> None:
+    """Issue 12 §2.4: the JSON said it, the page redirected without a word."""
+    async with in_process(make_config(tmp_path, upstream=UPSTREAM)) as gw:
+        _, codes = await enrol_in_process(gw)
+        r = await gw.client.post("/verify-2fa", data={"recovery_code": codes[0], "next": "/app/x?y=1"}, headers=BROWSER)
+        assert r.status_code == 200
+        assert re.search(r'id="codes-left">9</strong> recovery codes left', r.text)
+        assert 'id="continue" href="/app/x?y=1"' in r.text
+        assert "gateway_session=" in r.headers["set-cookie"]
+        for used in codes[1:8]:
+            r = await gw.client.post("/verify-2fa", data={"recovery_code": used}, headers=BROWSER)
+        assert re.search(r'id="codes-left">2</strong> recovery codes left', r.text)
+        assert 'href="/recovery-codes?next=/"' in r.text  # running low: make a new set
+
+
+async def test_the_codes_page_offers_copy_and_download_allowed_by_the_csp(tmp_path: Path) -> None:
+    async with in_process(make_config(tmp_path, upstream=UPSTREAM)) as gw:
+        r = await gw.client.post("/setup-2fa", headers=BROWSER)
+        secret = re.search(r'id="secret"[^>]*>([A-Z2-7 ]+)<', r.text)
+        assert secret
+        r = await gw.client.post(
+            "/verify-2fa", data={"code": pyotp.TOTP(secret.group(1).replace(" ", "")).now()}, headers=BROWSER
+        )
+        assert r.status_code == 200 and r.text.count("<li><code>") == 10
+        assert 'id="copy-codes"' in r.text and 'id="download-codes"' in r.text
+        script = re.search(r"<script>(.*?)</script>", r.text, re.S)
+        assert script and "navigator.clipboard" in script.group(1) and "new Blob" in script.group(1)
+        digest = base64.b64encode(hashlib.sha256(script.group(1).encode()).digest()).decode()
+        assert f"script-src 'sha256-{digest}'" in r.headers["content-security-policy"]
+        assert not re.search(r"\son[a-z]+=", r.text)  # no inline handler: the CSP would block it
+
+
+async def test_pages_in_process_keep_their_http_contract(tmp_path: Path) -> None:
+    """What the Starlette router must answer as the hand-written one did."""
+    async with in_process(make_config(tmp_path, upstream=UPSTREAM)) as gw:
+        c = gw.client
+        r = await c.put("/verify-2fa", json={}, headers={"Remote-User": USER})
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+        assert r.json()["error"] == "method_not_allowed"
+        r = await c.head("/setup-2fa", headers=BROWSER)
+        assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8" and r.content == b""
+        r = await c.post(
+            "/verify-2fa",
+            content=b"x" * (16 * 1024 + 1),
+            headers={"Remote-User": USER, "Content-Type": "application/json"},
+        )
+        assert r.status_code == 400 and r.json()["error"] == "invalid_input"
+        r = await c.post("/logout-2fa", json={}, headers={"Remote-User": USER, "Origin": "http://evil.example"})
+        assert r.status_code == 403 and r.json()["error"] == "csrf_failed"
+        r = await c.post("/logout-2fa", json={}, headers={"Remote-User": USER, "Origin": "http://gw.test"})
+        assert r.status_code == 200 and r.json() == {"status": "signed_out"}
+        r = await c.get("/logout-2fa", headers={"Accept": "text/html"})
+        assert r.status_code == 401 and "identity required" in r.text
+        r = await c.post("/verify-2fa", json={}, headers={"Remote-User": USER})
+        assert r.status_code == 400 and r.json() == {
+            "error": "invalid_input",
+            "detail": "code: expected 6 digits (or a recovery_code)",
+        }
+        r = await c.post("/verify-2fa", files={"code": (None, "123456")}, headers={"Remote-User": USER})
+        assert r.status_code == 403 and r.json()["error"] == "2fa_not_enrolled"  # the multipart code was read
