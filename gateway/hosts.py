@@ -90,6 +90,27 @@ def addressed(
     return Addressed(text, origin_scheme)
 
 
+def target_agrees_with_host(target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """An absolute-form request-target (``http://host/path``) names the same authority as the
+    one ``Host`` (RFC 9112 §3.2.2: a server MUST use the target's and ignore ``Host``; a proxy
+    MUST make ``Host`` the target's). The ASGI server keeps only the path, so every check after
+    it goes by ``Host``: a target that says otherwise, or holds userinfo, does not agree."""
+    try:
+        url = urlsplit(target.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    if url.scheme.lower() not in ("http", "https") or "@" in url.netloc:
+        return False
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) != 1:
+        return False
+    named, sent = split_host(url.netloc), split_host(hosts[0].decode("latin-1"))
+    if named is None or sent is None:
+        return False
+    default = DEFAULT_PORTS[url.scheme.lower()]
+    return named[0] == sent[0] and (named[1] or default) == (sent[1] or default)
+
+
 class HostPolicy:
     """The hosts the gateway answers for: ``server.public_url``'s and ``server.allowed_hosts``
     (host or host:port, compared case-insensitively; the scheme's default port may be given or

@@ -78,6 +78,7 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway.hosts import target_agrees_with_host
 from gateway.server_limits import BadHandshake, ClientLimits, HeadTooLarge, TrailerCounter
 
 log = logging.getLogger("gateway.server")
@@ -243,6 +244,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # the client wrote something else: a 400, as for a "#" in X-Original-URI (issue 9.4).
         if b"#" in self.url:
             raise ValueError("a raw # in the request target")
+        # RFC 9112 §3.2.2: llhttp keeps only the path of an absolute-form target, so what follows
+        # would go by a Host the target may contradict (gateway/hosts.py).
+        absolute = self.url[:1] not in (b"/", b"*") and self.parser.get_method() != b"CONNECT"
+        if absolute and not target_agrees_with_host(self.url, self.headers):
+            raise ValueError("an absolute-form target whose authority is not the Host")
         headers = self.headers
         size = len(self.url) + len(b"".join(itertools.chain.from_iterable(headers))) + 4 * len(headers)
         if size > self.limits.max_head_bytes:

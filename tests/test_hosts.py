@@ -367,6 +367,40 @@ def test_a_trusted_fronts_forwarded_host_is_checked_and_passed(fronted: GatewayS
     assert got == []
 
 
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        ("http://evil.example/public/x", "gw"),
+        ("http://gw:8080/public/x", "gw"),
+        ("http://gw@evil.example/public/x", "gw"),
+        ("http://evil.example@gw/public/x", "gw"),
+        ("ftp://gw/public/x", "gw"),
+        ("http://gw/public/x", "gw:8080"),
+        ("http://[::1]/public/x", "[::2]"),
+    ],
+)
+def test_an_absolute_form_target_that_contradicts_host_is_refused(
+    passing: GatewayServer, recorder: Recorder, target: str, host: str
+) -> None:
+    # RFC 9112 §3.2.2: the target's authority is the one that counts; the server keeps only
+    # its path, so a Host that says otherwise would be checked and forwarded instead.
+    answer, got = ask(recorder, passing, request(f"Host: {host}", target=target))
+    assert answer is None or answer.status == 400
+    assert got == []
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [("http://gw/public/x", "gw"), ("http://GW:80/public/x", "gw"), ("https://gw/public/x", "gw:443")],
+)
+def test_an_absolute_form_target_that_agrees_with_host_passes(
+    passing: GatewayServer, recorder: Recorder, target: str, host: str
+) -> None:
+    answer, got = ask(recorder, passing, request(f"Host: {host}", target=target))
+    assert answer is not None and answer.status == 200
+    assert [(r.target, r.header("host")) for r in got] == [("/public/x", [host])]
+
+
 # -- WebSocket handshakes --------------------------------------------------------------------
 
 HANDSHAKE = (
