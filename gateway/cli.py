@@ -49,8 +49,8 @@ _DEMO_ENVIRONMENT = f"""environment: none is read: the demo's keys and store are
 Exit status: 0 when stopped, 1 when it cannot start."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Epilogs keep their lines; every option shows its default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs keep their lines (each option's help states its own default)."""
 
 
 def _version() -> str:
@@ -159,7 +159,9 @@ def parser() -> argparse.ArgumentParser:
             _CONFIG_ENVIRONMENT,
         )
     )
-    check.add_argument("--strict", action="store_true", help="exit 1 when there is any warning")
+    check.add_argument(
+        "--strict", action="store_true", help="exit 1 when there is any warning (default: exit 0 after printing them)"
+    )
     _add(sub, "keygen", "print a new Fernet key (for encryption.keys, or as a recovery pepper)", _NO_ENVIRONMENT)
     demo = _add(
         sub,
@@ -167,8 +169,8 @@ def parser() -> argparse.ArgumentParser:
         "run the gateway in front of a demo app on the embedded store; DEMO ONLY: its login takes any name",
         _DEMO_ENVIRONMENT,
     )
-    demo.add_argument("--port", type=int, default=8080, help="where the gateway listens")
-    demo.add_argument("--host", default="127.0.0.1", help="the address it listens on")
+    demo.add_argument("--port", type=int, default=8080, help="where the gateway listens (default: %(default)s)")
+    demo.add_argument("--host", default="127.0.0.1", help="the address it listens on (default: %(default)s)")
     demo.add_argument("--dir", default=None, help=f"where the demo keeps its state (default: ./{DEFAULT_DIR})")
     _users_parser(sub)
     keys = _with_config(_add(sub, "keys", "manage encryption keys", _CONFIG_ENVIRONMENT))
