@@ -222,9 +222,13 @@ def each(parse: Callable[[str], Any]) -> Reader:
             t.seen.add(name)
             return default
         out: list[Any] = []
-        for i, text in enumerate(t.strings(name, ())):
+        # Numbered as written: a non-string before a bad entry must not shift its index.
+        for i, item in enumerate(t.get(name, list, [])):
+            if not isinstance(item, str):
+                t.problems.append(f"{t.key(name)}[{i}]: expected a string, got {type(item).__name__}")
+                continue
             try:
-                out.append(parse(text))
+                out.append(parse(item))
             except ValueError as exc:
                 t.problems.append(f"{t.key(name)}[{i}]: {exc}")
         return tuple(out)

@@ -122,6 +122,8 @@ def test_minimal_config_has_safe_defaults() -> None:
         ({"totp": {"issuer": "a:b"}}, "totp.issuer:"),
         ({"paths": {"exclude": ["GET/api"]}}, "paths.exclude[0]:"),
         ({"paths": {"exclude": ["/ok", 3]}}, "paths.exclude[1]: expected a string"),
+        ({"paths": {"exclude": [3, "GET/api"]}}, "paths.exclude[1]: "),
+        ({"server": {"trusted_proxies": [1, "10.0.0.1/8"]}}, "server.trusted_proxies[1]: "),
         ({"routes": {"verify": "relative"}}, "routes.verify:"),
         ({"routes": {"verify": "/auth"}}, "routes: two routes share one path"),
         ({"limits": {"max_failures": 0}}, "limits.max_failures:"),
