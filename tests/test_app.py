@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
+import pytest
+from starlette.types import Message
 
+from gateway.app import Gateway, create_app
+from gateway.forward_auth import ForwardAuth
+from gateway.protect import Protect
+from tests.support.inprocess import UPSTREAM, in_process
 from tests.support.servers import GatewayServer, UpstreamProcess, make_config
 
 
@@ -107,3 +114,105 @@ def test_login_url_sends_browsers_without_identity_to_the_app_login(upstream: Up
         assert r.headers["location"].endswith("/login?next=/app/x")
     finally:
         server.stop()
+
+
+# -- in-process (httpx.ASGITransport, the real SQLite store) ---------------------------------------
+
+
+async def test_probes_and_proxy_mode_in_process(tmp_path: Path) -> None:
+    async with in_process(make_config(tmp_path, upstream=UPSTREAM)) as gw:
+        c = gw.client
+        assert (await c.get("/_gateway/health")).json() == {"status": "ok"}
+        assert (await c.get("/_gateway/ready")).json() == {"status": "ready"}
+        r = await c.get("/public/echo?q=1")
+        assert r.status_code == 200 and r.json()["raw_path"] == "/public/echo" and r.json()["query"] == "q=1"
+        r = await c.get("/app/x")
+        assert r.status_code == 401 and r.json()["error"] == "identity_required"
+        r = await c.get("/app/x?y=1", headers={"Accept": "text/html", "Remote-User": "alice"})
+        assert r.status_code == 302 and r.headers["location"] == "/setup-2fa?next=/app/x%3Fy%3D1"
+        metrics = (await c.get("/_gateway/metrics")).text
+        assert 'gateway_decisions_total{mode="proxy",reason="excluded"} 1.0' in metrics
+        assert 'gateway_decisions_total{mode="proxy",reason="2fa_not_enrolled"} 1.0' in metrics
+
+
+async def test_forward_auth_only_mode_in_process(tmp_path: Path) -> None:
+    async with in_process(make_config(tmp_path)) as gw:
+        r = await gw.client.get("/anything", headers={"Remote-User": "alice"})
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+        probe = {"X-Original-URI": "/public/x", "X-Original-Method": "GET"}
+        assert (await gw.client.get("/auth", headers=probe)).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/app/x", "/public/x", "/setup-2fa", "/verify-2fa"])
+async def test_proxy_mode_refuses_a_host_outside_the_policy_before_deciding(tmp_path: Path, route: str) -> None:
+    """Issue 12 §1 (hosts.py, H4): wired at the top of the dispatch, for the pages too."""
+    config = make_config(tmp_path, upstream=UPSTREAM, server={"public_url": "https://app.example.org"})
+    async with in_process(config) as gw:
+        c = gw.client
+        user = {"Remote-User": "alice"}
+        r = await c.get(route, headers={**user, "Host": "evil.example"})
+        assert r.status_code == 421 and r.json()["error"] == "misdirected_request"
+        # Refused before the decision: nothing was counted (nor judged, nor forwarded).
+        assert decisions(await c.get("/_gateway/metrics")) == 0
+        r = await c.get(route, headers={**user, "Host": "app.example.org"})
+        assert r.status_code != 421
+        # The gateway's pages are not decided; the other routes are, once each.
+        assert decisions(await c.get("/_gateway/metrics")) == (0 if route.endswith("-2fa") else 1)
+
+
+def decisions(metrics: httpx.Response) -> float:
+    """How many decisions the metrics count, in every mode and for every reason."""
+    lines = metrics.text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("gateway_decisions_total{"))
+
+
+async def test_probes_and_auth_answer_any_host(tmp_path: Path) -> None:
+    # Probes use IP addresses; for /auth the front proxy chose the host.
+    config = make_config(
+        tmp_path, upstream=UPSTREAM, routes={"auth": "/auth"}, server={"public_url": "https://app.example.org"}
+    )
+    async with in_process(config) as gw:
+        c = gw.client
+        host = {"Host": "10.0.0.7:8080"}
+        assert (await c.get("/_gateway/health", headers=host)).status_code == 200
+        assert (await c.get("/_gateway/ready", headers=host)).status_code == 200
+        assert (await c.get("/_gateway/metrics", headers=host)).status_code == 200
+        probe = {**host, "X-Original-URI": "/public/x", "X-Original-Method": "GET"}
+        assert (await c.get("/auth", headers=probe)).status_code == 200
+
+
+async def test_a_websocket_to_another_host_is_closed_before_it_is_accepted(tmp_path: Path) -> None:
+    config = make_config(tmp_path, upstream=UPSTREAM, server={"public_url": "https://app.example.org"})
+    async with in_process(config) as gw:
+        sent: list[Message] = []
+        incoming: asyncio.Queue[Message] = asyncio.Queue()
+        incoming.put_nowait({"type": "websocket.connect"})
+        scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "scheme": "ws",
+            "path": "/public/ws",
+            "raw_path": b"/public/ws",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"evil.example")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80),
+            "subprotocols": [],
+        }
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(gw.app(scope, incoming.get, send), 5)
+        assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+def test_create_app_hands_handlers_what_they_use(tmp_path: Path) -> None:
+    """The composition root: no handler holds the app (issue 11 item 1)."""
+    app = create_app(make_config(tmp_path, upstream=UPSTREAM, routes={"auth": "/auth"}))
+    assert isinstance(app.routes["/auth"], ForwardAuth)
+    assert not any(isinstance(value, Gateway) for value in vars(app.routes["/auth"]).values())
+    assert isinstance(app.protect, Protect)
+    assert not any(isinstance(value, Gateway) for value in vars(app.protect).values())
