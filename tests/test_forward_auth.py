@@ -16,6 +16,7 @@ import pyotp
 import pytest
 
 from tests.conftest import RedisServer, need_binary
+from tests.support.inprocess import in_process
 from tests.support.servers import GatewayServer, enrol, make_config
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -309,3 +310,34 @@ def test_store_down_is_503_never_200(tmp_path: Path) -> None:
             server.stop()
         redis.stop()
         shutil.rmtree(redis.dir, ignore_errors=True)
+
+
+# -- in-process (httpx.ASGITransport, the real SQLite store) ---------------------------------------
+
+
+async def test_forward_auth_in_process(tmp_path: Path) -> None:
+    async with in_process(make_config(tmp_path)) as gw:
+        c = gw.client
+        secret = await gw.enrol("alice")
+        target = {"X-Original-URI": "/admin?x=1", "X-Original-Method": "GET", "Remote-User": "alice"}
+        r = await c.get("/auth", headers={**target, **HTML})
+        assert r.status_code == 401 and r.headers["location"] == "http://gw.test/verify-2fa?next=/admin%3Fx%3D1"
+        r = await c.get("/auth", headers=target)
+        assert r.status_code == 401 and "location" not in r.headers and r.json()["error"] == "2fa_required"
+        r = await c.get("/auth", headers={**target, "X-2FA-Code": pyotp.TOTP(secret).now()})
+        assert r.status_code == 200 and r.headers["remote-user"] == "alice"
+        assert r.headers["set-cookie"].startswith("gateway_session=") and "HttpOnly" in r.headers["set-cookie"]
+        session = r.headers["set-cookie"].split(";")[0]
+        r = await c.get("/auth", headers={**target, "Cookie": session})
+        assert r.status_code == 200 and "set-cookie" not in r.headers
+        r = await c.get("/auth", headers={**target, "X-Original-URI": "/a#b"})
+        assert r.status_code == 400
+        metrics = (await c.get("/_gateway/metrics")).text
+        assert 'gateway_decisions_total{mode="auth",reason="session"} 1.0' in metrics
+        assert 'gateway_decisions_total{mode="auth",reason="code"} 1.0' in metrics
+
+
+async def test_forward_auth_in_process_refuses_an_untrusted_peer(tmp_path: Path) -> None:
+    async with in_process(make_config(tmp_path), peer=("203.0.113.9", 5000)) as gw:
+        r = await gw.client.get("/auth", headers={"X-Original-URI": "/public/x", "X-Original-Method": "GET"})
+        assert r.status_code == 403 and r.json()["error"] == "untrusted_peer"
