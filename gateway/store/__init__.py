@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 from gateway.store.base import Attempt, Quota, Store, UserState, is_key_prefix
+from gateway.store.redis import RedisStore
+from gateway.store.sqlite import SqliteStore
 
 __all__ = ["Attempt", "Quota", "Store", "UserState", "is_key_prefix", "open_store_from_url", "parse_store_url"]
 
@@ -49,11 +51,6 @@ def open_store_from_url(url: str, prefix: str, max_connections: int = 64) -> Sto
     Raises ValueError naming the problem when the URL is not one of the forms above.
     """
     backend, where = parse_store_url(url)
-    # Imported here so a Redis deployment never loads sqlite3, and vice versa.
     if backend == "sqlite":
-        from gateway.store.sqlite import SqliteStore
-
         return SqliteStore(where)
-    from gateway.store.redis import RedisStore
-
     return RedisStore(where, prefix, max_connections)
