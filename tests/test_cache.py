@@ -58,7 +58,7 @@ def test_a_ttl_of_zero_keeps_nothing() -> None:
     """``store.cache_ttl = 0``: every read goes to the store."""
     cache: TtlCache[str, int] = TtlCache(0.0, 10, Clock())
     cache.put("a", 1)
-    assert cache.get("a") is MISS and len(cache) == 0
+    assert len(cache) == 0 and cache.get("a") is MISS
 
 
 def test_an_infinite_ttl_keeps_an_entry_until_its_own_deadline() -> None:

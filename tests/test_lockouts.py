@@ -128,6 +128,19 @@ async def test_success_resets_the_user_and_gives_the_address_its_attempt_back(st
     assert await lockouts.take("dave", CLIENT) == Locked(120)
 
 
+async def test_a_success_forgets_the_hints_of_its_scopes(store: Store) -> None:
+    """A lock seen by a concurrent request of the same user or address is not kept after a
+    right code lifted it in the store."""
+    lockouts = Lockouts(store, LIMITS, 60.0, Clock())
+    for i in range(5):
+        await miss(lockouts, user=f"user{i}" if i < 4 else "alice")
+    for _ in range(2):
+        await miss(lockouts, user="alice", client=None)
+    assert lockouts.known("alice", None) == Locked(60) and lockouts.known("bob", CLIENT) == Locked(120)
+    await lockouts.succeeded("alice", CLIENT)
+    assert lockouts.known("alice", None) is None and lockouts.known("bob", CLIENT) is None
+
+
 async def test_reset_forgets_the_hint(store: Store) -> None:
     lockouts = Lockouts(store, LIMITS, 60.0, Clock())
     for _ in range(3):
