@@ -165,10 +165,10 @@ def key(
     or the ``choices`` are added to it), ``doc`` the comment lines above it. ``read`` reads and
     checks it (default: by the default's type, ``low..high`` and ``choices``). The example shows
     ``shown`` instead of the default, as a comment when ``commented`` (default: when the default
-    is None). A secret is also read from
-    ``<key>_file`` and from the environment variable ``env`` = (name, what it holds); the example
-    shows ``<key>_file = file_sample``. ``table``: the class of a sub-table (read by the caller; the
-    example shows it commented out).
+    is None). A secret is also read from ``<key>_file`` and from the environment variable
+    ``env`` = (name, what it holds); the example shows ``<key>_file = file_sample``, never the
+    secret inline. ``table``: the class of a sub-table (read by the caller; the example shows it
+    commented out).
     """
     if read is None:
         read = _typed_reader(default, low, high, choices)
