@@ -450,6 +450,18 @@ def test_a_refused_host_opens_no_upstream_websocket(
     assert got == []
 
 
+@pytest.mark.parametrize(
+    "lines", [["Host: a.example", "Host: b.example"], ["Host: a.example@evil.example"], ["Host: a.example:0"], []]
+)
+def test_the_forwarder_refuses_a_malformed_handshake_host(
+    passing: GatewayServer, recorder: Recorder, lines: list[str]
+) -> None:
+    # An open policy: the dispatch checks nothing, the forwarder still does (and says why).
+    answer, got = ask(recorder, passing, request(*lines, *HANDSHAKE, target="/public/ws"))
+    _denied(answer, 400, "malformed_request")
+    assert got == []
+
+
 # -- Location, Content-Location and Refresh from a real upstream -----------------------------
 
 
