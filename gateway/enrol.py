@@ -17,8 +17,8 @@ with the error on the same page. A wrong code counts toward the lockout wherever
 
 CSRF: ``gateway/csrf.py`` refuses a cross-origin POST before the router sees it.
 
-The routes run on Starlette's ``Router``; errors become denials at one place, the exception
-handlers of :meth:`Enrolment.app`, from the one table in ``errors.py``.
+The routes run on Starlette's ``Router`` (``page_routes.py``), where errors become denials at
+one place, from the one table in ``errors.py``.
 
 Secrets, URIs and recovery codes travel only in bodies marked ``Cache-Control: no-store``,
 never in a header, a URL or a log line. Audit events go to the ``gateway.audit`` logger.
@@ -32,21 +32,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
-from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, Router
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from gateway.config import Config
-from gateway.csrf import CrossOriginGuard
-from gateway.errors import DENIALS, DecryptError, Reason, StoreError
+from gateway.errors import DENIALS, Reason
 from gateway.factors import Accepted, Refused, SecondFactor
-from gateway.http import negotiate, wants_html
+from gateway.http import negotiate
 from gateway.identity import Denied, IdentityReader, cookie_values
-from gateway.inputs import BadInput, BodyLimit, read_fields, read_query, safe_target
-from gateway.pages import Pages, PagesUnavailable, group_secret
+from gateway.inputs import BadInput, read_fields, read_query, safe_target
+from gateway.page_routes import PageDenial, page_app
+from gateway.pages import Pages, group_secret
 from gateway.qr import png_data_url, qr_png
 from gateway.redirects import LoginRedirects
 from gateway.request_facts import RequestFacts
@@ -59,13 +57,6 @@ audit = logging.getLogger("gateway.audit")
 _JSON, _HTML, _PNG = "application/json", "text/html", "image/png"
 _METHODS = ["GET", "POST"]  # and HEAD, which Starlette adds to every GET route
 _RECOVERY_REFUSED = "That recovery code is wrong or was already used."
-
-
-class _Denied(Exception):
-    """A request the pages refuse before any route runs (no identity)."""
-
-    def __init__(self, reason: Reason) -> None:
-        self.reason = reason
 
 
 @dataclass
@@ -108,28 +99,15 @@ class Enrolment:
         self.minutes = max(1, config.totp.pending_ttl // 60)
 
     def app(self) -> ASGIApp:
-        """The pages as one ASGI app: body limit, CSRF, then Starlette's router, with every
-        error turned into a denial by the exception handlers."""
+        """The four pages as one ASGI app (``page_routes.py``: body limit, CSRF, router, errors)."""
         r = self.config.routes
-        router = Router(
-            [
-                Route(r.setup, self._route(self.setup_page, self.setup), methods=_METHODS),
-                Route(r.verify, self._route(self.verify_page, self.verify), methods=_METHODS),
-                Route(r.recovery, self._route(self.recovery_page, self.recovery), methods=_METHODS),
-                Route(r.logout, self._route(self.logout_page, self.logout), methods=_METHODS),
-            ]
-        )
-        guarded = CrossOriginGuard(BodyLimit(router), self.config.server.public_url, lambda s: self.facts(s).client)
-        handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
-            HTTPException: self._http_error,
-            _Denied: self._denied,
-            BadInput: self._bad_input,
-            ClientDisconnect: self._bad_input,
-            StoreError: self._store_error,
-            PagesUnavailable: self._pages_unavailable,
-            Exception: self._unexpected,
-        }
-        return _App(ExceptionMiddleware(guarded, handlers=handlers))
+        routes = [
+            Route(r.setup, self._route(self.setup_page, self.setup), methods=_METHODS),
+            Route(r.verify, self._route(self.verify_page, self.verify), methods=_METHODS),
+            Route(r.recovery, self._route(self.recovery_page, self.recovery), methods=_METHODS),
+            Route(r.logout, self._route(self.logout_page, self.logout), methods=_METHODS),
+        ]
+        return page_app(routes, self.config.server.public_url, lambda scope: self.facts(scope).client)
 
     def _route(self, get: Endpoint, post: Endpoint) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -143,7 +121,7 @@ class Enrolment:
         headers = request.headers
         found = self.identity.read(headers, facts.peer_trusted)
         if isinstance(found, Denied):
-            raise _Denied(found.reason)
+            raise PageDenial(found.reason)
         html = negotiate(headers.get("accept"), (_JSON, _HTML)) == _HTML
         call = _Call(headers, facts.client, found.user, found.label, html)
         query = read_query(request.scope)
@@ -151,47 +129,6 @@ class Enrolment:
             call.fields = await read_fields(request)
         call.next = safe_target(call.fields.get("next") or query.get("next"), self.own)
         return call
-
-    # -- errors: the one place they become answers ----------------------------------------------
-
-    @staticmethod
-    def _accept(request: Request) -> str | None:
-        return "text/html" if wants_html(request.headers.get("accept")) else None
-
-    async def _http_error(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 405:
-            # Starlette's Allow is a set's order: say it the same way every time.
-            allow = ", ".join(sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",")))
-            return denial_response(
-                Reason.METHOD_NOT_ALLOWED, self._accept(request), headers=[(b"allow", allow.encode())]
-            )
-        return denial_response(Reason.NOT_FOUND, self._accept(request))
-
-    async def _denied(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, _Denied)
-        return denial_response(exc.reason, self._accept(request))
-
-    async def _bad_input(self, request: Request, exc: Exception) -> Response:
-        log.info("refused a malformed body on %s: %s", request.url.path, exc)
-        # BadInput's message names the field and what was wrong (never its value).
-        detail = str(exc) if isinstance(exc, BadInput) else "the client went away"
-        return denial_response(Reason.INVALID_INPUT, self._accept(request), detail=detail)
-
-    async def _store_error(self, request: Request, exc: Exception) -> Response:
-        log.error("store unavailable on %s: %s", request.url.path, exc)
-        return denial_response(Reason.STORE_UNAVAILABLE, self._accept(request))
-
-    async def _pages_unavailable(self, request: Request, exc: Exception) -> Response:
-        # Logged once at start-up (pages.py); the page says it, a program gets the JSON.
-        return denial_response(Reason.PAGES_UNAVAILABLE, self._accept(request))
-
-    async def _unexpected(self, request: Request, exc: Exception) -> Response:
-        # DecryptError is logged where it happens (factors); anything else is a bug. Either
-        # way the client gets a generic 500, never a traceback.
-        if not isinstance(exc, DecryptError):
-            log.exception("unexpected error on %s", request.url.path)
-        return denial_response(Reason.INTERNAL, self._accept(request))
 
     # -- responses -----------------------------------------------------------------------------
 
@@ -415,18 +352,6 @@ class Enrolment:
         if call.html:
             return self._page(call, "logout.html", title="Signed out of two-factor session", done=True)
         return json_response(200, {"status": "signed_out"}, call.extra_headers)
-
-
-class _App:
-    """Marks the scope as served by a Starlette app, so the router raises its 405 for the
-    exception handlers instead of answering in plain text (``Route.handle``)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["app"] = self
-        await self.app(scope, receive, send)
 
 
 def _duration(seconds: int) -> str:
