@@ -149,6 +149,7 @@ def test_host_port() -> None:
     [
         ("redis://:pa55@localhost:6379/0", "redis://:***@localhost:6379/0"),
         ("redis://user:p/a#s?s@host/0", "redis://user:***@host/0"),  # a generated password's "/#?"
+        ("redis://user:p@ss@host/0", "redis://user:***@host/0"),  # ...or "@": the last "@" ends it
         ("unix:///run/redis.sock?password=pa55&db=0", "unix:///run/redis.sock?password=***&db=0"),
         ("sqlite:///var/lib/gateway.db", "sqlite:///var/lib/gateway.db"),
         ("not a url", "not a url"),
