@@ -25,6 +25,7 @@ sends the upstream a host outside it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -156,3 +157,49 @@ class HostPolicy:
         if port is None:
             return (name, None) in self._named or (name, default) in self._named
         return (name, port) in self._named or (port == default and (name, None) in self._named)
+
+
+# -- absolute URLs in answers ---------------------------------------------------------------
+
+# HTML Living Standard, "shared declarative refresh steps": a number, then ";" or ",", then an
+# optional "url=" and the URL, optionally quoted.
+_REFRESH = re.compile(rb"(\s*[0-9.]+\s*[;,]\s*(?:url\s*=\s*)?[\"']?)(.*?)([\"']?\s*)", re.IGNORECASE | re.DOTALL)
+
+
+def origin_spellings(scheme: str, raw_host: bytes, port: int | None) -> tuple[bytes, ...]:
+    """``scheme://host[:port]`` of a URL, lower-cased, with and without its scheme's default
+    port: an app may write either (RFC 9110 §4.2.3 makes them equivalent). Longest first."""
+    scheme = scheme.lower()
+    host = raw_host.decode("ascii").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = port or DEFAULT_PORTS.get(scheme)
+    spellings = {f"{scheme}://{host}:{port}"}
+    if port == DEFAULT_PORTS.get(scheme):
+        spellings.add(f"{scheme}://{host}")
+    return tuple(sorted((s.encode("ascii") for s in spellings), key=len, reverse=True))
+
+
+def rewrite_origin(value: bytes, origins: tuple[bytes, ...], public: bytes) -> bytes:
+    """``value`` with a leading upstream origin (one of ``origins``, compared case-insensitively)
+    replaced by ``public`` (``b""``: a relative reference). The origin must end where the URL's
+    authority ends (RFC 3986 §3.2: at "/", "?", "#" or the end), so ``http://up@evil/``,
+    ``http://up.evil/``, ``http://up:80\\evil`` and ``//up/`` are left as they are, never
+    made to point somewhere else by the gateway."""
+    head = value[: max(len(o) for o in origins) + 1].lower()
+    for origin in origins:
+        if head.startswith(origin):
+            rest = value[len(origin) :]
+            if rest[:1] in (b"", b"/", b"?", b"#"):
+                return public + rest or b"/"
+            return value
+    return value
+
+
+def rewrite_refresh(value: bytes, origins: tuple[bytes, ...], public: bytes) -> bytes:
+    """A ``Refresh`` value (``5; url=http://up/x``) with its URL rewritten by ``rewrite_origin``;
+    one without a URL (``5``) or of another shape is left as it is."""
+    match = _REFRESH.fullmatch(value)
+    if match is None or not match.group(2):
+        return value
+    return match.group(1) + rewrite_origin(match.group(2), origins, public) + match.group(3)

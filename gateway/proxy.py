@@ -53,7 +53,16 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.errors import BadRequest, Reason
-from gateway.hosts import DEFAULT_PORTS, Addressed, HostPolicy, MalformedHost, MisdirectedHost, addressed
+from gateway.hosts import (
+    Addressed,
+    HostPolicy,
+    MalformedHost,
+    MisdirectedHost,
+    addressed,
+    origin_spellings,
+    rewrite_origin,
+    rewrite_refresh,
+)
 from gateway.identity import without_cookie
 from gateway.responses import send_denial
 from gateway.upstream import AiohttpTransport
@@ -223,8 +232,7 @@ class Forwarder:
     ) -> None:
         assert config.upstream.url is not None
         self.upstream = httpx.URL(config.upstream.url)
-        self.origin = f"{self.upstream.scheme}://{self.upstream.netloc.decode('ascii')}".encode()
-        self._upstream_origins = _origin_spellings(self.upstream)
+        self._upstream_origins = origin_spellings(self.upstream.scheme, self.upstream.raw_host, self.upstream.port)
         self.base_path = self.upstream.raw_path.rstrip(b"/")
         self.host = self.upstream.netloc
         public_url = config.server.public_url
@@ -533,48 +541,6 @@ _NO_BODY = httpx.ByteStream(b"")
 # Response fields whose value is one URI reference (RFC 9110 §10.2.2 Location, §8.7
 # Content-Location); Refresh (HTML's "5; url=...") is read apart.
 _URL_HEADERS = frozenset({b"location", b"content-location"})
-# HTML Living Standard, "shared declarative refresh steps": a number, then ";" or ",", then an
-# optional "url=" and the URL, optionally quoted.
-_REFRESH = re.compile(rb"(\s*[0-9.]+\s*[;,]\s*(?:url\s*=\s*)?[\"']?)(.*?)([\"']?\s*)", re.IGNORECASE | re.DOTALL)
-
-
-def _origin_spellings(url: httpx.URL) -> tuple[bytes, ...]:
-    """``scheme://host[:port]`` of ``url``, lower-cased, with and without its scheme's default
-    port: an app may write either (RFC 9110 §4.2.3 makes them equivalent)."""
-    scheme = url.scheme.lower()
-    host = url.raw_host.decode("ascii").lower()
-    if ":" in host:
-        host = f"[{host}]"
-    port = url.port or DEFAULT_PORTS.get(scheme)
-    spellings = {f"{scheme}://{host}:{port}"}
-    if port == DEFAULT_PORTS.get(scheme):
-        spellings.add(f"{scheme}://{host}")
-    return tuple(sorted((s.encode("ascii") for s in spellings), key=len, reverse=True))
-
-
-def rewrite_origin(value: bytes, origins: tuple[bytes, ...], public: bytes) -> bytes:
-    """``value`` with a leading upstream origin (one of ``origins``, compared case-insensitively)
-    replaced by ``public`` (``b""``: a relative reference). The origin must end where the URL's
-    authority ends (RFC 3986 §3.2: at "/", "?", "#" or the end), so ``http://up@evil/``,
-    ``http://up.evil/``, ``http://up:80\\evil`` and ``//up/`` are left as they are, never
-    made to point somewhere else by the gateway."""
-    head = value[: max(len(o) for o in origins) + 1].lower()
-    for origin in origins:
-        if head.startswith(origin):
-            rest = value[len(origin) :]
-            if rest[:1] in (b"", b"/", b"?", b"#"):
-                return public + rest or b"/"
-            return value
-    return value
-
-
-def rewrite_refresh(value: bytes, origins: tuple[bytes, ...], public: bytes) -> bytes:
-    """A ``Refresh`` value (``5; url=http://up/x``) with its URL rewritten by ``rewrite_origin``;
-    one without a URL (``5``) or of another shape is left as it is."""
-    match = _REFRESH.fullmatch(value)
-    if match is None or not match.group(2):
-        return value
-    return match.group(1) + rewrite_origin(match.group(2), origins, public) + match.group(3)
 
 
 def _accept(scope: Scope) -> str | None:

@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-import httpx
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from gateway.hosts import HostPolicy, MalformedHost, addressed
+from gateway.hosts import HostPolicy, MalformedHost, addressed, origin_spellings, rewrite_origin, rewrite_refresh
 from gateway.http import split_host
-from gateway.proxy import _origin_spellings, rewrite_origin, rewrite_refresh
 from tests.support.recorder import Answer, Received, Recorder, exchange
 from tests.support.servers import GatewayServer, free_port, make_config
 
@@ -158,8 +156,9 @@ def test_addressed_refuses_a_missing_repeated_or_invalid_host(headers: list[tupl
 
 # -- absolute URLs in answers ----------------------------------------------------------------
 
-UP = _origin_spellings(httpx.URL("http://127.0.0.1:8888/base"))
-UP80 = _origin_spellings(httpx.URL("http://up.internal"))
+UP = origin_spellings("http", b"127.0.0.1", 8888)
+UP80 = origin_spellings("http", b"up.internal", None)
+UP6 = origin_spellings("HTTPS", b"::1", 443)
 PUBLIC = b"https://gw.example"
 
 
@@ -187,6 +186,9 @@ PUBLIC = b"https://gw.example"
         ("http://up.internal/é".encode(), UP80, "https://gw.example/é".encode()),
         ("http://up.internalé/".encode(), UP80, "http://up.internalé/".encode()),
         (b"", UP80, b""),
+        (b"https://[::1]/x", UP6, b"https://gw.example/x"),
+        (b"https://[::1]:443/x", UP6, b"https://gw.example/x"),
+        (b"https://[::1]:4430/x", UP6, b"https://[::1]:4430/x"),
     ],
 )
 def test_rewrite_origin(value: bytes, origins: tuple[bytes, ...], rewritten: bytes) -> None:
