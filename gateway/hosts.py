@@ -21,6 +21,11 @@ would make the app write links to it. So:
 The policy is built from config once (``HostPolicy.from_config``) and applied by the dispatch in
 ``app.py`` and again by the forwarder itself (``proxy.py``, ``websocket.py``), so no code path
 sends the upstream a host outside it.
+
+The other direction: an app that knows its own address (``upstream.url``) writes it into
+``Location``, ``Content-Location`` and ``Refresh``; ``rewrite_origin`` turns exactly that origin
+into the public one and leaves every other value as the app sent it, so a hostile value
+(``http://up@evil/``, ``//evil``, a backslash) is never made into something else.
 """
 
 from __future__ import annotations
