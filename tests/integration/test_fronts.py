@@ -153,6 +153,7 @@ def test_api_client_gets_the_gateways_answer(site: Site) -> None:
     assert status == 401
     assert gateway_answer(headers, body)["error"] == "2fa_required"
     assert "location" not in headers
+    assert "x-gateway-denial" not in headers  # nginx's copy of the body: the body is enough
     assert headers["cache-control"] == "no-store"
     status, headers, body = raw_request(site.port, "/echo/x", {**ALICE, **JSON, "X-2FA-Code": "000000"})
     assert status == 401
