@@ -14,6 +14,9 @@ from collections.abc import Collection, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+# Request.form() imports it only when a multipart body arrives (starlette.formparsers): import it
+# here, so an install without it fails at start-up rather than on the first multipart form.
+import python_multipart  # noqa: F401
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 

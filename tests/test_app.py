@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -13,7 +15,7 @@ from gateway.app import Gateway, create_app
 from gateway.forward_auth import ForwardAuth
 from gateway.protect import Protect
 from tests.support.inprocess import UPSTREAM, in_process
-from tests.support.servers import GatewayServer, UpstreamProcess, make_config
+from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, make_config
 
 
 def test_health_ready_and_metrics(upstream: UpstreamProcess, tmp_path: Path) -> None:
@@ -216,3 +218,11 @@ def test_create_app_hands_handlers_what_they_use(tmp_path: Path) -> None:
     assert not any(isinstance(value, Gateway) for value in vars(app.routes["/auth"]).values())
     assert isinstance(app.protect, Protect)
     assert not any(isinstance(value, Gateway) for value in vars(app.protect).values())
+
+
+@pytest.mark.parametrize("module", ["jinja2", "qrcode", "python_multipart"])
+def test_a_missing_dependency_fails_at_start_up(module: str) -> None:
+    """Issue 11 item 1: an ImportError was swallowed and the pages fell through to the upstream."""
+    script = f"import sys; sys.modules[{module!r}] = None; import gateway.app"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode != 0 and f"ModuleNotFoundError: import of {module} halted" in done.stderr
