@@ -69,6 +69,8 @@ def test_a_newcomer_enrols_in_chromium_and_reaches_the_protected_page(demo: tupl
         page.set_default_timeout(15_000)
         requests: list[str] = []
         page.on("request", lambda request: requests.append(request.url))
+        failed: list[str] = []  # issue 12 §2.7: no page asks for what is not there (/favicon.ico was a 404)
+        page.on("response", lambda response: failed.append(response.url) if response.status == 404 else None)
         refused: list[str] = []  # CSP violations ("Refused to apply inline style ...") are logged here
         page.on("console", lambda message: refused.append(message.text) if "Refused to" in message.text else None)
 
@@ -143,5 +145,6 @@ def test_a_newcomer_enrols_in_chromium_and_reaches_the_protected_page(demo: tupl
             browser.close()
 
     assert not refused, refused
+    assert not failed, failed
     # No page asked for anything outside the gateway: no CDN, no fonts, no scripts.
     assert requests and all(url.startswith(base) or url.startswith("data:") for url in requests), requests
