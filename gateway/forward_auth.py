@@ -114,8 +114,8 @@ class ForwardAuth:
         decision = await self.decide(facts)
         if decision.allowed:
             out: list[tuple[bytes, bytes]] = [(b"cache-control", b"no-store")]
-            if decision.user is not None and decision.reason is not Reason.EXCLUDED:
-                out.append((self.user_header, decision.user.encode()))
+            if decision.forwarded_user is not None:
+                out.append((self.user_header, decision.forwarded_user.encode()))
             if decision.new_session:
                 out.append(self.cookie.set(decision.new_session))
             await send_response(send, 200, out, b"")

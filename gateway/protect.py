@@ -72,7 +72,7 @@ class Protect:
                 receive,
                 send,
                 encode_path(decision.path),
-                decision.user if decision.reason is not Reason.EXCLUDED else None,
+                decision.forwarded_user,
                 facts.peer_trusted,
                 extra,
             )
