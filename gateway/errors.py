@@ -11,6 +11,12 @@ Exceptions from the layers below are translated into these at one boundary each:
 redis and sqlite3 in ``gateway/store/``, cryptography in ``gateway/crypto.py``,
 httpx in ``gateway/proxy.py``. Nothing in this tree ever carries a secret, a code or a
 session id in its message.
+
+:class:`Reason` is what ``decision.Decider.decide`` answers, and the key of ``DENIALS``. The
+steps before the decision refuse with one too (``identity.Denied``, ``factors.Refused``), but
+never use one as a success value: those are ``identity.Identity`` and ``factors.Accepted``.
+It lives here, beside the table, not in ``decision.py``: ``identity``, ``factors``, the
+responses and the metrics name reasons, and a lower layer never imports the decision.
 """
 
 from __future__ import annotations
