@@ -264,6 +264,20 @@ cookie = "{SESSION_COOKIE}"
         assert session
         return session
 
+    def users(self, *args: str) -> str:
+        """``gateway users ARGS`` against this gateway's store, as an operator runs it; its output."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "users", *args, "--config", str(self.config_path)],
+            env={**env, **self.keys},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
 
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
