@@ -112,7 +112,7 @@ async def proxy_websocket(
         await send({"type": "websocket.close", "code": _POLICY_VIOLATION})
         return
 
-    user = decision.user if decision.reason is not Reason.EXCLUDED else None
+    user = decision.forwarded_user
     try:
         # The host policy, checked again here (gateway/hosts.py): the dispatch may not have.
         where = forwarder.addressed(scope, facts.peer_trusted)
