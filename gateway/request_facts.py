@@ -7,13 +7,9 @@ WebSocket handshake, forward-auth and the gateway's pages all build their facts 
 
 from __future__ import annotations
 
-import math
-import time
-
 from starlette.datastructures import Headers
 from starlette.types import Scope
 
-from gateway.cache import MISS, TtlCache
 from gateway.config import IPNetwork
 from gateway.decision import Facts, client_address, is_trusted
 
@@ -26,16 +22,20 @@ class TrustPolicy:
 
     def __init__(self, networks: tuple[IPNetwork, ...]) -> None:
         self.networks = networks
-        # Whether an address is trusted cannot change while the config does not: no expiry.
-        self._known: TtlCache[str, bool] = TtlCache(math.inf, _MAX_PEERS, time.monotonic)
+        # Whether an address is trusted cannot change while the config does not: no expiry, so
+        # a plain dict (a TtlCache get costs 5x, on every request /auth answers). When full it
+        # starts again empty, the one eviction policy of gateway/cache.py.
+        self._known: dict[str, bool] = {}
 
     def trusts(self, peer: str | None) -> bool:
         if peer is None:
             return False
         trusted = self._known.get(peer)
-        if trusted is MISS:
+        if trusted is None:
             trusted = is_trusted(peer, self.networks)
-            self._known.put(peer, trusted)
+            if len(self._known) >= _MAX_PEERS:
+                self._known.clear()
+            self._known[peer] = trusted
         return trusted
 
     def trusts_scope(self, scope: Scope) -> bool:
@@ -51,13 +51,20 @@ class RequestFacts:
         self.trust = trust
 
     def __call__(
-        self, scope: Scope, method: str | None = None, path: str | None = None, headers: Headers | None = None
+        self,
+        scope: Scope,
+        method: str | None = None,
+        path: str | None = None,
+        headers: Headers | None = None,
+        trusted: bool | None = None,
     ) -> Facts:
+        """``trusted``: the caller has already asked the trust policy about this scope's peer."""
         if headers is None:
             headers = Headers(scope=scope)
         client = scope.get("client")
         peer = client[0] if client else None
-        trusted = self.trust.trusts(peer)
+        if trusted is None:
+            trusted = self.trust.trusts(peer)
         raw_path = scope.get("raw_path")
         return Facts(
             method=method if method is not None else scope["method"],
