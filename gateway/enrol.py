@@ -40,7 +40,7 @@ from starlette.types import ASGIApp
 from gateway.config import Config
 from gateway.errors import DENIALS, Reason
 from gateway.factors import Accepted, Refused, SecondFactor
-from gateway.http import negotiate
+from gateway.http import negotiate, wants_html
 from gateway.identity import Denied, IdentityReader, cookie_values
 from gateway.inputs import BadInput, read_fields, read_query, safe_target
 from gateway.page_routes import PageDenial, page_app
@@ -122,7 +122,7 @@ class Enrolment:
         found = self.identity.read(headers, facts.peer_trusted)
         if isinstance(found, Denied):
             raise PageDenial(found.reason)
-        html = negotiate(headers.get("accept"), (_JSON, _HTML)) == _HTML
+        html = wants_html(headers.get("accept"))
         call = _Call(headers, facts.client, found.user, found.label, html)
         query = read_query(request.scope)
         if request.method == "POST":
