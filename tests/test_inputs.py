@@ -1,5 +1,5 @@
-"""gateway/inputs.py: what the pages read from a request, judged strictly. The return target
-(``safe_target``) is tested in tests/test_enrol.py; here the body, the query and the body limit."""
+"""gateway/inputs.py: what the pages read from a request, judged strictly: the return target,
+the body, the query and the body limit."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.inputs import MAX_BODY, BadInput, BodyLimit, read_fields, read_query
+from gateway.inputs import MAX_BODY, BadInput, BodyLimit, read_fields, read_query, safe_target
 
 
 def scope(content_type: str | None = None, query: bytes = b"") -> Scope:
@@ -106,3 +106,47 @@ async def test_a_client_gone_mid_body_is_bad_input() -> None:
 
     with pytest.raises(BadInput, match="went away"):
         await BodyLimit(app)(scope(), chunks(b"{"), send)
+
+
+@pytest.mark.parametrize(
+    ("raw", "target"),
+    [
+        ("/", "/"),
+        ("/admin", "/admin"),
+        ("/admin/?tab=2&x=%2F", "/admin/?tab=2&x=%2F"),
+        ("/a/./b/../c", "/a/c"),
+        ("/caf%C3%A9", "/caf%C3%A9"),
+        ("/a#frag", "/a"),
+        (None, "/"),
+        ("", "/"),
+        ("//evil.com", "/"),
+        ("///evil.com", "/"),
+        ("/\\evil.com", "/"),
+        ("\\\\evil.com", "/"),
+        ("/%5Cevil.com", "/"),
+        ("/%5cevil.com", "/"),
+        ("/%2F%2Fevil.com", "/"),
+        ("/%2f/evil.com", "/"),
+        ("https://evil.com/", "/"),
+        ("http:/evil.com", "/"),
+        ("javascript:alert(1)", "/"),
+        ("evil.com", "/"),
+        (" /admin", "/"),
+        ("/ad min", "/"),
+        ("/admin\r\nSet-Cookie: x=1", "/"),
+        ("/%0d%0aSet-Cookie:x=1", "/"),
+        ("/%09/evil.com", "/"),
+        ("/%20/evil.com", "/"),
+        ("/x?next=%0a", "/"),
+        ("/%00", "/"),
+        ("/é", "/"),
+        ("/..", "/"),
+        ("/a/..;/b", "/"),
+        ("/%252e%252e/", "/"),
+        ("/" + "a" * 3000, "/"),
+        ("/verify-2fa", "/"),
+        ("/setup-2fa", "/"),
+    ],
+)
+def test_safe_target(raw: str | None, target: str) -> None:
+    assert safe_target(raw, {"/verify-2fa", "/setup-2fa"}) == target
