@@ -20,7 +20,6 @@ import httpx
 import pyotp
 import pytest
 
-from gateway.proxy import AmbiguousFraming, request_framing
 from tests.conftest import need_binary
 from tests.support.recorder import RawClient, Received, Recorder, exchange
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, free_port, make_config
@@ -752,59 +751,6 @@ def test_keep_alive_sequence_reaches_the_upstream_request_by_request(wire: Gatew
     statuses, got = received_during(recorder, run_all)
     assert statuses == [200, 403, 200]  # admin is not enrolled
     assert [(r.method, r.target, r.body) for r in got] == [("POST", "/public/a", b"GET /x"), ("GET", "/public/b", b"")]
-
-
-def _scope(method: str, *headers: tuple[bytes, bytes], version: str = "1.1") -> dict[str, Any]:
-    return {"type": "http", "method": method, "http_version": version, "headers": list(headers)}
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        # What one ASGI server or another passes on (uvicorn's httptools: "gzip, chunked";
-        # h11: Transfer-Encoding next to Content-Length, "5, 5" merged): all refused here.
-        [(b"transfer-encoding", b"chunked"), (b"content-length", b"5")],
-        [(b"transfer-encoding", b"gzip, chunked")],
-        [(b"transfer-encoding", b"chunked, chunked")],
-        [(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")],
-        [(b"transfer-encoding", b"identity")],
-        [(b"transfer-encoding", b"")],
-        [(b"content-length", b"5"), (b"content-length", b"5")],
-        [(b"content-length", b"5, 5")],
-        [(b"content-length", b"+5")],
-        [(b"content-length", b" 5")],
-        [(b"content-length", b"0x5")],
-        [(b"content-length", b"")],
-        [(b"content-length", "\u0665".encode())],  # ARABIC-INDIC DIGIT FIVE: str.isdigit() says yes
-        [(b"content-length", b"9" * 19)],
-    ],
-)
-def test_request_framing_refuses_every_ambiguity(headers: list[tuple[bytes, bytes]]) -> None:
-    with pytest.raises(AmbiguousFraming):
-        request_framing(_scope("POST", *headers))
-
-
-def test_request_framing_refuses_chunked_in_http_1_0() -> None:
-    with pytest.raises(AmbiguousFraming):
-        request_framing(_scope("POST", (b"transfer-encoding", b"chunked"), version="1.0"))
-
-
-@pytest.mark.parametrize(
-    ("method", "headers", "expected"),
-    [
-        ("GET", [], ([], 0)),
-        ("GET", [(b"content-length", b"0")], ([], 0)),
-        ("POST", [], ([(b"content-length", b"0")], 0)),
-        ("PUT", [(b"content-length", b"000")], ([(b"content-length", b"0")], 0)),
-        ("POST", [(b"content-length", b"007")], ([(b"content-length", b"7")], 7)),
-        ("GET", [(b"content-length", b"3")], ([(b"content-length", b"3")], 3)),
-        ("POST", [(b"transfer-encoding", b" Chunked ")], ([(b"transfer-encoding", b"chunked")], None)),
-    ],
-)
-def test_request_framing_from_the_body(
-    method: str, headers: list[tuple[bytes, bytes]], expected: tuple[list[tuple[bytes, bytes]], int | None]
-) -> None:
-    assert request_framing(_scope(method, *headers)) == expected
 
 
 @pytest.mark.parametrize("spelling", ["{c} ={v}", "{c}\t={v}", " {c}= {v} ", "\xa0{c}={v}", '{c}="{v}"'])
