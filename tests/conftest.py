@@ -11,10 +11,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
+from gateway.store.sqlite import SqliteStore
 from tests.support.servers import UpstreamProcess, free_port, wait_for_port
 
 REQUIRE_ALL = os.environ.get("GATEWAY_TEST_REQUIRE_ALL") == "1"
@@ -87,3 +89,12 @@ def upstream() -> Iterator[UpstreamProcess]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A real SQLite store in a fresh file (tests/test_store.py runs the contract on every backend)."""
+    sqlite = SqliteStore(str(tmp_path / "gateway.db"))
+    await sqlite.open()
+    yield sqlite
+    await sqlite.close()

@@ -5,14 +5,7 @@ from __future__ import annotations
 import math
 
 from gateway.cache import MISS, TtlCache
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 def test_an_entry_lives_ttl_seconds_on_the_injected_clock() -> None:

@@ -23,15 +23,8 @@ from gateway.store import open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.totp import new_secret
 from tests.conftest import RedisServer, need_binary
+from tests.support.clock import Clock
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def facts(
@@ -71,7 +64,7 @@ async def enrol_direct(cfg: Config, factors: SecondFactor, user: str) -> str:
 
 
 async def test_order_of_the_decision(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock)
     assert (await decider.decide(facts("/public/../admin", user=None))).reason is Reason.IDENTITY_REQUIRED
     assert (await decider.decide(facts("/a/..;/b"))).reason is Reason.BAD_REQUEST
@@ -96,7 +89,7 @@ async def test_order_of_the_decision(tmp_path: Path) -> None:
 async def test_only_a_request_let_in_by_its_second_factor_names_a_user_to_forward(tmp_path: Path) -> None:
     """``Decision.forwarded_user``: the one rule for "which user does the upstream hear of", so
     the proxy, /auth and the WebSocket handshake need not test ``reason is not EXCLUDED``."""
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock)
     excluded = await decider.decide(facts("/public/x"))  # a Remote-User is sent, and not read
     assert excluded.allowed and excluded.user is None and excluded.forwarded_user is None
@@ -112,7 +105,7 @@ async def test_only_a_request_let_in_by_its_second_factor_names_a_user_to_forwar
 
 
 async def test_concurrent_requests_with_one_code_give_exactly_one_success(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock)
     secret = await enrol_direct(cfg, factors, "alice")
     code = pyotp.TOTP(secret).at(clock.now)
@@ -124,7 +117,7 @@ async def test_concurrent_requests_with_one_code_give_exactly_one_success(tmp_pa
 
 
 async def test_lockout_refuses_even_a_correct_code(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock, limits={"max_failures": 3, "lockout": 60})
     secret = await enrol_direct(cfg, factors, "alice")
     for _ in range(3):
@@ -137,7 +130,7 @@ async def test_lockout_refuses_even_a_correct_code(tmp_path: Path) -> None:
 
 
 async def test_client_address_lockout(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock, limits={"ip_max_failures": 4, "max_failures": 100})
     for user in ("u1", "u2", "u3", "u4", "u5"):
         await enrol_direct(cfg, factors, user)
@@ -148,7 +141,7 @@ async def test_client_address_lockout(tmp_path: Path) -> None:
 
 
 async def test_a_key_rotated_away_denies_and_leaves_the_record(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, _, factors = await setup(tmp_path, clock)
     secret = await enrol_direct(cfg, factors, "alice")
     before = await factors.store.get_secret("alice")
@@ -161,7 +154,7 @@ async def test_a_key_rotated_away_denies_and_leaves_the_record(tmp_path: Path) -
 
 
 async def test_a_secret_copied_to_another_user_does_not_work(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock)
     secret = await enrol_direct(cfg, factors, "alice")
     token = await factors.store.get_secret("alice")
@@ -221,7 +214,7 @@ def test_store_outage_denies_with_503(upstream: UpstreamProcess, tmp_path: Path)
 
 
 async def test_revocation_reaches_other_workers_within_cache_ttl(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider_a, factors_a = await setup(tmp_path, clock)
     store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
     await store_b.open()
@@ -248,7 +241,7 @@ async def test_revocation_reaches_other_workers_within_cache_ttl(tmp_path: Path)
 
 
 async def test_redis_replay_guard_under_concurrency(redis_server: RedisServer, tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg = make_config(tmp_path, store={"url": redis_server.url, "prefix": "decision-test"})
     store = RedisStore(redis_server.url, "decision-test")
     await store.open()
@@ -278,7 +271,7 @@ def test_client_address(peer: str, xff: str | None, expected: str) -> None:
 
 
 async def test_a_lock_set_by_another_worker_stops_a_correct_code_at_once(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider_a, factors_a = await setup(tmp_path, clock, limits={"max_failures": 3})
     store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
     await store_b.open()
@@ -298,7 +291,7 @@ async def test_a_lock_set_by_another_worker_stops_a_correct_code_at_once(tmp_pat
 async def test_a_pending_secret_under_a_removed_key_is_no_enrolment(tmp_path: Path) -> None:
     """``keys rotate`` rewrites active secrets only: a pending one made under a key removed since
     reads as absent (start setup again), never as an error or a grant."""
-    clock = Clock()
+    clock = Clock(time.time())
     old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     _, _, factors = await setup(tmp_path, clock, env={"GATEWAY_ENCRYPTION_KEYS": old_key})
     secret = await factors.begin_enrolment("alice")
@@ -314,7 +307,7 @@ async def test_a_pending_secret_under_a_removed_key_is_no_enrolment(tmp_path: Pa
 
 # -- issue 10: lockouts stop guessing, not sessions; one session per request ------------------
 async def test_a_lockout_does_not_refuse_a_live_session_of_the_same_user(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock, limits={"max_failures": 3, "ip_max_failures": 3})
     secret = await enrol_direct(cfg, factors, "alice")
     opened = await decider.decide(facts(code=pyotp.TOTP(secret).at(clock.now)))
@@ -330,7 +323,7 @@ async def test_a_lockout_does_not_refuse_a_live_session_of_the_same_user(tmp_pat
 
 
 async def test_the_code_that_reaches_the_limit_says_locked(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock, limits={"max_failures": 3, "lockout": 60})
     await enrol_direct(cfg, factors, "alice")
     assert (await decider.decide(facts(code="000000"))).reason is Reason.INVALID_CODE
@@ -341,7 +334,7 @@ async def test_the_code_that_reaches_the_limit_says_locked(tmp_path: Path) -> No
 
 
 async def test_two_different_session_cookies_are_ambiguous(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, decider, factors = await setup(tmp_path, clock)
     name = cfg.session.cookie
     await enrol_direct(cfg, factors, "alice")
@@ -370,7 +363,7 @@ async def test_a_stale_cached_secret_never_grants(tmp_path: Path, how: str) -> N
     after ``users reset`` (or a new authenticator on another worker) and opened a 12-hour
     session on the old authenticator. A code that matches a cached secret is judged again
     against the store's before anything is granted."""
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, _, factors_a, decider_b, factors_b = await two_workers(tmp_path, clock)
     old = await enrol_direct(cfg, factors_a, "alice")
     # The attack kept b's cache warm (GET /setup-2fa needs only the first factor); here its entry
@@ -394,7 +387,7 @@ async def test_a_stale_cached_secret_never_grants(tmp_path: Path, how: str) -> N
 async def test_a_session_is_not_kept_when_the_secret_changed_while_its_code_was_judged(tmp_path: Path) -> None:
     """The code was right when judged, then a reset landed before the session was opened: the
     session is found and ended, and the request is denied."""
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, _, factors = await setup(tmp_path, clock)
     secret = await enrol_direct(cfg, factors, "alice")
     outcome = await factors.check_code("alice", pyotp.TOTP(secret).at(clock.now), None)
@@ -410,7 +403,7 @@ async def test_an_enrolment_begun_without_a_code_never_replaces_an_authenticator
     started an enrolment right after the victim's, and its activation overwrote her secret.
     An enrolment names the secret it may replace, read from the store, and activation is a
     compare-and-set on it."""
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, _, factors_a, _, factors_b = await two_workers(tmp_path, clock)
     factors_b.secrets._active.ttl = 3600.0
     assert not await factors_b.is_enrolled("alice")  # b caches "not enrolled"
@@ -436,7 +429,7 @@ async def test_an_enrolment_begun_without_a_code_never_replaces_an_authenticator
 async def test_an_ipv6_client_is_counted_by_its_slash_64(tmp_path: Path) -> None:
     """One host is routinely given a whole /64 (RFC 7934): counted per /128, a client would have
     2^64 fresh address quotas (noticed by attack B). Addresses in one /64 share one quota."""
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, _, factors = await setup(tmp_path, clock, limits={"ip_max_failures": 3, "max_failures": 1000})
     for user in ("u1", "u2", "u3", "u4"):
         await enrol_direct(cfg, factors, user)
@@ -460,7 +453,7 @@ async def test_a_re_enrolment_binds_to_the_authenticator_its_code_came_from(tmp_
     """Found by the second attack: a stolen phone's code, proven just as its owner re-enrolled,
     began an enrolment bound to her *new* authenticator (read after the code was judged), whose
     activation then replaced it. An enrolment is begun only against the secret the code proved."""
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, _, factors = await setup(tmp_path, clock)
     stolen = await enrol_direct(cfg, factors, "alice")
     proven = await factors.check_code("alice", pyotp.TOTP(stolen).at(clock.now - cfg.totp.period), None)
@@ -479,7 +472,7 @@ async def test_a_new_authenticator_voids_the_old_recovery_codes_at_once(tmp_path
     """Found by the second attack: the old recovery codes outlived the activation of a new
     authenticator until the new set was written, and one used in between opened a session
     bound to the new secret. The activation voids them in the same store step."""
-    clock = Clock()
+    clock = Clock(time.time())
     cfg, _, factors = await setup(tmp_path, clock)
     old = await enrol_direct(cfg, factors, "alice")
     [code, *_] = await factors.new_recovery_codes("alice")

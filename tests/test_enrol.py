@@ -26,26 +26,16 @@ from gateway.errors import StoreError
 from gateway.http import negotiate
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import need_binary
+from tests.support.clock import Clock
 from tests.support.inprocess import UPSTREAM, InProcess, in_process
 from tests.support.servers import GatewayServer, UpstreamProcess, enrol, make_config
 
 USER = "alice"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()) // 30 * 30 + 5)  # early in a step: no step turns over mid-test
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(float(int(time.time()) // 30 * 30 + 5))  # early in a step: no step turns over mid-test
 
 
 @pytest.fixture

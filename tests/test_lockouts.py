@@ -6,7 +6,6 @@ are in test_factors.py; here each rule is seen once, on its own.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,10 @@ from gateway.errors import StoreError
 from gateway.lockouts import Locked, Lockouts, address_scope
 from gateway.store import Attempt, Store
 from gateway.store.sqlite import SqliteStore
+from tests.support.clock import Clock
 
 LIMITS = LimitsConfig(max_failures=3, lockout=60, ip_max_failures=5, ip_lockout=120)
 CLIENT = "203.0.113.7"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(str(tmp_path / "gateway.db"))
-    await store.open()
-    yield store
-    await store.close()
 
 
 def allowed(result: Attempt | Locked) -> Attempt:

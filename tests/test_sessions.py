@@ -6,33 +6,12 @@ two workers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
 from gateway.sessions import MAX_SESSION_ID, NewSession, Sessions, hash_session_id
 from gateway.store import Store
-from gateway.store.sqlite import SqliteStore
+from tests.support.clock import Clock
 
 TTL = 3600.0
 CACHE_TTL = 1.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(str(tmp_path / "gateway.db"))
-    await store.open()
-    yield store
-    await store.close()
 
 
 async def opened(sessions: Sessions, user: str = "alice") -> NewSession:

@@ -5,30 +5,19 @@ A real SQLite store in a temporary file, real Fernet keys and a frozen clock.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 from cryptography.fernet import Fernet
 
 from gateway.crypto import SecretBox
 from gateway.errors import DecryptError
 from gateway.store import Store
-from gateway.store.sqlite import SqliteStore
 from gateway.totp import new_secret
 from gateway.user_secrets import PendingSecret, Secrets, proof_of
+from tests.support.clock import Clock
 
 KEYS = [Fernet.generate_key().decode()]
 PENDING_TTL = 600.0
 CACHE_TTL = 1.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class CountingBox(SecretBox):
@@ -39,14 +28,6 @@ class CountingBox(SecretBox):
     def decrypt(self, user: str, token: bytes) -> str:
         CountingBox.decrypted += 1
         return super().decrypt(user, token)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(str(tmp_path / "gateway.db"))
-    await store.open()
-    yield store
-    await store.close()
 
 
 def secrets_of(store: Store, clock: Clock) -> Secrets:

@@ -23,6 +23,28 @@ from pathlib import Path
 from tests.conftest import need_binary
 from tests.support.servers import ROOT, free_port, wait_for_port
 
+# Requests that try to reach /admin through a front while only /public/* is excluded: each must be
+# decided as /admin (denied), however the front or the gateway could read it.
+BYPASSES = [
+    "/public/../admin",
+    "/public/%2e%2e/admin",
+    "/public/%2E%2E/admin",
+    "//admin",
+    "//public/../admin",
+    "/public/..;/admin",
+    "/admin?x=/public",
+    "/admin#/public",
+    "/public/%2e%2e%2fadmin",
+    "/public/..%2fadmin",
+    "/public/..%5cadmin",
+    "/public/%252e%252e/admin",
+    "/public/%ef%bc%8e%ef%bc%8e/admin",
+    "/admin/%2e%2e/public/x",
+    "/Public/x",
+    "/public/../../admin",
+    "http://127.0.0.1/admin",
+]
+
 CONFIG = ROOT / "config"
 
 
