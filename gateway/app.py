@@ -233,6 +233,7 @@ def create_app(
             redirects,
             config.upstream.user_header,
             config.server.public_url,
+            hosts,
         )
 
     async def admit(scope: Scope) -> tuple[Facts, Decision]:

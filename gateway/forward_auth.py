@@ -38,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.decision import Decision, Facts
 from gateway.errors import DENIALS, FORWARD_AUTH_STATUS, Reason
+from gateway.hosts import HostPolicy
 from gateway.http import request_origin, wants_html
 from gateway.paths import encode_path
 from gateway.redirects import LoginRedirects
@@ -78,6 +79,7 @@ class ForwardAuth:
         redirects: LoginRedirects,
         user_header: str,
         public_url: str | None,
+        hosts: HostPolicy,
     ) -> None:
         self.facts = facts
         self.decide = decide
@@ -85,6 +87,7 @@ class ForwardAuth:
         self.redirects = redirects
         self.user_header = user_header.lower().encode()
         self.public_url = public_url
+        self.hosts = hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
@@ -125,7 +128,16 @@ class ForwardAuth:
     def _origin(self, headers: Headers) -> str:
         # The peer is a trusted proxy (checked first), so its X-Forwarded-* count; nginx talks
         # to /auth over plain HTTP, hence the default scheme.
-        return self.public_url or request_origin(headers.raw, "http", trusted=True)
+        # A host outside server.allowed_hosts gets a relative Location: the front asked about a
+        # site the gateway does not answer for, so it never writes that site into a redirect.
+        if self.public_url:
+            return self.public_url
+        origin = request_origin(headers.raw, "http", trusted=True)
+        if origin and not self.hosts.open:
+            scheme, _, host = origin.partition("://")
+            if not self.hosts.allows(host, scheme):
+                return ""
+        return origin
 
     async def _deny(self, send: Send, decision: Decision, headers: Headers, target: str, method: str = "") -> None:
         reason = decision.reason

@@ -66,8 +66,12 @@ IDENTITY_HEADERS = frozenset(
         b"x-webauth-user",
     }
 )
-# What a front proxy says about the client's request (scheme, port, original target): believed
-# only from server.trusted_proxies, dropped from anyone else.
+# What a front proxy says about the client's request (address, host, scheme, port, original
+# target). The gateway tells the app itself: X-Forwarded-For (a trusted front's list, appended
+# to), X-Forwarded-Host and -Proto (from the host and scheme it checked, gateway/hosts.py). Every
+# other one is dropped from every client, trusted fronts too: a front relays a client's own
+# copies unless told not to, and an app that builds links from ``Forwarded: host=evil`` or
+# ``X-Forwarded-Port`` would use a host nobody checked.
 FORWARDING_HEADERS = frozenset(
     {
         b"x-forwarded-for",
@@ -86,6 +90,8 @@ FORWARDING_HEADERS = frozenset(
         b"x-forwarded-path",
         b"x-forwarded-method",
         b"x-original-method",
+        b"x-original-host",
+        b"x-host",
     }
 )
 _DIGITS = re.compile(rb"[0-9]{1,18}")

@@ -53,7 +53,8 @@ class MisdirectedHost(BadRequest):
 
 @dataclass(frozen=True)
 class Addressed:
-    """The host a client addressed, as received (validated), and the scheme it used.
+    """The host a client addressed, validated and in its normal form (``host[:port]``, lower
+    case, the port as a number), and the scheme it used.
     ``host`` is None only for an HTTP/1.0 request without ``Host`` (RFC 9112 §3.2 allows it)."""
 
     host: str | None
@@ -90,10 +91,14 @@ def addressed(
         origin_scheme = proto
     if chosen is None:
         return Addressed(None, origin_scheme)
-    text = chosen.decode("latin-1")
-    if split_host(text) is None:
+    parsed = split_host(chosen.decode("latin-1"))
+    if parsed is None:
         raise MalformedHost
-    return Addressed(text, origin_scheme)
+    # The host as checked is the host passed on, in one spelling (RFC 3986 §6.2.2: lower case;
+    # the port as a number, RFC 5952 for IPv6), so the app compares and writes links with what
+    # the policy judged, not "App:0443". A port given stays given: the policy judged it.
+    host, port = parsed
+    return Addressed(host if port is None else f"{host}:{port}", origin_scheme)
 
 
 def target_agrees_with_host(target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -196,6 +201,11 @@ def rewrite_origin(value: bytes, origins: tuple[bytes, ...], public: bytes) -> b
         if head.startswith(origin):
             rest = value[len(origin) :]
             if rest[:1] in (b"", b"/", b"?", b"#"):
+                # Made relative, "http://up//evil/" would be "//evil/" (another host, RFC 3986
+                # §4.2), and so would "/\\evil" or "/<TAB>/evil" in a browser (WHATWG URL drops
+                # tabs and newlines, reads "\\" as "/"): such a value stays as the app sent it.
+                if not public and rest.translate(None, b"\t\n\r")[:2] in (b"//", b"/\\"):
+                    return value
                 return public + rest or b"/"
             return value
     return value

@@ -115,7 +115,7 @@ def request_origin(headers: Iterable[tuple[bytes, bytes]], scheme: str, trusted:
 
 def split_host(value: str) -> tuple[str, int | None] | None:
     """``(host, port)`` of an RFC 3986 ``host [":" port]``, the host lower-cased (RFC 3986
-    §3.2.2: case-insensitive) and an IPv6 address kept in its brackets; None when ``value`` is
+    §3.2.2: case-insensitive) and an IPv6 address in its brackets, in RFC 5952 form; None when ``value`` is
     anything else (a port of 0 or past 65535, an empty port, userinfo, a path, spaces ...)."""
     port: str | None
     if value.startswith("["):
@@ -123,12 +123,13 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         if not close or "%" in inside:  # RFC 6874 zone ids are not for Host
             return None
         try:
-            ipaddress.IPv6Address(inside)
+            address = ipaddress.IPv6Address(inside)
         except ValueError:
             return None
         if rest and not rest.startswith(":"):
             return None
-        host, port = f"[{inside.lower()}]", rest[1:] if rest else None
+        # RFC 5952 §4: one text form per address ("[0::1]" is "[::1]").
+        host, port = f"[{address.compressed}]", rest[1:] if rest else None
     else:
         host, colon, after = value.partition(":")
         port = after if colon else None

@@ -28,8 +28,9 @@ parameter, so tests can put another under httpx.
   made here too, not only by the dispatch, so no caller can have a host outside the policy sent.
 * ``X-Forwarded-For`` is appended to (RFC 7239 §5.2's de facto cousin); ``-Proto`` (public_url's
   scheme, else a trusted front's, else the connection's) and ``-Host`` (the host the client
-  addressed) are set. Client-supplied ``X-Forwarded-*`` and ``Forwarded`` are kept only
-  from trusted proxies.
+  addressed, checked) are set. Every other forwarding header (``Forwarded``,
+  ``X-Forwarded-Port``, ``-Server``, ``X-Real-IP`` ...) is dropped, a trusted front's too
+  (framing.FORWARDING_HEADERS): the app hears of no host, port or scheme the gateway did not check.
 * ``Location``, ``Content-Location`` and ``Refresh`` answers that point at the upstream's own
   origin are rewritten to the public one (``public_location``).
 * The 2FA code header, the gateway's session cookie and any client-supplied user header are
@@ -130,10 +131,17 @@ class Forwarder:
             {config.totp.header.lower().encode(), self.user_header, config.identity.header.lower().encode()}
         )
         self.session_cookie = config.session.cookie.encode()
-        self._drop_trusted = (
-            HOP_BY_HOP_HEADERS | FRAMING_HEADERS | ROUTING_OVERRIDE_HEADERS | IDENTITY_HEADERS | self.stripped
+        # A trusted front's X-Forwarded-For is appended to; its -Host and -Proto were read by
+        # hosts.addressed and are set again below; every other forwarding header is dropped.
+        self._drop_untrusted = (
+            HOP_BY_HOP_HEADERS
+            | FRAMING_HEADERS
+            | ROUTING_OVERRIDE_HEADERS
+            | IDENTITY_HEADERS
+            | FORWARDING_HEADERS
+            | self.stripped
         )
-        self._drop_untrusted = self._drop_trusted | FORWARDING_HEADERS
+        self._drop_trusted = self._drop_untrusted - {b"x-forwarded-for"}
         # Names the gateway controls. WSGI, CGI and PHP read "Remote_User" and "Remote-User" alike
         # (both become HTTP_REMOTE_USER), so a look-alike spelled with "_" or "." is dropped too.
         self._look_alikes = self._drop_untrusted
@@ -193,8 +201,6 @@ class Forwarder:
             elif name == b"x-forwarded-for":
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 continue
-            elif name in (b"x-forwarded-proto", b"x-forwarded-host"):
-                continue  # set below from ``where``, which read them (trusted peers only)
             out.append((name, value))
         if named:
             # RFC 9110 §7.6.1: what Connection names is hop-by-hop too (rare: filtered again

@@ -341,3 +341,16 @@ async def test_forward_auth_in_process_refuses_an_untrusted_peer(tmp_path: Path)
     async with in_process(make_config(tmp_path), peer=("203.0.113.9", 5000)) as gw:
         r = await gw.client.get("/auth", headers={"X-Original-URI": "/public/x", "X-Original-Method": "GET"})
         assert r.status_code == 403 and r.json()["error"] == "untrusted_peer"
+
+
+async def test_a_redirect_never_names_a_host_outside_allowed_hosts(tmp_path: Path) -> None:
+    # Attack (issue 12 review): with allowed_hosts set and no public_url, nginx relayed
+    # "Host: evil.example" as X-Forwarded-Host and /auth wrote it into the verify redirect.
+    config = make_config(tmp_path, server={"allowed_hosts": ["app.example.com"]})
+    async with in_process(config) as gw:
+        await gw.enrol("alice")
+        target = {"X-Original-URI": "/admin", "X-Original-Method": "GET", "Remote-User": "alice", **HTML}
+        r = await gw.client.get("/auth", headers={**target, "X-Forwarded-Host": "evil.example"})
+        assert r.status_code == 401 and r.headers["location"] == "/verify-2fa?next=/admin"
+        r = await gw.client.get("/auth", headers={**target, "X-Forwarded-Host": "app.example.com"})
+        assert r.status_code == 401 and r.headers["location"] == "http://app.example.com/verify-2fa?next=/admin"

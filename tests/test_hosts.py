@@ -38,6 +38,7 @@ from tests.support.servers import GatewayServer, free_port, make_config
         ("[::1]", ("[::1]", None)),
         ("[2001:DB8::1]:443", ("[2001:db8::1]", 443)),
         ("under_score.example", ("under_score.example", None)),
+        ("[0:0::1]:08443", ("[::1]", 8443)),  # RFC 5952: one text form per address
     ],
 )
 def test_split_host_takes_rfc3986_hosts(value: str, parsed: tuple[str, int | None]) -> None:
@@ -201,6 +202,16 @@ def test_rewrite_origin_to_a_relative_reference() -> None:
 
 
 @pytest.mark.parametrize(
+    "rest", [b"//evil.example/x", b"/\\evil.example/x", b"/\t/evil.example/x", b"/\n\\evil.example"]
+)
+def test_rewrite_origin_never_makes_a_relative_reference_to_another_host(rest: bytes) -> None:
+    # Made relative, these would be network-path references ("//evil"), or read as one by a
+    # browser (WHATWG URL: "\\" is "/", tabs and newlines dropped): left as the app sent them.
+    assert rewrite_origin(b"http://up.internal" + rest, UP80, b"") == b"http://up.internal" + rest
+    assert rewrite_origin(b"http://up.internal" + rest, UP80, PUBLIC) == PUBLIC + rest
+
+
+@pytest.mark.parametrize(
     ("value", "rewritten"),
     [
         (b"5; url=http://up.internal/x", b"5; url=https://gw.example/x"),
@@ -288,10 +299,10 @@ def test_the_client_host_reaches_the_upstream_once(passing: GatewayServer, recor
     answer, got = ask(recorder, passing, request("Host: App.Example:8080", "X-Forwarded-For: 6.6.6.6"))
     assert answer is not None and answer.status == 200
     [received] = got
-    # As received (case kept), exactly once, and first (RFC 9110 §7.2).
-    assert received.headers[0] == ("host", "App.Example:8080")
-    assert received.header("host") == ["App.Example:8080"]
-    assert received.header("x-forwarded-host") == ["App.Example:8080"]
+    # As checked (RFC 3986 §6.2.2: lower case), exactly once, and first (RFC 9110 §7.2).
+    assert received.headers[0] == ("host", "app.example:8080")
+    assert received.header("host") == ["app.example:8080"]
+    assert received.header("x-forwarded-host") == ["app.example:8080"]
     assert received.header("x-forwarded-proto") == ["http"]
     assert received.header("x-forwarded-for") == ["6.6.6.6, 127.0.0.1"]  # a trusted peer: appended
 
@@ -354,10 +365,50 @@ def test_a_host_inside_the_policy_passes(policed: GatewayServer, recorder: Recor
     answer, got = ask(recorder, policed, request(f"Host: {host}", "X-Forwarded-Host: evil.example"))
     assert answer is not None and answer.status == 200
     [received] = got
-    assert received.header("host") == [host]
-    assert received.header("x-forwarded-host") == [host]
+    assert received.header("host") == [host.lower()]  # in the spelling the policy judged
+    assert received.header("x-forwarded-host") == [host.lower()]
     assert received.header("x-forwarded-proto") == ["https"]  # public_url's scheme
     assert received.header("x-forwarded-for") == ["127.0.0.1"]
+
+
+def test_no_forwarding_header_the_gateway_did_not_check_reaches_the_app(
+    fronted: GatewayServer, passing: GatewayServer, recorder: Recorder
+) -> None:
+    # Attack (issue 12 review): a client's "Forwarded: host=evil" relayed by a trusted front made
+    # the app build a password-reset link to evil.example, past the 421 of the host policy.
+    smuggled = [
+        "Forwarded: for=6.6.6.6;host=evil.example;proto=https",
+        "X-Forwarded-Port: 8443",
+        "X-Forwarded-Server: evil.example",
+        "X-Forwarded-Scheme: https",
+        "X-Forwarded-Ssl: on",
+        "X-Real-IP: 6.6.6.6",
+        "X-Original-Host: evil.example",
+        "X-Host: evil.example",
+        "X_Forwarded_Server: evil.example",
+    ]
+    for gw in (fronted, passing):  # both trust 127.0.0.1
+        answer, got = ask(recorder, gw, request("Host: gw.example", *smuggled))
+        assert answer is not None and answer.status == 200
+        [received] = got
+        names = {name for name, _ in received.headers}
+        assert names.isdisjoint(
+            {"forwarded", "x-forwarded-port", "x-forwarded-server", "x-forwarded-scheme", "x-forwarded-ssl"}
+            | {"x-real-ip", "x-original-host", "x-host", "x_forwarded_server"}
+        ), received.headers
+        assert received.header("x-forwarded-host") == ["gw.example"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "passed"), [("gw.example:0443", "gw.example:443"), ("GW.Example:00443", "gw.example:443")]
+)
+def test_the_app_gets_the_host_in_the_spelling_the_policy_judged(
+    policed: GatewayServer, recorder: Recorder, sent: str, passed: str
+) -> None:
+    answer, got = ask(recorder, policed, request(f"Host: {sent}"))
+    assert answer is not None and answer.status == 200
+    [received] = got
+    assert (received.header("host"), received.header("x-forwarded-host")) == ([passed], [passed])
 
 
 def test_a_trusted_fronts_forwarded_host_is_checked_and_passed(fronted: GatewayServer, recorder: Recorder) -> None:
@@ -419,9 +470,9 @@ def test_the_client_host_reaches_the_upstream_handshake_once(passing: GatewaySer
     answer, got = ask(recorder, passing, request("Host: App.Example:8080", *HANDSHAKE, target="/public/ws"))
     assert answer is not None and answer.status == 403
     [received] = got
-    assert received.headers[0] == ("host", "App.Example:8080")
-    assert received.header("host") == ["App.Example:8080"]
-    assert received.header("x-forwarded-host") == ["App.Example:8080"]
+    assert received.headers[0] == ("host", "app.example:8080")
+    assert received.header("host") == ["app.example:8080"]
+    assert received.header("x-forwarded-host") == ["app.example:8080"]
     assert received.header("upgrade") == ["websocket"]
 
 

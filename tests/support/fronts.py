@@ -317,11 +317,20 @@ OVERRIDES = {
     "X-WEBAUTH-USER": "admin",
     "X_Forwarded_User": "admin",
     "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+    # A host, port or scheme nobody checked (the issue 12 attack: a password-reset link to evil).
+    "Forwarded": "for=6.6.6.6;host=evil.example;proto=https",
+    "X-Forwarded-Port": "8443",
+    "X-Forwarded-Server": "evil.example",
+    "X-Forwarded-Scheme": "https",
+    "X-Original-Host": "evil.example",
+    "X-Host": "evil.example",
 }
 NEVER_TO_THE_APP = {"x-original-url", "x-rewrite-url", "x-forwarded-prefix", "x-http-method-override"}
 NEVER_TO_THE_APP |= {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username"}
 NEVER_TO_THE_APP |= {"x-auth-request-user", "x-auth-request-email", "x-remote-user", "x-webauth-user"}
 NEVER_TO_THE_APP |= {"x-http-method", "x-method-override", "upgrade", "http2-settings", "x-2fa-code"}
+NEVER_TO_THE_APP |= {"forwarded", "x-forwarded-port", "x-forwarded-server", "x-forwarded-scheme"}
+NEVER_TO_THE_APP |= {"x-original-host", "x-host"}
 
 
 def reached_the_app(headers: object) -> set[str]:
