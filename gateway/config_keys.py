@@ -27,6 +27,7 @@ from gateway.tables import (
     host_port,
     http_url,
     key,
+    public_http_url,
     redact_url,
     route_path,
     secret_value,
@@ -52,6 +53,10 @@ ENV_STORE_URL = "GATEWAY_STORE_URL"
 
 def _url(t: Table, name: str, default: str | None) -> str | None:
     return http_url(t, name, t.opt_str(name))
+
+
+def _public_url(t: Table, name: str, default: str | None) -> str | None:
+    return public_http_url(t, name, t.opt_str(name))
 
 
 def _network(text: str) -> IPNetwork:
@@ -195,7 +200,7 @@ class ServerConfig:
         None,
         doc='The public origin users see, e.g. "https://app.example.com". Used to rewrite upstream\n'
         "Location headers and build redirects. Unset: taken from the request's Host header.",
-        read=_url,
+        read=_public_url,
         shown="https://app.example.com",
     )
     allowed_hosts: tuple[str, ...] = key(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
+from gateway.framing import FRAMING_HEADERS, HOP_BY_HOP_HEADERS
 from gateway.http import is_token, split_host
 
 if TYPE_CHECKING:
@@ -320,11 +321,22 @@ def host_port(value: str) -> str:
     return value.lower()
 
 
+# Headers that frame a message or belong to one connection (RFC 9110 §7.6.1, RFC 9112 §6), and
+# Host and Cookie, which the gateway reads or sets itself: a header key naming one of them would
+# unframe what goes upstream or never reach the app. Refused at load, by name.
+_RESERVED_HEADERS = frozenset(
+    name.decode() for name in HOP_BY_HOP_HEADERS | FRAMING_HEADERS | {b"host", b"cookie", b"expect"}
+)
+
+
 def header_name(t: Table, key: str, default: str) -> str:
     value = t.get(key, str, default)
     # RFC 9110 §5.1: a field name is a token.
     if not is_token(value):
         t.problem(key, f'"{value}" is not a valid header name')
+        return default
+    if value.lower() in _RESERVED_HEADERS:
+        t.problem(key, f'"{value}" frames the message or belongs to the connection; name another header')
         return default
     return value
 
@@ -387,3 +399,13 @@ def http_url(t: Table, key: str, value: str | None) -> str | None:
         t.problem(key, "must not have a query or fragment")
         return None
     return value.rstrip("/")
+
+
+def public_http_url(t: Table, key: str, value: str | None) -> str | None:
+    """An http(s) URL the gateway writes into redirects and links: no user name or password,
+    which every client would read."""
+    url = http_url(t, key, value)
+    if url is not None and "@" in url.partition("://")[2].partition("/")[0]:
+        t.problem(key, f'"{redact_url(url)}" must not hold a user name or password')
+        return None
+    return url

@@ -108,6 +108,15 @@ def test_minimal_config_has_safe_defaults() -> None:
         ({"store": {"cache_ttl": 5}}, "store.cache_ttl: 5.0 is outside 0..1"),
         ({"upstream": {"url": "http://[::1"}}, "upstream.url:"),
         ({"server": {"public_url": "https://[::1"}}, "server.public_url:"),
+        # Attack (issue 12 review): a password in public_url went into every redirect and link.
+        ({"server": {"public_url": "https://admin:hunter2@gw.example"}}, 'server.public_url: "https://admin:***@'),
+        ({"server": {"public_url": "https://gw@gw.example"}}, 'server.public_url: "https://gw@gw.example" must not'),
+        # A header key naming a framing or connection header would unframe what goes upstream.
+        ({"upstream": {"user_header": "Content-Length"}}, 'upstream.user_header: "Content-Length" frames'),
+        ({"upstream": {"user_header": "Transfer-Encoding"}}, "upstream.user_header:"),
+        ({"upstream": {"user_header": "host"}}, "upstream.user_header:"),
+        ({"identity": {"header": "Cookie"}}, "identity.header:"),
+        ({"totp": {"header": "Connection"}}, "totp.header:"),
         ({"identity": {"login_url": "https://[::1/login?next={next}"}}, "identity.login_url:"),
         ({"store": {"url": "redis://[::1:6379/0"}}, "store.url:"),
         ({"store": {"url": "redis://h:99999/0"}}, "store.url:"),
