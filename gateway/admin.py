@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from gateway import totp
+from gateway.audit import audit, use_context
 from gateway.config import Config
 from gateway.crypto import SecretBox, decrypt_legacy
 from gateway.errors import DecryptError, GatewayError
@@ -35,6 +36,7 @@ class AdminError(GatewayError):
 
 def _run_with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     async def run() -> T:
+        use_context("cli")  # every audit event of the command says mode "cli", and one id
         store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
         await store.open()
         try:
@@ -81,6 +83,7 @@ async def _user_command(config: Config, store: Store, command: str, user: str | 
     if command == "unlock" and address:
         # A per-address lock (limits.ip_*) holds everyone behind that address (a NAT, a VPN).
         await store.clear_failures(address_scope(address))
+        audit("lockout.lifted", client=address, scope="address")
         return f"unlocked address {address}"
     if user is None:
         raise AdminError("name a USER (or, for unlock, --address ADDR)")
@@ -91,11 +94,14 @@ async def _user_command(config: Config, store: Store, command: str, user: str | 
         return _describe(user, state)
     if command == "reset":
         await factors.reset_user(user)
+        audit("user.reset", user)
         return f"reset {user}: secret, sessions and recovery codes removed; the user must enrol again"
     if command == "logout":
         ended = await factors.revoke_user_sessions(user)
+        audit("user.logout", user, sessions_ended=ended)
         return f"ended {ended} 2FA session(s) of {user}; the next request needs a code"
     await factors.unlock(user)
+    audit("lockout.lifted", user, scope="user")
     return f"unlocked {user}"
 
 
@@ -213,6 +219,7 @@ async def _import_rows(
             report.unchanged += 1
         else:
             report.problems.append(f"line {line} ({user}): already enrolled with another secret (--force replaces)")
+    audit("users.imported", imported=report.imported, unchanged=report.unchanged, problems=len(report.problems))
     return report
 
 
@@ -244,6 +251,7 @@ async def _rotate(config: Config, store: Store) -> str:
             rotated += 1
         else:
             current += 1
+    audit("keys.rotated", rotated=rotated, current=current, failed=len(failed))
     if failed:
         lines = [f"the secret of {user!r} does not decrypt with any configured key" for user in failed]
         lines.append(f"rotated {rotated}, already current {current}, FAILED {len(failed)}: keep the old keys")

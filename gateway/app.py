@@ -26,6 +26,7 @@ import httpx
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.audit import RequestContext
 from gateway.config import Config
 from gateway.decision import Decider, Decision, Facts
 from gateway.enrol import Enrolment
@@ -42,6 +43,7 @@ from gateway.request_facts import RequestFacts, TrustPolicy
 from gateway.responses import send_denial, send_json
 from gateway.revocation import SessionWatch, poll_interval
 from gateway.session_cookie import SessionCookie
+from gateway.shutdown import DRAIN_STATE_KEY, Drain
 from gateway.store import Store, open_store_from_url
 from gateway.websocket import proxy_websocket
 
@@ -68,9 +70,13 @@ def counted(decider: Decider, metrics: Metrics, mode: str) -> Decide:
 
 class Lifespan:
     """Opens the store at start-up (a store that does not answer stops it) and closes the
-    store, the upstream transport and the session watch at shutdown."""
+    store, the upstream transport and the session watch at shutdown. It hands the server its
+    ``drain`` through the lifespan state (gateway/shutdown.py)."""
 
-    def __init__(self, store: Store, forwarder: Forwarder | None, sessions: SessionWatch, summary: str) -> None:
+    def __init__(
+        self, store: Store, forwarder: Forwarder | None, sessions: SessionWatch, summary: str, drain: Drain
+    ) -> None:
+        self.drain = drain
         self.store = store
         self.forwarder = forwarder
         self.sessions = sessions
@@ -80,6 +86,8 @@ class Lifespan:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if "state" in scope:
+                    scope["state"][DRAIN_STATE_KEY] = self.drain
                 try:
                     await self.store.open()
                 except StoreError as exc:
@@ -102,15 +110,20 @@ class Lifespan:
 class Probes:
     """Health, readiness and metrics."""
 
-    def __init__(self, store: Store, metrics: Metrics, trust: TrustPolicy) -> None:
+    def __init__(self, store: Store, metrics: Metrics, trust: TrustPolicy, drain: Drain) -> None:
         self.store = store
         self.metrics = metrics
         self.trust = trust
+        self.drain = drain
 
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
 
     async def ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.drain.draining:  # stopping: let the load balancer move traffic away
+            self.metrics.ready.set(0)
+            await send_json(send, 503, {"status": "stopping", "detail": "the gateway is shutting down"})
+            return
         try:
             await self.store.ping()
         except StoreError:
@@ -148,7 +161,10 @@ class Gateway:
         hosts: HostPolicy | None,
         trust: TrustPolicy,
         unchecked: frozenset[str],
+        context: Callable[[ASGIApp], ASGIApp] | None = None,
     ) -> None:
+        # context: audit.RequestContext around every request (its id, mode and client).
+        self.serve: ASGIApp = self._dispatch if context is None else context(self._dispatch)
         self.routes = routes
         self.protect = protect
         self.websocket = websocket
@@ -159,6 +175,9 @@ class Gateway:
         self.unchecked = unchecked
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await (self.lifespan if scope["type"] == "lifespan" else self.serve)(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
@@ -216,10 +235,17 @@ def create_app(
     sessions = SessionWatch(factors.live_session_user, poll_interval(config.store.cache_ttl))
     pages = Pages(config)  # every template read now: a broken install is logged at start-up
     enrolment = Enrolment(config, factors, decider.identity, facts, cookie, redirects, pages)
-    probes = Probes(store, metrics, trust)
+    drain = Drain()
+    probes = Probes(store, metrics, trust, drain)
     proxy_decide = counted(decider, metrics, "proxy")
 
     r = config.routes
+    page_paths = frozenset((r.setup, r.verify, r.recovery, r.logout))
+
+    def mode_of(path: str) -> str:
+        """The audit events' mode of a request to ``path``."""
+        return "auth" if path == r.auth else "page" if path in page_paths else "proxy"
+
     page_app = enrolment.app()
     routes: dict[str, ASGIApp] = {r.health: probes.health, r.ready: probes.ready}
     routes.update(dict.fromkeys((r.setup, r.verify, r.recovery, r.logout), page_app))
@@ -260,8 +286,9 @@ def create_app(
         routes,
         protect,
         websocket,
-        Lifespan(store, forwarder, sessions, config.summary()),
+        Lifespan(store, forwarder, sessions, config.summary(), drain),
         hosts if forwarder is not None else None,
         trust,
         unchecked=frozenset(p for p in (r.health, r.ready, r.metrics, r.auth) if p),
+        context=lambda app: RequestContext(app, trust.trusts, lambda scope: facts(scope, method="GET").client, mode_of),
     )

@@ -211,8 +211,26 @@ class ServerConfig:
         read=each(host_port),
     )
     workers: int = key(1, "uvicorn worker processes", low=1, high=64)
+    shutdown_delay: float = key(
+        0.0,
+        low=0.0,
+        high=300.0,
+        doc="On SIGTERM (gateway/shutdown.py): readiness (routes.ready) answers 503 at once, and for\n"
+        "shutdown_delay seconds requests are still served, so a load balancer's health checks take the\n"
+        "node out before its listener closes; then new connections are refused, open WebSockets are\n"
+        "closed with 1001, and requests in flight (a long download too) get shutdown_grace seconds to\n"
+        "finish before they are cut. Behind a load balancer, set shutdown_delay above its health-check\n"
+        "interval times its unhealthy threshold (e.g. 5 s x 2: 11); 0 without one.",
+    )
+    shutdown_grace: float = key(30.0, low=0.0, high=3600.0)
     log_level: str = key("info", choices=("critical", "error", "warning", "info", "debug"))
     access_log: bool = key(False)
+    log_format: str = key(
+        "text",
+        choices=("text", "json"),
+        doc="text: one readable line per record; json: one object per line (timestamp, level, logger,\n"
+        "message, request_id, and each audit event's fields). Secrets are redacted in both.",
+    )
     # Limits on what a client may send before any rule runs (gateway/server.py).
     max_head_bytes: int = key(
         64 * 1024,

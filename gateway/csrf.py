@@ -15,17 +15,15 @@ a plain ``<form method="post" action="/logout-2fa">`` on its own pages. The sess
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.audit import audit
 from gateway.errors import Reason
 from gateway.responses import send_denial
-
-audit = logging.getLogger("gateway.audit")
 
 
 def cross_origin(headers: Headers, public_host: str | None) -> bool:
@@ -56,7 +54,7 @@ class CrossOriginGuard:
         if scope["type"] == "http" and scope["method"] == "POST":
             headers = Headers(scope=scope)
             if cross_origin(headers, self.public_host):
-                audit.warning("csrf refused route=%s client=%s", scope["path"], self.client(scope))
+                audit("csrf.refused", client=self.client(scope), route=scope["path"])
                 await send_denial(send, Reason.CSRF, headers.get("accept"))
                 return
         await self.app(scope, receive, send)

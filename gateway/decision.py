@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 
+from gateway.audit import audit
 from gateway.config import Config, IPNetwork
 from gateway.errors import ALLOWED, AmbiguousPath, DecryptError, Reason, StoreError
 from gateway.factors import Refused, SecondFactor
@@ -100,7 +101,7 @@ class Decider:
         try:
             return await self._decide(facts)
         except StoreError as exc:
-            log.error("store unavailable, denying: %s", exc)
+            audit("store.error", client=facts.client, detail=f"store unavailable, denying: {exc}")
             return Decision(Reason.STORE_UNAVAILABLE)
         except DecryptError:
             return Decision(Reason.INTERNAL)
@@ -127,6 +128,8 @@ class Decider:
 
         identity = self.identity.read(facts.headers, facts.peer_trusted)
         if isinstance(identity, Denied):
+            if identity.reason is Reason.AMBIGUOUS_IDENTITY:
+                audit("identity.ambiguous", client=facts.client, reason="identity")
             return Decision(identity.reason, path=path)
         user = identity.user
 
@@ -137,6 +140,7 @@ class Decider:
         # other one).
         session_id, ambiguous = read_one_cookie(facts.headers, self.cookie)
         if ambiguous:
+            audit("identity.ambiguous", user, client=facts.client, reason="session_cookie")
             return deny(Reason.AMBIGUOUS_IDENTITY)
         # A live session passes even while the user or the address is locked out: a lockout
         # stops guessing codes, not the people already in (issue 10). Operators who want a
@@ -156,5 +160,4 @@ class Decider:
         session = await self.factors.open_session(user, outcome.proof)
         if session is None:
             return deny(Reason.INVALID_CODE)
-        log.info("2fa code accepted user=%r, session opened", user)
         return Decision(Reason.CODE, path=path, user=user, label=identity.label, new_session=session)

@@ -37,6 +37,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from gateway.audit import audit
 from gateway.config import Config
 from gateway.errors import DENIALS, Reason
 from gateway.factors import Accepted, Refused, SecondFactor
@@ -52,7 +53,6 @@ from gateway.responses import denial_response, json_response, raw_response
 from gateway.session_cookie import SessionCookie
 
 log = logging.getLogger("gateway.enrol")
-audit = logging.getLogger("gateway.audit")
 
 _JSON, _HTML, _PNG = "application/json", "text/html", "image/png"
 _METHODS = ["GET", "POST"]  # and HEAD, which Starlette adds to every GET route
@@ -201,7 +201,7 @@ class Enrolment:
             # at all needs the second factor: the first alone must not re-bind the account.
             code, recovery = call.fields.get("code"), call.fields.get("recovery_code")
             if not code and not recovery:
-                audit.info("re-enrolment refused user=%r client=%s: no code", user, call.client)
+                audit("enrolment.refused", user, reason="no_code")
                 return self._refuse_reenrol(call, DENIALS[Reason.ALREADY_ENROLLED][1])
             outcome = await (
                 self.factors.check_code(user, code, call.client)
@@ -209,7 +209,7 @@ class Enrolment:
                 else self.factors.check_recovery(user, recovery, call.client)
             )
             if isinstance(outcome, Refused):
-                audit.info("re-enrolment refused user=%r client=%s: %s", user, call.client, outcome.reason)
+                audit("enrolment.refused", user, reason=outcome.reason.value)
                 if outcome.reason is Reason.LOCKED:
                     return self._refuse(
                         call, outcome, "setup_start.html", title="Set up two-factor authentication", enrolled=True
@@ -220,10 +220,9 @@ class Enrolment:
             proof = outcome.proof
         secret = await self.factors.begin_enrolment(user, proof)
         if secret is None:  # enrolled, or re-enrolled, meanwhile (another request, another worker)
-            audit.info("re-enrolment refused user=%r client=%s: no code", user, call.client)
+            audit("enrolment.refused", user, reason=Reason.ALREADY_ENROLLED.value)
             return self._refuse_reenrol(call, DENIALS[Reason.ALREADY_ENROLLED][1])
         uri = self.factors.provisioning_uri(secret, call.label)
-        audit.info("enrolment started user=%r client=%s", user, call.client)
         kind = negotiate(call.headers.get("accept"), (_JSON, _PNG, _HTML))
         if kind == _PNG:
             return raw_response(200, [(b"content-type", b"image/png"), (b"cache-control", b"no-store")], qr_png(uri))
@@ -285,7 +284,6 @@ class Enrolment:
         else:
             outcome = await self.factors.check_recovery(user, recovery, client)
         if isinstance(outcome, Refused):
-            audit.info("verification failed user=%r client=%s method=%s: %s", user, client, method, outcome.reason)
             pending = None
             if call.html and outcome.reason is not Reason.LOCKED and not await self.factors.is_enrolled(user):
                 pending = await self.factors.pending_secret(user)
@@ -296,7 +294,6 @@ class Enrolment:
             return self._refuse(call, outcome, "verify.html", title="Enter your code")
         if not await self._open_session(call, outcome):
             return self._refuse(call, Refused(Reason.INVALID_CODE), "verify.html", title="Enter your code")
-        audit.info("verified user=%r client=%s method=%s, session opened", user, client, method)
         left = await self.factors.recovery_codes_left(user) if method == "recovery_code" else None
         if call.html:
             if left is None:
@@ -312,9 +309,6 @@ class Enrolment:
         if not await self._open_session(call, outcome):
             return self._refuse(call, Refused(Reason.INVALID_CODE), "verify.html", title="Enter your code")
         codes = await self.factors.new_recovery_codes(call.user)
-        audit.info(
-            "enrolment finished user=%r client=%s, recovery codes issued, session opened", call.user, call.client
-        )
         return self._codes(call, "enrolled", codes, "Two-factor authentication is on.")
 
     # -- /recovery-codes -------------------------------------------------------------------------
@@ -330,10 +324,9 @@ class Enrolment:
             raise BadInput(f"code: expected {self.config.totp.digits} digits")
         outcome = await self.factors.check_code(call.user, code, call.client)
         if isinstance(outcome, Refused):
-            audit.info("recovery codes refused user=%r client=%s: %s", call.user, call.client, outcome.reason)
             return self._refuse(call, outcome, "recovery.html", title="New recovery codes")
         codes = await self.factors.new_recovery_codes(call.user)
-        audit.info("recovery codes regenerated user=%r client=%s, the old set is void", call.user, call.client)
+        audit("recovery_codes.regenerated", call.user)
         return self._codes(call, "regenerated", codes, "New recovery codes made: the old ones no longer work.")
 
     # -- /logout-2fa -----------------------------------------------------------------------------
@@ -346,8 +339,7 @@ class Enrolment:
         # decision, but a logout ends whatever it is shown.
         for session in cookie_values(call.headers.getlist("cookie"), self.cookie.name):
             if session:
-                await self.factors.revoke_session(session)
-        audit.info("2fa session ended user=%r client=%s", call.user, call.client)
+                await self.factors.revoke_session(session, call.user)
         call.extra_headers.append(self.cookie.clear())
         if call.html:
             return self._page(call, "logout.html", title="Signed out of two-factor session", done=True)

@@ -21,13 +21,14 @@ been judged against the store's copy of the secret.
 
 from __future__ import annotations
 
-import logging
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
 from gateway import totp
+from gateway.audit import audit
 from gateway.config import Config
 from gateway.crypto import SecretBox
 from gateway.errors import Reason
@@ -45,8 +46,6 @@ __all__ = [
     "hash_session_id",
     "proof_of",
 ]
-
-log = logging.getLogger("gateway.audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +76,32 @@ def _refused(locked: Locked) -> Refused:
     return Refused(Reason.LOCKED, locked.retry_after)
 
 
+_Judge: TypeAlias = Callable[["SecondFactor", str, "str | None", "str | None"], Awaitable[Outcome]]
+# A refused code's audit event: a replay is its own event (a stolen code used twice).
+_REFUSED_EVENTS = {Reason.REPLAYED_CODE: "code.replayed"}
+
+
+def _audited(accepted_event: str) -> Callable[[_Judge], _Judge]:
+    """One audit event per judged code or recovery code (gateway/audit.py), whatever the
+    path through the method: ``accepted_event``, code.rejected (with its reason) or
+    code.replayed. Never the code itself."""
+
+    def wrap(judge: _Judge) -> _Judge:
+        @functools.wraps(judge)
+        async def judged(self: SecondFactor, user: str, raw_code: str | None, client: str | None) -> Outcome:
+            outcome = await judge(self, user, raw_code, client)
+            if isinstance(outcome, Accepted):
+                audit(accepted_event, user, client=client)
+            else:
+                event = _REFUSED_EVENTS.get(outcome.reason, "code.rejected")
+                audit(event, user, client=client, reason=outcome.reason.value)
+            return outcome
+
+        return judged
+
+    return wrap
+
+
 class SecondFactor:
     def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -96,8 +121,12 @@ class SecondFactor:
         locked = self.lockouts.missed(attempt)
         return Refused(reason) if locked is None else _refused(locked)
 
+    @_audited("code.accepted")
     async def check_code(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """Check a TOTP code for an enrolled user: lockout, attempt, match, replay (RFC 6238 §5.2)."""
+        return await self._check_code(user, raw_code, client)
+
+    async def _check_code(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         known = self.lockouts.known(user, client)
         if known:
             return _refused(known)
@@ -134,6 +163,7 @@ class SecondFactor:
         await self.lockouts.succeeded(user, client)
         return Accepted(proof_of(secret), step=step)
 
+    @_audited("recovery_code.used")
     async def check_recovery(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """Consume one recovery code; each works once. It takes an attempt like a code."""
         known = self.lockouts.known(user, client)
@@ -151,7 +181,6 @@ class SecondFactor:
         if not await self.store.consume_recovery_code(user, totp.hash_recovery_code(self.pepper, user, code)):
             return self._missed(attempt, Reason.INVALID_CODE)
         await self.lockouts.succeeded(user, client)
-        log.warning("recovery code used user=%r", user)
         return Accepted(proof_of(secret))
 
     async def is_enrolled(self, user: str) -> bool:
@@ -172,8 +201,12 @@ class SecondFactor:
         """A new pending secret, or None when the active secret is not the one ``proof`` (an
         :attr:`Accepted.proof`) was proven against: without a proof, when the user has any
         active secret (``user_secrets.Secrets.begin``)."""
-        return await self.secrets.begin(user, proof)
+        secret = await self.secrets.begin(user, proof)
+        if secret is not None:
+            audit("enrolment.started", user, reenrolment=proof is not None)
+        return secret
 
+    @_audited("code.accepted")
     async def finish_enrolment(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """Activate the pending secret if ``raw_code`` matches it; the code's step is consumed.
         The code takes an attempt first, like any code."""
@@ -191,6 +224,7 @@ class SecondFactor:
             return self._missed(attempt, Reason.INVALID_CODE)
         return await self._activate(user, client, attempt, pending, step)
 
+    @_audited("code.accepted")
     async def verify_code(self, user: str, raw_code: str | None, client: str | None) -> Outcome:
         """A code typed on the verify page: it finishes a pending enrolment if it matches the
         pending secret, else it is checked against the active one. One attempt for both, so one
@@ -202,7 +236,7 @@ class SecondFactor:
         if pending is None:
             # Nothing pending, or a concurrent request has just activated it (a double-clicked
             # button): judged against the active secret, where that same code is a replay.
-            return await self.check_code(user, raw_code, client)
+            return await self._check_code(user, raw_code, client)
         active = await self.secrets.active(user)
         attempt = await self.lockouts.take(user, client)
         if isinstance(attempt, Locked):
@@ -225,13 +259,12 @@ class SecondFactor:
         if not await self.store.advance_step(user, step):
             return self._missed(attempt, Reason.REPLAYED_CODE)
         if not await self.secrets.activate(user, pending):
-            log.warning("enrolment of user=%r refused: the active authenticator changed since it began", user)
+            audit("enrolment.refused", user, client=client, reason="authenticator_changed")
             return self._missed(attempt, Reason.ALREADY_ENROLLED)
         # A new authenticator replaces the old one (a lost or stolen phone): every 2FA session
         # opened with the old one ends. The caller opens a fresh session for this request.
         ended = await self.revoke_user_sessions(user)
-        if ended:
-            log.warning("new authenticator for user=%r: %d earlier 2FA session(s) ended", user, ended)
+        audit("enrolment.confirmed", user, client=client, sessions_ended=ended)
         await self.lockouts.succeeded(user, client)
         return Accepted(proof_of(pending.secret), step=step, activated=True)
 
@@ -267,9 +300,10 @@ class SecondFactor:
             current = await self.secrets.active_fresh(user)
             if current is None or proof_of(current) != proof:
                 await self.sessions.discard(new)
-                log.warning("session for user=%r not opened: the authenticator changed while the code was judged", user)
+                audit("session.refused", user, reason="authenticator_changed")
                 return None
         self.sessions.remember(new)
+        audit("session.opened", user)
         return new.session_id
 
     async def session_user(self, session_id: str | None) -> str | None:
@@ -281,8 +315,11 @@ class SecondFactor:
         for watching open connections, so a revocation on another worker is seen within one poll."""
         return await self.sessions.live_user(session_id)
 
-    async def revoke_session(self, session_id: str) -> None:
+    async def revoke_session(self, session_id: str, user: str | None = None) -> None:
+        """End one session (a logout); ``user`` is who asked, for the audit event."""
         await self.sessions.revoke(session_id)
+        if user is not None:
+            audit("session.ended", user, reason="logout")
 
     async def revoke_user_sessions(self, user: str) -> int:
         return await self.sessions.revoke_user(user)

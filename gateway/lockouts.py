@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.audit import audit
 from gateway.cache import MISS, TtlCache
 from gateway.config import LimitsConfig
 from gateway.store import Attempt, Quota, Store
-
-log = logging.getLogger("gateway.audit")
 
 _CACHE_SIZE = 100_000
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
@@ -114,7 +112,11 @@ class Lockouts:
         self._remember(attempt)
         for scope, until in attempt.locks:
             kind, _, name = scope.partition(":")
-            log.warning("lockout %s=%r for %ds", "user" if kind == "user" else "client", name, until - self.clock())
+            seconds = round(until - self.clock())
+            if kind == "user":
+                audit("lockout.started", name, scope="user", seconds=seconds)
+            else:  # the address scope names the client (or its /64), whoever the user was
+                audit("lockout.started", client=name, scope="address", seconds=seconds)
         return _locked(max(until for _, until in attempt.locks), self.clock())
 
     def _remember(self, attempt: Attempt) -> None:

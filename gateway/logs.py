@@ -23,15 +23,24 @@ What the filter hides (values only; names stay, so a line still says what happen
 
 The gateway itself never logs a code, a session id, a recovery code or a key: this filter is
 the net under the libraries, not a licence.
+
+Formats (``server.log_format``): ``text``, one readable line per record, and ``json``, one
+object per line (``timestamp`` in RFC 3339 UTC, ``level``, ``logger``, ``message``, then
+``request_id`` inside a request, an audit event's fields (``gateway.audit``), and ``exception``).
+The filter runs before either formatter, so both print the same redacted text; an audit event's
+string fields go through it too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable
 
+from gateway.audit import current_request_id
 from gateway.tables import redact_url
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -90,20 +99,86 @@ class RedactingFilter(logging.Filter):
             record.exc_text = self.redact(record.exc_text)
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
+        fields = getattr(record, "audit", None)
+        if isinstance(fields, dict):
+            record.audit = {k: self.redact(v) if isinstance(v, str) else v for k, v in fields.items()}
         return True
 
 
-def configure_logging(level: str, headers: Iterable[str] = (), cookies: Iterable[str] = ()) -> None:
-    """Log at ``level`` to stderr through the redacting filter; ``headers`` and ``cookies`` are
-    the configured names whose values are secret (the code header, the session and JWT cookies)."""
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id (``gateway.audit``'s context) on every record logged while
+    the request is served, whoever logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = current_request_id()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, and ``request_id=...`` at the end of a request's lines
+    (an audit event's message already names it)."""
+
+    def __init__(self) -> None:
+        super().__init__(_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        if request_id and not hasattr(record, "audit"):
+            first, newline, rest = line.partition("\n")
+            line = f"{first} request_id={request_id}{newline}{rest}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (``json.dumps`` escapes every newline)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, object] = {
+            "timestamp": f"{created}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            line["request_id"] = request_id
+        fields = getattr(record, "audit", None)
+        if isinstance(fields, dict):
+            line.update((k, v) for k, v in fields.items() if k not in ("timestamp", "level", "logger", "message"))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+FORMATTERS: dict[str, type[logging.Formatter]] = {"text": TextFormatter, "json": JsonFormatter}
+
+
+class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`configure_logging` added, and so may format."""
+
+
+def configure_logging(
+    level: str, headers: Iterable[str] = (), cookies: Iterable[str] = (), log_format: str = "text"
+) -> None:
+    """Log at ``level`` to stderr in ``log_format`` (``text`` or ``json``) through the redacting
+    filter; ``headers`` and ``cookies`` are the configured names whose values are secret (the
+    code header, the session and JWT cookies)."""
     root = logging.getLogger()
     if not root.handlers:
-        stderr = logging.StreamHandler(sys.stderr)
-        stderr.setFormatter(logging.Formatter(_FORMAT))
-        root.addHandler(stderr)
+        root.addHandler(_GatewayHandler(sys.stderr))
     root.setLevel(level.upper())
     redacting = RedactingFilter(Redactor(headers, cookies))
     for handler in root.handlers:
-        for old in [f for f in handler.filters if isinstance(f, RedactingFilter)]:
+        for old in [f for f in handler.filters if isinstance(f, (RedactingFilter, RequestIdFilter))]:
             handler.removeFilter(old)
         handler.addFilter(redacting)
+        handler.addFilter(RequestIdFilter())
+        if isinstance(handler, _GatewayHandler):  # not a handler someone else set up (pytest's)
+            handler.setFormatter(FORMATTERS[log_format]())

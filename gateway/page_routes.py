@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.audit import audit
 from gateway.csrf import CrossOriginGuard
 from gateway.errors import DecryptError, Reason, StoreError
 from gateway.http import wants_html
@@ -96,7 +97,7 @@ async def _bad_input(request: Request, exc: Exception) -> Response:
 
 
 async def _store_error(request: Request, exc: Exception) -> Response:
-    log.error("store unavailable on %s: %s", request.url.path, exc)
+    audit("store.error", detail=f"store unavailable on {request.url.path}: {exc}")
     return denial_response(Reason.STORE_UNAVAILABLE, _accept(request))
 
 

@@ -36,6 +36,7 @@ def configure_logging_for(config: Config) -> None:
         config.server.log_level,
         headers=(config.totp.header,),
         cookies=tuple(c for c in (config.session.cookie, jwt_cookie) if c),
+        log_format=config.server.log_format,
     )
 
 

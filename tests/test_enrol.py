@@ -134,7 +134,7 @@ def test_api_flow_setup_oathtool_verify_then_protected_request(
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("gateway"))
     for sensitive in (secret, code, *codes, session):
         assert sensitive not in logged
-    assert "enrolment finished user='alice'" in logged
+    assert "enrolment.confirmed user='alice'" in logged  # the audit event (gateway/audit.py)
 
 
 def test_png_decodes_to_the_same_uri_as_the_json(gateway: GatewayServer, clock: Clock, tmp_path: Path) -> None:

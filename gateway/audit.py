@@ -1,0 +1,162 @@
+"""Audit events and request ids: one shape for every security-relevant action.
+
+Each event is one record on the ``gateway.audit`` logger, written by :func:`audit` and nowhere
+else, so every event carries the same fields: ``event`` (a dotted name from the table in the
+README, "Logs and audit events"), ``user``, ``client`` (the address resolved through
+``server.trusted_proxies``, as the decision's ``Facts.client``), ``request_id`` and ``mode``
+(``proxy``, ``auth``, ``page`` or ``cli``), plus the event's own fields (a reason, a count).
+In JSON they are keys of the line's object; in text, the message reads
+``code.rejected user='alice' client=10.0.0.7 mode=proxy reason=invalid_code``.
+
+The request's part (its id, mode and client) lives in a context variable that
+:class:`RequestContext` sets for each request, so lower modules (``factors``, ``lockouts``)
+emit an event without being handed the request; ``logs.RequestIdFilter`` puts the same id on
+every other line the request logs (uvicorn's access line included).
+
+Request ids: ``X-Request-Id`` is believed only from a trusted peer (``server.trusted_proxies``,
+the front that made it) and only when it is a short token of visible ASCII; any other value, and
+any value from anyone else, is replaced by a fresh one (a client must not choose what goes into
+the logs: CWE-117, log injection). The id goes upstream in ``X-Request-Id`` (the client's header
+is replaced, never passed on) and back on the answer, where nginx's ``auth_request_set`` can
+read it from ``/auth``'s.
+
+An event never carries a secret: no code, session id, recovery code, key or cookie is a field.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+AUDIT_LOGGER = "gateway.audit"
+REQUEST_ID_HEADER = b"x-request-id"
+MODES = ("proxy", "auth", "page", "cli")
+# What an operator watching for attacks or outages wants to see at server.log_level = "warning".
+WARNING_EVENTS = frozenset(
+    {"code.replayed", "lockout.started", "recovery_code.used", "identity.ambiguous", "store.error", "csrf.refused"}
+)
+
+# At most 128 visible ASCII characters (RFC 5234 VCHAR, no space): what nginx's $request_id,
+# Envoy's and Traefik's ids and a UUID all are; nothing a log line could be broken with.
+_VALID_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+log = logging.getLogger(AUDIT_LOGGER)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """One request's part of every event; ``client`` is resolved only when an event needs it."""
+
+    request_id: str
+    mode: str
+    scope: Scope | None = None
+    resolve_client: Callable[[Scope], str | None] | None = None
+
+    @property
+    def client(self) -> str | None:
+        if self.scope is None or self.resolve_client is None:
+            return None
+        try:
+            return self.resolve_client(self.scope)
+        except Exception:  # an audit line must never turn a denial into an error
+            return None
+
+
+_current: contextvars.ContextVar[Context | None] = contextvars.ContextVar("gateway_request", default=None)
+
+
+def current() -> Context | None:
+    return _current.get()
+
+
+def current_request_id() -> str | None:
+    context = _current.get()
+    return None if context is None else context.request_id
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accepted_request_id(value: bytes | None, trusted: bool) -> str:
+    """The id a request goes on with: ``value`` when a trusted peer sent a valid one, else new."""
+    if trusted and value is not None and _VALID_ID.fullmatch(value):
+        return value.decode("ascii")
+    return new_request_id()
+
+
+def use_context(mode: str, request_id: str | None = None) -> contextvars.Token[Context | None]:
+    """Set the context outside a request (the CLI: mode "cli", a fresh id per command)."""
+    return _current.set(Context(request_id or new_request_id(), mode))
+
+
+def audit(event: str, user: str | None = None, *, client: str | None = None, **fields: Any) -> None:
+    """Log one audit event; the request id, mode and client come from the request's context
+    unless given. ``fields`` are plain values (a reason, a count), never a secret."""
+    context = _current.get()
+    if client is None and context is not None:
+        client = context.client
+    record: dict[str, Any] = {
+        "event": event,
+        "user": user,
+        "client": client,
+        "request_id": context.request_id if context else None,
+        "mode": context.mode if context else None,
+        **fields,
+    }
+    shown = " ".join(f"{k}={v!r}" if k == "user" else f"{k}={v}" for k, v in record.items() if k != "event")
+    level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
+    log.log(level, "%s %s", event, shown, extra={"audit": record})
+
+
+class RequestContext:
+    """ASGI middleware around the whole gateway: each HTTP request and WebSocket handshake gets
+    its request id (see the module docstring) and its mode, from ``mode_of(path)``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        trusts: Callable[[str | None], bool],
+        resolve_client: Callable[[Scope], str | None],
+        mode_of: Callable[[str], str],
+    ) -> None:
+        self.app = app
+        self.trusts = trusts
+        self.resolve_client = resolve_client
+        self.mode_of = mode_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        sent: bytes | None = None
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                # Two ids are no id: a fresh one (never one of two stories picked).
+                sent = value if sent is None else b"\x00"
+            else:
+                kept.append((name, value))
+        client = scope.get("client")
+        request_id = accepted_request_id(sent, sent is not None and self.trusts(client[0] if client else None))
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+        kept.append(header)
+        scope = {**scope, "headers": kept}
+        token = _current.set(Context(request_id, self.mode_of(scope["path"]), scope, self.resolve_client))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id if scope["type"] == "http" else send)
+        finally:
+            _current.reset(token)
