@@ -28,7 +28,7 @@ from gateway.crypto import new_key
 from gateway.demo.run import run_demo
 from gateway.demo.state import DEFAULT_DIR, existing_demo_config
 from gateway.errors import ConfigError, DecryptError, GatewayError, StoreError
-from gateway.serve import serve
+from gateway.serve import configure_logging_for, serve
 
 EXIT_OK, EXIT_FAILED = 0, 1
 _SERVER_DEFAULTS = ServerConfig()
@@ -238,6 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _check_config(config, args.strict)
     if args.command == "run":
         return serve(config, args.config)
+    configure_logging_for(config)  # users and keys: their audit events (mode "cli") go to stderr
     if args.command == "users":
         return _users(config, args)
     print(admin.rotate_keys(config))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import os
 import re
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -17,8 +20,9 @@ import pytest
 from websockets.sync.client import connect
 
 from gateway import config as config_module
-from gateway.logs import RedactingFilter, Redactor
-from tests.support.servers import UpstreamProcess, enrol, free_port, fresh_keys, gateway_process
+from gateway.audit import audit, use_context
+from gateway.logs import JsonFormatter, RedactingFilter, Redactor, RequestIdFilter, TextFormatter
+from tests.support.servers import ROOT, UpstreamProcess, enrol, free_port, fresh_keys, gateway_process
 
 # -- the rules, one line each ----------------------------------------------------------------
 
@@ -67,12 +71,70 @@ def test_the_filter_rewrites_arguments_and_tracebacks() -> None:
     assert "Cookie: ***" in text and "Authorization: ***" in text
 
 
+# -- the formats ----------------------------------------------------------------------------------
+
+
+def _emit(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """What a handler with the redacting and request-id filters writes for ``record``."""
+    assert RedactingFilter(Redactor()).filter(record) and RequestIdFilter().filter(record)
+    return formatter.format(record)
+
+
+def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    record = logging.LogRecord("gateway.proxy", logging.WARNING, __file__, 1, msg, args, None)
+    if exc:
+        try:
+            raise ValueError("Authorization: Basic c2VjcmV0\nsecond line")
+        except ValueError:
+            record.exc_info = sys.exc_info()
+    return record
+
+
+def test_json_is_one_object_per_line_with_the_standard_fields() -> None:
+    line = _emit(JsonFormatter(), _record("upstream said %s\nthen %s", "no", "Cookie: gateway_session=S3SS", exc=True))
+    assert "\n" not in line
+    obj = json.loads(line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", obj["timestamp"])
+    assert (obj["level"], obj["logger"]) == ("WARNING", "gateway.proxy")
+    assert obj["message"] == "upstream said no\nthen Cookie: ***"
+    assert "Authorization: ***" in obj["exception"] and "c2VjcmV0" not in line
+    assert "request_id" not in obj  # outside a request
+
+
+def test_an_audit_event_and_the_request_id_become_fields(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    token = use_context("proxy", "req-9")
+    try:
+        audit("session.opened", "alice", client="10.0.0.7")
+        logging.getLogger("gateway.audit").info("free text, Bearer eyJ0.eyJ1.c2ln")
+        event, free = (json.loads(_emit(JsonFormatter(), r)) for r in caplog.records)
+    finally:
+        token.var.reset(token)
+    assert {k: event[k] for k in ("event", "user", "client", "request_id", "mode")} == {
+        "event": "session.opened",
+        "user": "alice",
+        "client": "10.0.0.7",
+        "request_id": "req-9",
+        "mode": "proxy",
+    }
+    assert free["request_id"] == "req-9" and "eyJ1" not in free["message"]
+
+
+def test_text_lines_end_with_the_request_id() -> None:
+    record = _record("upstream timeout on %s", "GET")
+    record.request_id = "req-9"
+    assert _emit(TextFormatter(), record).endswith("gateway.proxy: upstream timeout on GET request_id=req-9")
+
+
 # -- the real process, every secret it handles -------------------------------------------------
 
 
-@pytest.fixture
-def debug_gateway(upstream: UpstreamProcess, tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str], Path]]:
-    """``gateway run`` at debug level with the access log on; all its output goes to a file."""
+@pytest.fixture(params=["text", "json"])
+def debug_gateway(
+    upstream: UpstreamProcess, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, Path, dict[str, str], Path]]:
+    """``gateway run`` at debug level with the access log on, in each log format; all its
+    output goes to a file."""
     port = free_port()
     path = tmp_path / "gateway.toml"
     path.write_text(
@@ -81,6 +143,7 @@ def debug_gateway(upstream: UpstreamProcess, tmp_path: Path) -> Iterator[tuple[s
 port = {port}
 log_level = "debug"
 access_log = true
+log_format = "{request.param}"
 
 [upstream]
 url = "{upstream.url}"
@@ -165,11 +228,33 @@ def test_no_secret_reaches_the_output_at_debug_level(
         assert ws.recv(timeout=30) == "hello carol"
 
     with httpx.Client(base_url=f"http://{address}", timeout=30) as client:
+        # A wrong code and a replayed one (their audit events name the user, never the code).
+        wrong = f"{(int(bob_code) + 1) % 1_000_000:06d}"
+        used.append(wrong)
+        for attempt in (wrong, bob_code):
+            r = client.get("/private", headers={"Remote-User": "bob", "X-2FA-Code": attempt, **json_})
+            assert r.status_code == 401, r.text
         r = client.post("/logout-2fa", headers={**alice, **cookie})
         assert r.status_code == 200, r.text
 
+    # An operator's reset (mode "cli"), its audit event logged by the command itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | keys
+    reset = subprocess.run(
+        [sys.executable, "-m", "gateway", "users", "--config", str(path), "reset", "alice"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert reset.returncode == 0, reset.stderr
+
     time.sleep(0.5)  # let the last lines reach the file (not a timing assertion)
-    text = output.read_text(errors="replace")
+    text = output.read_text(errors="replace") + reset.stdout + reset.stderr
+    assert "user.reset" in reset.stderr and "code.replayed" in text  # the audit events were on
+    if 'log_format = "json"' in path.read_text():
+        assert all(json.loads(line)["logger"] for line in text.splitlines() if line.startswith("{"))
+        assert not [line for line in output.read_text().splitlines() if line and not line.startswith("{")]
     assert "GET /private" in text  # the access log was on: the test saw what it checks
     assert "DEBUG" in text
     # Positions only: the failure message must not print the secrets it found.

@@ -1,0 +1,236 @@
+"""Audit events and request ids (gateway/audit.py): one shape for every event; an id per request,
+believed only from a trusted peer, passed upstream and onto every line the request logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyotp
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from gateway import audit as audit_module
+from gateway.audit import RequestContext, accepted_request_id, audit, current, use_context
+from tests.support.servers import GatewayServer, UpstreamProcess, free_port, fresh_keys, gateway_process, make_config
+
+# -- the event's shape ------------------------------------------------------------------------
+
+
+def test_an_event_has_every_field_and_a_readable_message(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    token = use_context("cli", "r-1")
+    try:
+        audit("code.rejected", "alice", client="10.0.0.7", reason="2fa_invalid")
+        audit("keys.rotated", rotated=3)
+    finally:
+        audit_module._current.reset(token)
+    first, second = caplog.records
+    assert first.name == "gateway.audit" and first.levelno == logging.INFO
+    assert first.audit == {  # type: ignore[attr-defined]
+        "event": "code.rejected",
+        "user": "alice",
+        "client": "10.0.0.7",
+        "request_id": "r-1",
+        "mode": "cli",
+        "reason": "2fa_invalid",
+    }
+    assert first.getMessage() == "code.rejected user='alice' client=10.0.0.7 request_id=r-1 mode=cli reason=2fa_invalid"
+    assert second.audit["user"] is None and second.audit["rotated"] == 3  # type: ignore[attr-defined]
+
+
+def test_warning_events_are_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    audit("lockout.started", "alice", scope="user", seconds=900)
+    audit("code.replayed", "alice")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
+
+
+# -- request ids --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"a b", b"a\nb", b"x" * 129, "\u00e9t\u00e9".encode(), b"", b"id\x00", b'{"forged": 1}\n{"level": "INFO"}'],
+)
+def test_a_malformed_id_is_replaced_even_from_a_trusted_peer(value: bytes) -> None:
+    assert re.fullmatch(r"[0-9a-f]{32}", accepted_request_id(value, trusted=True))
+
+
+def test_a_valid_id_is_kept_only_from_a_trusted_peer() -> None:
+    assert accepted_request_id(b"nginx-4f1c9e", trusted=True) == "nginx-4f1c9e"
+    assert accepted_request_id(b"x" * 128, trusted=True) == "x" * 128
+    assert accepted_request_id(b"nginx-4f1c9e", trusted=False) != "nginx-4f1c9e"
+    assert accepted_request_id(None, trusted=True) != accepted_request_id(None, trusted=True)
+
+
+def _context_app(trusted: bool) -> tuple[RequestContext, list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        context = current()
+        assert context is not None
+        seen.append(
+            {
+                "ids": [v.decode() for k, v in scope["headers"] if k == b"x-request-id"],
+                "context": context.request_id,
+                "mode": context.mode,
+                "client": context.client,
+            }
+        )
+        await send({"type": "http.response.start", "status": 204, "headers": [(b"x-app", b"1")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = RequestContext(inner, lambda peer: trusted, lambda scope: "203.0.113.9", lambda path: "auth")
+    return app, seen
+
+
+async def _get(app: RequestContext, headers: list[tuple[str, str]]) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        return await client.get("/auth", headers=headers)
+
+
+async def test_an_untrusted_clients_id_is_replaced_never_passed() -> None:
+    app, seen = _context_app(trusted=False)
+    r = await _get(app, [("X-Request-Id", "attacker-chosen")])
+    [inner] = seen
+    assert inner["ids"] == [inner["context"]] == [r.headers["x-request-id"]]
+    assert inner["context"] != "attacker-chosen"
+    assert inner["mode"] == "auth" and inner["client"] == "203.0.113.9"
+    assert r.headers["x-app"] == "1"
+    assert current() is None  # the context ends with the request
+
+
+async def test_a_trusted_fronts_id_goes_on() -> None:
+    app, seen = _context_app(trusted=True)
+    r = await _get(app, [("X-Request-Id", "nginx-4f1c9e")])
+    assert seen[0]["ids"] == ["nginx-4f1c9e"] and r.headers.get_list("x-request-id") == ["nginx-4f1c9e"]
+    # Two ids are no id: neither is picked.
+    r = await _get(app, [("X-Request-Id", "a"), ("X-Request-Id", "b")])
+    assert seen[1]["ids"] == [r.headers["x-request-id"]] and seen[1]["ids"][0] not in ("a", "b")
+
+
+def test_an_untrusted_clients_id_never_reaches_the_upstream(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """Log injection through the app's logs: a client off the trusted list (127.0.0.2 here)
+    chose the X-Request-Id the upstream logged, on an excluded path no factor guards."""
+    server = GatewayServer(make_config(tmp_path, upstream.url)).start()
+    try:
+        outsider = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=server.url, timeout=30, transport=outsider) as client:
+            r = client.get("/public/echo", headers={"X-Request-Id": "forged-7"})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    assert _echoed_id(r) == [r.headers["x-request-id"]] != ["forged-7"]
+
+
+# -- a real process logging JSON ------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_gateway(upstream: UpstreamProcess, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    port = free_port()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f"""
+[server]
+port = {port}
+log_format = "json"
+access_log = true
+
+[upstream]
+url = "{upstream.url}"
+
+[store]
+url = "sqlite:///{tmp_path}/gateway.db"
+
+[session]
+secure = false
+
+[paths]
+exclude = ["/public/*"]
+"""
+    )
+    output = tmp_path / "output.log"
+    with gateway_process(path, port, fresh_keys(), output):
+        yield f"http://127.0.0.1:{port}", output
+
+
+def _lines(output: Path) -> list[dict[str, Any]]:
+    text = output.read_text(errors="replace")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _echoed_id(response: httpx.Response) -> list[str]:
+    return [v for k, v in response.json()["headers"] if k.lower() == "x-request-id"]
+
+
+def test_a_json_gateway_logs_one_event_per_action_with_the_request_id(json_gateway: tuple[str, Path]) -> None:
+    url, output = json_gateway
+    alice = {"Remote-User": "alice", "Accept": "application/json"}
+    ids: dict[str, str] = {}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/setup-2fa", headers=alice)
+        assert r.status_code == 200, r.text
+        ids["setup"] = r.headers["x-request-id"]
+        totp = pyotp.TOTP(pyotp.parse_uri(r.json()["otpauth_uri"]).secret)
+        code = totp.now()
+        r = client.post("/verify-2fa", headers=alice, json={"code": code})
+        assert r.status_code == 200, r.text
+        ids["verify"] = r.headers["x-request-id"]
+        recovery = r.json()["recovery_codes"]
+        client.cookies.clear()
+        wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+        r = client.get("/echo/private", headers={**alice, "X-2FA-Code": wrong})
+        assert r.status_code == 401
+        ids["wrong"] = r.headers["x-request-id"]
+        r = client.get("/echo/private", headers={**alice, "X-2FA-Code": code})
+        assert r.status_code == 401
+        ids["replay"] = r.headers["x-request-id"]
+        r = client.post("/verify-2fa", headers=alice, json={"recovery_code": recovery[0]})
+        assert r.status_code == 200, r.text
+        ids["recovery"] = r.headers["x-request-id"]
+        # A request the upstream sees: the id it got is the one the client and the log got.
+        r = client.get("/echo/private", headers=alice)
+        assert r.status_code == 200, r.text
+        ids["proxied"] = r.headers["x-request-id"]
+        assert _echoed_id(r) == [ids["proxied"]]
+        # A trusted front's id goes on; the untrusted client's (from 127.0.0.2) is replaced.
+        r = client.get("/echo/private", headers={**alice, "X-Request-Id": "front-7"})
+        assert r.headers["x-request-id"] == "front-7" and _echoed_id(r) == ["front-7"]
+        r = client.post("/logout-2fa", headers=alice)
+        assert r.status_code == 200, r.text
+        ids["logout"] = r.headers["x-request-id"]
+    with httpx.Client(base_url=url, timeout=30, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as outsider:
+        r = outsider.get("/public/echo", headers={"X-Request-Id": "injected-id"})
+        assert r.status_code == 200, r.text
+        assert _echoed_id(r) == [r.headers["x-request-id"]] and "injected" not in r.headers["x-request-id"]
+
+    lines = _lines(output)  # every line parses: one object per line
+    assert all({"timestamp", "level", "logger", "message"} <= set(line) for line in lines)
+    events = [line for line in lines if line["logger"] == "gateway.audit"]
+
+    def event(name: str, request: str) -> dict[str, Any]:
+        found = [e for e in events if e["event"] == name and e["request_id"] == ids[request]]
+        assert len(found) == 1, (name, request, [e["event"] for e in events])
+        assert found[0]["user"] == "alice" and found[0]["client"] == "127.0.0.1"
+        return found[0]
+
+    assert event("enrolment.started", "setup")["mode"] == "page"
+    for name in ("code.accepted", "enrolment.confirmed", "session.opened"):
+        assert event(name, "verify")["mode"] == "page"
+    rejected = event("code.rejected", "wrong")
+    assert (rejected["mode"], rejected["reason"]) == ("proxy", "2fa_invalid")
+    assert event("code.replayed", "replay")["mode"] == "proxy"
+    assert event("recovery_code.used", "recovery")["level"] == "WARNING"
+    event("session.opened", "recovery")
+    assert event("session.ended", "logout")["reason"] == "logout"
+    # The access line of a request carries its id too.
+    access = [line for line in lines if line["logger"] == "uvicorn.access" and line.get("request_id") == ids["proxied"]]
+    assert len(access) == 1 and "/echo/private" in access[0]["message"]
