@@ -1,0 +1,238 @@
+"""Gateway replicas on one Redis store, and a steady load through them that records every answer.
+
+* ``Replica``: ``gateway run`` as a real process in proxy mode on a Redis ``store_url``; replicas
+  built with the same ``keys`` share encryption keys and pepper, as a deployment's copies do.
+* ``Load``: a few concurrent clients, each sending one kind of request in a loop (a valid
+  session, a fresh code, a wrong code, no factor, an excluded path) and recording what came
+  back: status, error code, the upstream's ``X-Upstream-Seq`` (tests/support/recorder.py) when
+  the answer came from the upstream, and when the request started and ended. The tests compare
+  that with what the recorder saw (differential: what the gateway let through vs what arrived).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import pyotp
+
+from tests.support.recorder import SEQ_HEADER
+from tests.support.servers import ROOT, free_port, gateway_process
+
+SESSION_COOKIE = "gateway_session"
+# The store's per-worker caches (store.cache_ttl): a revocation reaches every replica within it.
+CACHE_TTL = 1.0
+MAX_FAILURES = 4
+KINDS = ("session", "code", "bad_code", "no_factor", "excluded")
+
+
+class Replica:
+    """One gateway process on ``store_url``; enter to start, leave to stop."""
+
+    def __init__(self, base: Path, name: str, store_url: str, upstream: str, keys: dict[str, str]) -> None:
+        self.port = free_port()
+        self.keys = keys
+        base.mkdir(parents=True, exist_ok=True)
+        self.output = base / f"{name}.log"
+        self.config_path = base / f"{name}.toml"
+        self.config_path.write_text(
+            f"""
+[server]
+port = {self.port}
+log_level = "warning"
+
+[upstream]
+url = "{upstream}"
+
+[store]
+url = "{store_url}"
+cache_ttl = {CACHE_TTL}
+
+[session]
+secure = false
+cookie = "{SESSION_COOKIE}"
+
+[limits]
+max_failures = {MAX_FAILURES}
+# Every client of the tests is 127.0.0.1: the per-address lockout would end the load's codes.
+ip_max_failures = 1000000
+
+[paths]
+exclude = ["/public/*"]
+"""
+        )
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Replica:
+        self._stack.enter_context(gateway_process(self.config_path, self.port, self.keys, self.output))
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stack.close()
+
+    def users(self, *args: str) -> str:
+        """``gateway users ARGS`` against this replica's store, as an operator runs it."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "users", *args, "--config", str(self.config_path)],
+            env={**env, **self.keys},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+
+@contextlib.contextmanager
+def replicas(base: Path, store_url: str, upstream: str, keys: dict[str, str], n: int = 2) -> Iterator[list[Replica]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(Replica(base, f"gw{i}", store_url, upstream, keys)) for i in range(n)]
+
+
+def who(user: str) -> dict[str, str]:
+    return {"Remote-User": user, "Accept": "application/json"}
+
+
+async def fetch(method: str, url: str, headers: dict[str, str], **kwargs: Any) -> httpx.Response:
+    """One request from a client that keeps nothing: no cookie from an earlier answer is sent."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.request(method, url, headers=headers, **kwargs)
+
+
+async def enrol_user(url: str, user: str) -> tuple[str, str]:
+    """Enrol ``user`` at the gateway ``url`` as a program does (setup, then a code);
+    (secret, session id)."""
+    r = await fetch("POST", url + "/setup-2fa", who(user))
+    assert r.status_code == 200, r.text
+    secret = pyotp.parse_uri(r.json()["otpauth_uri"]).secret
+    r = await fetch("POST", url + "/verify-2fa", who(user), json={"code": pyotp.TOTP(secret).now()})
+    assert r.status_code == 200, r.text
+    session = r.cookies[SESSION_COOKIE]
+    assert session
+    return secret, session
+
+
+def wrong_code(secret: str) -> str:
+    """A code that is none of those the window accepts now."""
+    totp = pyotp.TOTP(secret)
+    now = time.time()
+    near = {totp.at(now + d * totp.interval) for d in (-2, -1, 0, 1, 2)}
+    return next(c for c in (f"{n:06d}" for n in range(1_000_000)) if c not in near)
+
+
+@dataclass
+class Answer:
+    kind: str
+    gateway: int  # which replica answered
+    start: float  # time.monotonic()
+    end: float
+    status: int  # 0: no HTTP answer at all (connection error or client timeout)
+    error: str = ""  # the JSON "error" of a denial, or the exception's class
+    seq: int | None = None  # the upstream request that produced the answer, if any
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class Load:
+    """Clients of each kind in ``KINDS`` against ``urls`` (round robin), until ``stop()``.
+
+    ``sessions``: valid session cookies; ``secrets``: enrolled users for fresh codes (each sent
+    at most once per TOTP step: replay protection refuses a second code of the same step);
+    ``bad_secrets``: other enrolled users, who are sent wrong codes (they lock out quickly,
+    which is one more denial).
+    """
+
+    urls: Sequence[str]
+    sessions: Sequence[tuple[str, str]]  # (user, session id)
+    secrets: Sequence[tuple[str, str]]  # (user, secret)
+    bad_secrets: Sequence[tuple[str, str]]  # (user, secret)
+    timeout: float = 10.0
+    pause: float = 0.02
+    answers: list[Answer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._used: dict[str, int] = {}  # user -> last TOTP step whose code was sent
+        self._gateways = itertools.cycle(range(len(self.urls)))
+
+    def start(self) -> None:
+        for kind in KINDS:
+            self._tasks.append(asyncio.create_task(self._client(kind)))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.gather(*self._tasks)
+
+    def _request(self, kind: str, n: int) -> tuple[str, dict[str, str]] | None:
+        if kind == "excluded":
+            return f"/public/load/{n}", {}
+        if kind == "session":
+            user, session = self.sessions[n % len(self.sessions)]
+            return f"/load/session/{n}", {**who(user), "Cookie": f"{SESSION_COOKIE}={session}"}
+        if kind == "no_factor":
+            user, _ = self.sessions[n % len(self.sessions)]
+            return f"/load/none/{n}", who(user)
+        if kind == "bad_code":
+            user, secret = self.bad_secrets[n % len(self.bad_secrets)]
+            return f"/load/bad/{n}", {**who(user), "X-2FA-Code": wrong_code(secret)}
+        # A fresh code: a user whose code for this step was not sent yet.
+        step = int(time.time()) // 30
+        for user, secret in self.secrets:
+            if self._used.get(user, -1) < step:
+                self._used[user] = step
+                return f"/load/code/{n}", {**who(user), "X-2FA-Code": pyotp.TOTP(secret).now()}
+        return None
+
+    async def _client(self, kind: str) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
+            for n in itertools.count():
+                if self._stopping.is_set():
+                    return
+                request = self._request(kind, n)
+                if request is None:
+                    await asyncio.sleep(0.2)
+                    continue
+                path, headers = request
+                gateway = next(self._gateways)
+                start = time.monotonic()
+                try:
+                    r = await client.get(self.urls[gateway] + path, headers=headers)
+                    client.cookies.clear()  # each request carries only the factor of its kind
+                except httpx.HTTPError as exc:
+                    self.answers.append(Answer(kind, gateway, start, time.monotonic(), 0, type(exc).__name__))
+                else:
+                    seq = r.headers.get(SEQ_HEADER)
+                    error = ""
+                    if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
+                        error = str(r.json().get("error", ""))
+                    answer = Answer(
+                        kind, gateway, start, time.monotonic(), r.status_code, error, int(seq) if seq else None
+                    )
+                    self.answers.append(answer)
+                await asyncio.sleep(self.pause)
+
+
+def fresh_user(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:8]}"
