@@ -463,7 +463,7 @@ class RoutesConfig:
         commented=True,
     )
     health: str = key("/_gateway/health", "liveness", read=route_path)
-    ready: str = key("/_gateway/ready", "readiness: 503 while the store does not answer", read=route_path)
+    ready: str = key("/_gateway/ready", "readiness: 503 while stopping or the store is down", read=route_path)
     metrics: str = key(
         "/_gateway/metrics",
         doc="Prometheus metrics. Answered only to a server.trusted_proxies peer asking directly: a request\n"

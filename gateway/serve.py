@@ -11,9 +11,6 @@ import asyncio
 import os
 import sys
 
-import uvicorn
-from uvicorn.supervisors import Multiprocess
-
 from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import Config
@@ -21,6 +18,7 @@ from gateway.errors import StoreError
 from gateway.logs import configure_logging
 from gateway.server import LimitedConfig
 from gateway.server_limits import client_limits
+from gateway.shutdown import DrainingServer, Workers
 from gateway.store import open_store_from_url
 from gateway.tables import redact_url
 
@@ -59,6 +57,10 @@ def uvicorn_config(config: Config, app: object) -> LimitedConfig:
         log_level=server.log_level,
         access_log=server.access_log,
         timeout_keep_alive=server.keepalive_timeout,
+        # SIGTERM: readiness 503 for shutdown_delay s, then the listener closes and requests in
+        # flight get shutdown_grace s (gateway/shutdown.py).
+        shutdown_delay=server.shutdown_delay,
+        timeout_graceful_shutdown=server.shutdown_grace,
         # The gateway reads X-Forwarded-For itself, from trusted proxies only; uvicorn's
         # own rewriting of the client address would let it be spoofed.
         proxy_headers=False,
@@ -81,11 +83,12 @@ async def _ping_store(config: Config) -> None:
 
 def serve_uvicorn(config: LimitedConfig) -> bool:
     """What ``uvicorn.run`` does with a ready Config: one server, or ``config.workers``
-    processes sharing one socket. True once a single server has started and stopped."""
-    server = uvicorn.Server(config=config)
+    processes sharing one socket, each stopping as ``gateway.shutdown`` says. True once a
+    single server has started and stopped."""
     if config.workers > 1:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        Workers(config, sockets=[config.bind_socket()]).run()
         return True
+    server = DrainingServer(config=config)
     server.run()
     return server.started
 

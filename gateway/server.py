@@ -80,6 +80,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.hosts import target_agrees_with_host
 from gateway.server_limits import BadHandshake, ClientLimits, HeadTooLarge, TrailerCounter
+from gateway.shutdown import GoingAwayWebSocketProtocol
 
 log = logging.getLogger("gateway.server")
 
@@ -88,10 +89,12 @@ class LimitedConfig(uvicorn.Config):
     """uvicorn's Config carrying the client limits to every protocol instance (and, pickled,
     to every worker process)."""
 
-    def __init__(self, app: Any, limits: ClientLimits, **kwargs: Any) -> None:
-        # The WebSocket protocol named, not "auto": the handshake deadline reads its state.
-        super().__init__(app, http=LimitedHttpToolsProtocol, ws="websockets-sansio", **kwargs)
+    def __init__(self, app: Any, limits: ClientLimits, shutdown_delay: float = 0.0, **kwargs: Any) -> None:
+        # The WebSocket protocol named, not "auto": the handshake deadline reads its state
+        # (uvicorn's websockets-sansio one, closing with 1001 on shutdown).
+        super().__init__(app, http=LimitedHttpToolsProtocol, ws=GoingAwayWebSocketProtocol, **kwargs)
         self.limits = limits
+        self.shutdown_delay = shutdown_delay  # read by gateway.shutdown.DrainingServer
 
 
 def _close_unanswered_handshake(transport: asyncio.Transport, protocol: Any, timeout: float) -> None:
