@@ -17,7 +17,15 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import audit as audit_module
 from gateway.audit import RequestContext, accepted_request_id, audit, current, use_context
-from tests.support.servers import GatewayServer, UpstreamProcess, free_port, fresh_keys, gateway_process, make_config
+from tests.support.servers import (
+    GatewayServer,
+    UpstreamProcess,
+    enrol,
+    free_port,
+    fresh_keys,
+    gateway_process,
+    make_config,
+)
 
 # -- the event's shape ------------------------------------------------------------------------
 
@@ -234,3 +242,41 @@ def test_a_json_gateway_logs_one_event_per_action_with_the_request_id(json_gatew
     # The access line of a request carries its id too.
     access = [line for line in lines if line["logger"] == "uvicorn.access" and line.get("request_id") == ids["proxied"]]
     assert len(access) == 1 and "/echo/private" in access[0]["message"]
+
+
+def test_auth_answers_carry_the_id_and_its_events_say_mode_auth(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forward-auth: nginx's id comes back on /auth's answer (for auth_request_set to log), and
+    the events of the subrequest carry it, the client nginx names, and mode "auth"."""
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    config = make_config(tmp_path, limits={"max_failures": 2})
+    secret = enrol(config, "alice")
+    server = GatewayServer(config).start()
+    try:
+        wrong = f"{(int(pyotp.TOTP(secret).now()) + 1) % 1_000_000:06d}"
+        answers = [
+            httpx.get(
+                server.url + "/auth",
+                headers={
+                    "X-Original-URI": "/admin",
+                    "X-Original-Method": "GET",
+                    "X-Forwarded-For": "198.51.100.4",
+                    "Remote-User": "alice",
+                    "X-2FA-Code": wrong,
+                    "X-Request-Id": f"nginx-{i}",
+                },
+            )
+            for i in range(2)
+        ]
+    finally:
+        server.stop()
+    assert [(r.status_code, r.headers["x-request-id"]) for r in answers] == [(401, "nginx-0"), (403, "nginx-1")]
+    events = [r.audit for r in caplog.records if hasattr(r, "audit")]  # type: ignore[attr-defined]
+    assert [(e["event"], e["request_id"]) for e in events] == [
+        ("code.rejected", "nginx-0"),
+        ("lockout.started", "nginx-1"),
+        ("code.rejected", "nginx-1"),
+    ]
+    assert all(e["mode"] == "auth" and e["client"] == "198.51.100.4" and e["user"] == "alice" for e in events)
+    assert events[1]["scope"] == "user" and events[2]["reason"] == "2fa_locked"
