@@ -272,7 +272,7 @@ def test_auth_answers_carry_the_id_and_its_events_say_mode_auth(
     finally:
         server.stop()
     assert [(r.status_code, r.headers["x-request-id"]) for r in answers] == [(401, "nginx-0"), (403, "nginx-1")]
-    events = [r.audit for r in caplog.records if hasattr(r, "audit")]  # type: ignore[attr-defined]
+    events = [r.audit for r in caplog.records if hasattr(r, "audit")]
     assert [(e["event"], e["request_id"]) for e in events] == [
         ("code.rejected", "nginx-0"),
         ("lockout.started", "nginx-1"),
