@@ -197,12 +197,13 @@ class Load:
         if kind == "bad_code":
             user, secret = self.bad_secrets[n % len(self.bad_secrets)]
             return f"/load/bad/{n}", {**who(user), "X-2FA-Code": wrong_code(secret)}
-        # A fresh code: a user whose code for this step was not sent yet.
-        step = int(time.time()) // 30
+        # A fresh code: the next step's (the window accepts it; the enrolment used this step's),
+        # of a user who has not been sent that step's code yet.
+        step = int(time.time()) // 30 + 1
         for user, secret in self.secrets:
             if self._used.get(user, -1) < step:
                 self._used[user] = step
-                return f"/load/code/{n}", {**who(user), "X-2FA-Code": pyotp.TOTP(secret).now()}
+                return f"/load/code/{n}", {**who(user), "X-2FA-Code": pyotp.TOTP(secret).at(step * 30)}
         return None
 
     async def _client(self, kind: str) -> None:
@@ -231,8 +232,48 @@ class Load:
                         kind, gateway, start, time.monotonic(), r.status_code, error, int(seq) if seq else None
                     )
                     self.answers.append(answer)
-                await asyncio.sleep(self.pause)
+                # Codes are few (one per user and step): spend them slowly.
+                await asyncio.sleep(self.pause * 10 if kind == "code" else self.pause)
 
 
 def fresh_user(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:8]}"
+
+
+PROTECTED = ("session", "code", "bad_code", "no_factor")
+
+
+@dataclass
+class Verdict:
+    """What the load saw around an outage of the store (times: time.monotonic())."""
+
+    in_gap: list[Answer]  # started once the caches had expired (down + CACHE_TTL), before restoring
+    max_gap_latency: float  # the slowest answer to a request started in [down, restoring)
+    resumed_after: float | None  # back -> the end of the first session request allowed after it
+    upstream_unmatched: int  # upstream requests no gateway answer came from (0: the load saw all)
+    leaked: list[str]  # upstream requests that carried no valid factor (bad code, none)
+    counts: dict[str, int]  # answers by kind and status, e.g. "session 200"
+
+
+def judge(load: Load, recorded: Sequence[tuple[int, str]], down: float, restoring: float, back: float) -> Verdict:
+    """``recorded``: (seq, target) of every request the upstream received; the store went down
+    at ``down``, was being brought back from ``restoring``, and answered again at ``back``."""
+    answered = {a.seq for a in load.answers if a.seq is not None}
+    unmatched = sum(1 for seq, _ in recorded if seq not in answered)
+    leaked = [target for _, target in recorded if target.startswith(("/load/bad/", "/load/none/"))]
+    during = [a for a in load.answers if down <= a.start < restoring]
+    after = sorted(
+        (a for a in load.answers if a.kind == "session" and a.start >= back and a.status == 200), key=lambda a: a.end
+    )
+    counts: dict[str, int] = {}
+    for a in load.answers:
+        name = f"{a.kind} {a.status}{' ' + a.error if a.error else ''}"
+        counts[name] = counts.get(name, 0) + 1
+    return Verdict(
+        in_gap=[a for a in during if a.start >= down + CACHE_TTL],
+        max_gap_latency=max((a.latency for a in during), default=0.0),
+        resumed_after=after[0].end - back if after else None,
+        upstream_unmatched=unmatched,
+        leaked=leaked,
+        counts=counts,
+    )

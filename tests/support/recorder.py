@@ -70,6 +70,7 @@ class Recorder:
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._loop.close()  # else its self-pipe is reported unclosed (ResourceWarning) at exit
 
     def snapshot(self) -> tuple[list[Received], list[str]]:
         with self._lock:
