@@ -34,10 +34,10 @@ from gateway.errors import Reason, StoreError
 from gateway.factors import SecondFactor
 from gateway.forward_auth import ForwardAuth
 from gateway.hosts import HostPolicy, MalformedHost, addressed
-from gateway.metrics import Metrics
+from gateway.metrics import MeasuredTransport, Metrics, measured_store
 from gateway.pages import Pages
 from gateway.protect import Protect
-from gateway.proxy import Forwarder
+from gateway.proxy import Forwarder, default_transport
 from gateway.redirects import LoginRedirects
 from gateway.request_facts import RequestFacts, TrustPolicy
 from gateway.responses import send_denial, send_json
@@ -218,19 +218,26 @@ def create_app(
     store: Store | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
 ) -> Gateway:
-    """The gateway for ``config``; ``store``, ``transport`` and ``clock`` are for tests."""
+    """The gateway for ``config``; ``store``, ``transport`` and ``clock`` are for tests, ``metrics``
+    for a listener of its own (``metrics_export``)."""
     if store is None:
         store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
+    metrics = metrics if metrics is not None else Metrics()
+    store = measured_store(store, metrics)
     trust = TrustPolicy(config.server.trusted_proxies)
     facts = RequestFacts(trust)
     cookie = SessionCookie(config.session)
     redirects = LoginRedirects(config)
-    metrics = Metrics()
     factors = SecondFactor(config, store, clock)
     decider = Decider(config, factors)
     hosts = HostPolicy.from_config(config)
-    forwarder = Forwarder(config, transport, hosts) if config.upstream.url else None
+    if config.upstream.url:
+        upstream = MeasuredTransport(transport if transport is not None else default_transport(config), metrics)
+        forwarder: Forwarder | None = Forwarder(config, upstream, hosts)
+    else:
+        forwarder = None
     # Open WebSockets end with the 2FA session that admitted them (revocation.py).
     sessions = SessionWatch(factors.live_session_user, poll_interval(config.store.cache_ttl))
     pages = Pages(config)  # every template read now: a broken install is logged at start-up
@@ -268,16 +275,17 @@ def create_app(
         return handshake, await proxy_decide(handshake)
 
     async def websocket(scope: Scope, receive: Receive, send: Send) -> None:
-        await proxy_websocket(
-            scope,
-            receive,
-            send,
-            admit=admit,
-            forwarder=forwarder,
-            sessions=sessions,
-            cookie=cookie.name,
-            set_cookie=cookie.set,
-        )
+        with metrics.websocket_open():
+            await proxy_websocket(
+                scope,
+                receive,
+                send,
+                admit=admit,
+                forwarder=forwarder,
+                sessions=sessions,
+                cookie=cookie.name,
+                set_cookie=cookie.set,
+            )
 
     protect: ASGIApp = (
         Protect(facts, proxy_decide, forwarder, sessions, cookie, redirects, pages, r.setup) if forwarder else not_found
@@ -290,5 +298,7 @@ def create_app(
         hosts if forwarder is not None else None,
         trust,
         unchecked=frozenset(p for p in (r.health, r.ready, r.metrics, r.auth) if p),
-        context=lambda app: RequestContext(app, trust.trusts, lambda scope: facts(scope, method="GET").client, mode_of),
+        context=lambda app: RequestContext(
+            app, trust.trusts, lambda scope: facts(scope, method="GET").client, mode_of, metrics.observe
+        ),
     )

@@ -26,9 +26,11 @@ An event never carries a secret: no code, session id, recovery code, key or cook
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
+import os
 import re
-import uuid
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,8 @@ class Context:
     mode: str
     scope: Scope | None = None
     resolve_client: Callable[[Scope], str | None] | None = None
+    # The app's counter of events (metrics.Metrics.observe): each event is counted where it is logged.
+    observe: Callable[[str, dict[str, Any]], None] | None = None
 
     @property
     def client(self) -> str | None:
@@ -81,8 +85,23 @@ def current_request_id() -> str | None:
     return None if context is None else context.request_id
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+class _Ids:
+    """Fresh ids: 16 random hex digits per process, then a 16-digit counter: unique across
+    workers and replicas like a uuid4, without reading the OS's random source per request
+    (6 us under load). Ids name requests; they grant nothing, so need not be unguessable."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.prefix = ""
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        if self.pid != os.getpid():  # a forked worker must not repeat its parent's ids
+            self.pid, self.prefix, self.counter = os.getpid(), secrets.token_hex(8), itertools.count()
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+new_request_id = _Ids()
 
 
 def accepted_request_id(value: bytes | None, trusted: bool) -> str:
@@ -114,6 +133,8 @@ def audit(event: str, user: str | None = None, *, client: str | None = None, **f
     shown = " ".join(f"{k}={v!r}" if k == "user" else f"{k}={v}" for k, v in record.items() if k != "event")
     level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
     log.log(level, "%s %s", event, shown, extra={"audit": record})
+    if context is not None and context.observe is not None:
+        context.observe(event, record)
 
 
 class RequestContext:
@@ -126,8 +147,10 @@ class RequestContext:
         trusts: Callable[[str | None], bool],
         resolve_client: Callable[[Scope], str | None],
         mode_of: Callable[[str], str],
+        observe: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.app = app
+        self.observe = observe
         self.trusts = trusts
         self.resolve_client = resolve_client
         self.mode_of = mode_of
@@ -149,7 +172,7 @@ class RequestContext:
         header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         kept.append(header)
         scope = {**scope, "headers": kept}
-        token = _current.set(Context(request_id, self.mode_of(scope["path"]), scope, self.resolve_client))
+        token = _current.set(Context(request_id, self.mode_of(scope["path"]), scope, self.resolve_client, self.observe))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

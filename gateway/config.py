@@ -43,6 +43,7 @@ from gateway.config_keys import (
     IPNetwork,
     JwtConfig,
     LimitsConfig,
+    MetricsConfig,
     PathsConfig,
     RoutesConfig,
     ServerConfig,
@@ -67,6 +68,7 @@ __all__ = [
     "IdentityConfig",
     "JwtConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "PathsConfig",
     "RoutesConfig",
     "ServerConfig",
@@ -177,6 +179,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, source:
         limits=read_table(LimitsConfig, table("limits")),
         paths=read_table(PathsConfig, table("paths")),
         routes=_routes(data.get("routes", {}), upstream.url, problems),
+        metrics=read_table(MetricsConfig, table("metrics")),
         source=source,
     )
     if problems:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.crypto import SecretBox
-from gateway.http import is_token
+from gateway.http import is_token, split_host
 from gateway.paths import ExcludeRule, parse_rule
 from gateway.store import is_key_prefix, parse_store_url
 from gateway.tables import (
@@ -473,6 +473,30 @@ class RoutesConfig:
     )
 
 
+def _listen(t: Table, name: str, default: str | None) -> str | None:
+    value = t.opt_str(name)
+    if value is None:
+        return default
+    parsed = split_host(value)
+    if parsed is None or parsed[1] is None:
+        t.problem(name, f'"{value}" is not host:port (an IPv6 address goes in [])')
+        return default
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics on a listener of their own, for when the main port is public."""
+
+    listen: str | None = key(
+        None,
+        doc='host:port of a separate metrics listener, e.g. "127.0.0.1:9100" (any path answers). It\n'
+        "answers everyone who reaches it, unlike routes.metrics: keep it on loopback or a private network.",
+        read=_listen,
+        shown="127.0.0.1:9100",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     encryption: EncryptionConfig
@@ -485,6 +509,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     paths: PathsConfig = PathsConfig()
     routes: RoutesConfig = RoutesConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: str = "<defaults>"
 
     def summary(self) -> str:
@@ -509,4 +534,5 @@ TABLES: tuple[tuple[str, type[DataclassInstance]], ...] = (
     ("limits", LimitsConfig),
     ("paths", PathsConfig),
     ("routes", RoutesConfig),
+    ("metrics", MetricsConfig),
 )

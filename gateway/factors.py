@@ -91,7 +91,11 @@ def _audited(accepted_event: str) -> Callable[[_Judge], _Judge]:
         async def judged(self: SecondFactor, user: str, raw_code: str | None, client: str | None) -> Outcome:
             outcome = await judge(self, user, raw_code, client)
             if isinstance(outcome, Accepted):
-                audit(accepted_event, user, client=client)
+                # RFC 6238 §6: which step of the window the code was for (-1, 0, +1): drifting
+                # phones and servers show here (read a few ms after the match: at a step's edge
+                # it may read one low).
+                skew = {} if outcome.step is None else {"window_offset": outcome.step - self.current_step()}
+                audit(accepted_event, user, client=client, **skew)
             else:
                 event = _REFUSED_EVENTS.get(outcome.reason, "code.rejected")
                 audit(event, user, client=client, reason=outcome.reason.value)
@@ -115,6 +119,9 @@ class SecondFactor:
         self.sessions = Sessions(store, config.session.ttl, cache_ttl, clock)
 
     # -- codes ---------------------------------------------------------------------------------
+
+    def current_step(self) -> int:
+        return totp.current_step(self.clock(), self.params)
 
     def _missed(self, attempt: Attempt, reason: Reason) -> Refused:
         """A judged code was wrong: ``reason``, or LOCKED when it used the last attempt."""

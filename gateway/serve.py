@@ -11,11 +11,15 @@ import asyncio
 import os
 import sys
 
+from prometheus_client import CollectorRegistry
+
 from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.errors import StoreError
 from gateway.logs import configure_logging
+from gateway.metrics import Metrics, multiprocess_registry
+from gateway.metrics_export import multiprocess_dir, start_listener
 from gateway.server import LimitedConfig
 from gateway.server_limits import client_limits
 from gateway.shutdown import DrainingServer, Workers
@@ -107,7 +111,26 @@ def serve(config: Config, config_path: str | None = None) -> int:
             # The one way to hand the checked config's path to the worker processes uvicorn
             # spawns: they import APP_FACTORY, which reads it back through config.default_path.
             os.environ[config_module.ENV_CONFIG] = os.path.abspath(config_path)
-        started = serve_uvicorn(uvicorn_config(config, APP_FACTORY))
+        # Each worker writes its metrics under a fresh directory; any scrape adds them up.
+        with multiprocess_dir() as samples:
+            if not _listen_for_metrics(config, multiprocess_registry(samples)):
+                return 1
+            started = serve_uvicorn(uvicorn_config(config, APP_FACTORY))
     else:
-        started = serve_uvicorn(uvicorn_config(config, create_app(config)))
+        metrics = Metrics()
+        if not _listen_for_metrics(config, metrics.scrape_registry()):
+            return 1
+        started = serve_uvicorn(uvicorn_config(config, create_app(config, metrics=metrics)))
     return 0 if started else 1
+
+
+def _listen_for_metrics(config: Config, registry: CollectorRegistry) -> bool:
+    """The ``[metrics] listen`` server, when set; False (and one line) when it cannot listen."""
+    if config.metrics.listen is None:
+        return True
+    try:
+        start_listener(config.metrics.listen, registry)
+    except OSError as exc:
+        print(f"gateway: metrics.listen {config.metrics.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
