@@ -127,7 +127,7 @@ class Metrics:
         )
         self.ready = Gauge(
             "gateway_store_up",
-            "1 when the store answered the last readiness check.",
+            "1 when the store answered when opened and at the last readiness check, else 0.",
             multiprocess_mode="livemostrecent",
             registry=r,
         )
@@ -249,16 +249,24 @@ class MeasuredStore:
             return method
         latency = self._metrics.store_latency.labels(name)
         errors = self._metrics.store_errors
+        # Opening the store and the readiness ping say whether it is up (from start-up on, so
+        # the gauge means something before the first readiness probe).
+        up = self._metrics.ready if name in ("open", "ping") else None
 
         async def measured(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return await method(*args, **kwargs)
+                result = await method(*args, **kwargs)
             except StoreError as exc:
                 errors[_store_error_kind(exc)].inc()
+                if up is not None:
+                    up.set(0)
                 raise
             finally:
                 latency.observe(time.perf_counter() - start)
+            if up is not None:
+                up.set(1)
+            return result
 
         self.__dict__[name] = measured  # resolved once per operation
         return measured

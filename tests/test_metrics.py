@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+from typing import cast
+
 import httpx
 import pytest
+import yaml  # type: ignore[import-untyped]
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.errors import Reason
-from gateway.metrics import Metrics
+from gateway import totp
+from gateway.errors import ConfigError, Reason, StoreError
+from gateway.metrics import MeasuredTransport, Metrics, measured_store, version
+from gateway.metrics_export import start_listener
+from gateway.store import Store
+from tests.support.clock import Clock
+from tests.support.inprocess import UPSTREAM, in_process
+from tests.support.servers import ROOT, GatewayServer, free_port, make_config
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-async def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(metrics: Metrics) -> Samples:
     """Every sample served, by name and labels, read back with Prometheus' own parser."""
     transport = httpx.ASGITransport(app=metrics.serve)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-        response = await client.get("/metrics")
+        return samples_of(await client.get("/metrics"))
+
+
+def samples_of(response: httpx.Response) -> Samples:
     assert response.status_code == 200
     assert response.headers["content-type"] == CONTENT_TYPE_LATEST  # the text format Prometheus scrapes
     return {
@@ -64,3 +82,179 @@ async def test_two_apps_in_one_process_count_apart() -> None:
     first, second = Metrics(), Metrics()
     first.count("proxy", Reason.CODE)
     assert (await scrape(second))[decisions("proxy", Reason.CODE)] == 0
+
+
+# -- the families an operator reads, fed by what the gateway does --------------------------------
+
+
+def code_checks(result: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("gateway_code_checks_total", (("result", result),))
+
+
+async def test_code_checks_lockouts_and_skew_are_counted_from_a_real_flow(tmp_path: Path) -> None:
+    """Through the app: a code from the previous step (offset -1), its replay, wrong codes up to
+    a lockout, then a refusal while locked; each counted once under its result."""
+    clock = Clock()
+    config = make_config(tmp_path, upstream=UPSTREAM, limits={"max_failures": 2})
+    async with in_process(config, clock=clock) as gw:
+        secret = await gw.enrol("alice")
+        params = config.totp.params
+        previous = totp.code_at(secret, totp.current_step(clock(), params) - 1, params)
+
+        async def send(code: str) -> int:
+            gw.client.cookies.clear()  # the code alone, never the session the first one opened
+            r = await gw.client.get("/x", headers={"Remote-User": "alice", "X-2FA-Code": code})
+            return r.status_code
+
+        assert await send(previous) == 200
+        assert await send(previous) == 401  # RFC 6238 §5.2: a code is accepted once
+        wrong = "000000" if previous != "000000" else "111111"
+        assert await send(wrong) == 429  # the second miss starts the lockout
+        assert await send(previous) == 429  # locked: even a right code is refused
+        samples = samples_of(await gw.client.get("/_gateway/metrics"))
+    assert samples[code_checks("accepted")] == 1
+    assert samples[code_checks("replayed")] == 1
+    assert samples[code_checks("locked")] == 2  # the miss that started it, and the refusal after
+    assert samples[code_checks("invalid")] == 0
+    assert samples[("gateway_lockouts_total", (("scope", "user"),))] == 1
+    assert samples[("gateway_totp_window_offset_total", (("offset", "-1"),))] == 1
+    assert samples[("gateway_totp_window_offset_total", (("offset", "0"),))] == 0
+
+
+def test_audit_events_map_to_their_families() -> None:
+    metrics = Metrics()
+    metrics.observe("code.rejected", {"reason": Reason.INVALID_CODE.value})
+    metrics.observe("recovery_code.used", {})
+    metrics.observe("enrolment.confirmed", {"sessions_ended": 0})
+    metrics.observe("lockout.started", {"scope": "address", "seconds": 900})
+    metrics.observe("session.opened", {})  # not a metric of its own: ignored
+    assert metrics.code_checks["invalid"]._value.get() == 1
+    assert metrics.code_checks["accepted"]._value.get() == 1
+    assert metrics.recovery_codes_used._value.get() == 1
+    assert metrics.enrolments._value.get() == 1
+    assert metrics.lockouts["address"]._value.get() == 1
+
+
+class FailingStore:
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+
+    async def ping(self) -> None:
+        raise StoreError("down") from self.cause
+
+    async def get_session(self, session_hash: str, now: float) -> str | None:
+        return None
+
+
+async def test_the_store_is_timed_by_operation_and_its_errors_counted_by_kind() -> None:
+    metrics = Metrics()
+    store = measured_store(cast(Store, FailingStore(TimeoutError())), metrics)
+    assert await store.get_session("h", 0.0) is None
+    with pytest.raises(StoreError):
+        await store.ping()
+    samples = await scrape(metrics)
+    count = "gateway_store_latency_seconds_count"
+    assert samples[(count, (("operation", "get_session"),))] == 1
+    assert samples[(count, (("operation", "ping"),))] == 1
+    assert samples[("gateway_store_errors_total", (("kind", "timeout"),))] == 1
+    assert samples[("gateway_store_errors_total", (("kind", "connection"),))] == 0
+    assert samples[("gateway_store_up", ())] == 0
+    connection = measured_store(cast(Store, FailingStore(ConnectionRefusedError())), metrics)
+    with pytest.raises(StoreError):
+        await connection.ping()
+    assert (await scrape(metrics))[("gateway_store_errors_total", (("kind", "connection"),))] == 1
+
+
+class Refusing(httpx.AsyncBaseTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/timeout":
+            raise httpx.ReadTimeout("slow", request=request)
+        if request.url.path == "/refused":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(204)
+
+
+async def test_the_upstream_is_timed_and_its_errors_counted_by_kind() -> None:
+    metrics = Metrics()
+    transport = MeasuredTransport(Refusing(), metrics)
+    async with httpx.AsyncClient(transport=transport, base_url="http://up") as client:
+        assert (await client.get("/ok")).status_code == 204
+        for path, error in (("/timeout", httpx.ReadTimeout), ("/refused", httpx.ConnectError)):
+            with pytest.raises(error):
+                await client.get(path)
+    samples = await scrape(metrics)
+    assert samples[("gateway_upstream_latency_seconds_count", ())] == 1
+    assert samples[("gateway_upstream_errors_total", (("kind", "timeout"),))] == 1
+    assert samples[("gateway_upstream_errors_total", (("kind", "connect"),))] == 1
+
+
+async def test_open_websockets_and_build_info() -> None:
+    metrics = Metrics()
+    with metrics.websocket_open(), metrics.websocket_open():
+        assert (await scrape(metrics))[("gateway_websockets_open", ())] == 2
+    samples = await scrape(metrics)
+    assert samples[("gateway_websockets_open", ())] == 0
+    assert samples[("gateway_build_info", (("version", version()),))] == 1
+
+
+# -- the separate listener -------------------------------------------------------------------------
+
+
+def test_the_listener_serves_the_registry_on_its_own_port() -> None:
+    metrics = Metrics()
+    metrics.count("auth", Reason.EXCLUDED)
+    port = free_port()
+    server = start_listener(f"127.0.0.1:{port}", metrics.registry)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.status_code == 200
+    assert 'gateway_decisions_total{mode="auth",reason="excluded"} 1.0' in r.text
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "nohost:", "http://127.0.0.1:9100", "[::1:9100"])
+def test_a_listen_address_without_host_and_port_is_refused_at_load(tmp_path: Path, listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"metrics\.listen: "):
+        make_config(tmp_path, metrics={"listen": listen})
+
+
+# -- what config/ ships ------------------------------------------------------------------------------
+
+DASHBOARD = ROOT / "config" / "grafana" / "gateway-dashboard.json"
+ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
+_NAME = re.compile(r"\bgateway_[a-z0-9_]+")
+
+
+def used_names() -> set[str]:
+    """Every gateway_* series the dashboard's queries and the alert rules' expressions name."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    rules = yaml.safe_load(ALERTS.read_text())
+    exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert exprs
+    return {name for expr in exprs for name in _NAME.findall(expr)}
+
+
+def test_the_dashboard_and_the_alerts_use_only_series_a_real_gateway_serves(tmp_path: Path) -> None:
+    server = GatewayServer(make_config(tmp_path, upstream="http://127.0.0.1:9")).start()
+    try:
+        r = httpx.get(server.url + "/_gateway/metrics", timeout=5)
+    finally:
+        server.stop()
+    assert r.status_code == 200
+    served = {sample.name for family in text_string_to_metric_families(r.text) for sample in family.samples}
+    used = used_names()
+    assert {"gateway_decisions_total", "gateway_store_latency_seconds_bucket", "gateway_store_up"} <= used
+    assert used - served == set()
+
+
+def test_every_family_is_on_the_dashboard() -> None:
+    """Nothing measured goes unseen: each family the gateway serves is on a panel."""
+    exposition = generate_latest(Metrics().registry).decode()
+    # (each counter's _created timestamp is a family of its own to the parser: not one to graph)
+    families = {f.name for f in text_string_to_metric_families(exposition) if not f.name.endswith("_created")}
+    used = used_names()
+    shown = {f for f in families if any(name == f or name.startswith(f + "_") for name in used)}
+    assert families - shown == set()
