@@ -13,6 +13,7 @@ from gateway import serve as serve_module
 from gateway.config import Config
 from gateway.serve import APP_FACTORY, app_factory, uvicorn_config
 from gateway.server import LimitedHttpToolsProtocol
+from gateway.shutdown import GoingAwayWebSocketProtocol
 from tests.support.servers import ROOT, fresh_keys
 
 
@@ -41,3 +42,14 @@ def test_worker_processes_load_the_config_the_parent_names(tmp_path: Path, monke
     built = uvicorn_config(config_module.load(path), APP_FACTORY)
     assert built.factory and built.workers == 2 and built.http is LimitedHttpToolsProtocol
     assert built.proxy_headers is False  # the gateway judges X-Forwarded-For itself
+
+
+def test_the_shutdown_keys_reach_uvicorn(tmp_path: Path) -> None:
+    """server.shutdown_grace is uvicorn's timeout_graceful_shutdown; shutdown_delay is read by
+    gateway.shutdown.DrainingServer; WebSockets are closed by a protocol that says 1001."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/gateway.db"\n\n[server]\nshutdown_delay = 5\n')
+    built = uvicorn_config(config_module.load(path, env=fresh_keys()), APP_FACTORY)
+    assert built.timeout_graceful_shutdown == 30.0  # the default grace
+    assert built.shutdown_delay == 5.0
+    assert built.ws is GoingAwayWebSocketProtocol
