@@ -31,6 +31,7 @@ MIB = 1024 * 1024
 DOWNLOAD = 200 * MIB
 DOWNLOAD_RATE = 50 * MIB  # bytes a second the client reads: the download takes about 4 s
 DELAY = 1.0  # server.shutdown_delay here: readiness 503 while the listener is still open
+COOKIE = "gateway_session"  # session.cookie's default
 EXIT_BOUND = 10.0  # seconds past shutdown_delay + shutdown_grace a stopping process may take
 
 
@@ -106,7 +107,7 @@ def test_two_workers_share_enrolment_and_sessions(
             code = pyotp.TOTP(pyotp.parse_uri(r.json()["otpauth_uri"]).secret).now()
             r = client.post("/verify-2fa", headers=identity, json={"code": code})
             assert r.status_code == 200, r.text
-            cookie = f"session={r.cookies['gateway_session']}"
+            cookie = f"{COOKIE}={r.cookies[COOKIE]}"
             client.cookies.clear()
             # The code, spent on one worker, is refused on any (RFC 6238 §5.2).
             replay = client.get("/private", headers={**identity, "X-2FA-Code": code})
@@ -120,7 +121,7 @@ def test_two_workers_share_enrolment_and_sessions(
             while len(served) < 2 and len(held) < 64:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 held.append(conn)
-                conn.request("GET", "/private/worker", headers={**identity, "Cookie": f"gateway_{cookie}"})
+                conn.request("GET", "/private/worker", headers={**identity, "Cookie": cookie})
                 response = conn.getresponse()
                 assert response.status == 200, response.read()
                 response.read()
