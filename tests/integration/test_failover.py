@@ -1,5 +1,6 @@
 """The store goes away under load and comes back (issue 13 §1): a single redis-server killed and
-restarted on its port with its data (append-only file, fsync always).
+restarted on its port with its data (append-only file, fsync always); and a Sentinel master
+killed, its replica promoted by the sentinels (tests/support/sentinel.py).
 
 A steady load (tests/support/load.py: valid sessions, fresh codes, wrong codes, no factor,
 an excluded path) runs through two gateway replicas in front of the recorder
@@ -34,12 +35,14 @@ from tests.support.load import (
     replicas,
 )
 from tests.support.recorder import Recorder
+from tests.support.sentinel import SentinelTopology
 from tests.support.servers import fresh_keys, wait_for_port
 
 pytestmark = pytest.mark.integration
 
 # Generous bounds that state the requirement; the measured figures are printed (pytest -s).
-RESUME_BOUND = 10.0  # issue 13: "service resumes on its own within 2 s" (measured: see print)
+RESUME_BOUND = 10.0  # issue 13: within 2 s of a restart, 5 s of a promotion (measured: see print)
+PROMOTION_BOUND = 30.0  # down-after 1 s + election + failover-timeout 3 s, with room to spare
 HANG_BOUND = 2 * SOCKET_TIMEOUT + 1.0  # a connect attempt and its one retry, each bounded
 STEADY = 1.5  # seconds of load before the outage, and after recovery
 GAP = 2.5  # seconds the store stays down
@@ -73,10 +76,11 @@ async def run_outage(
     gateways: list[Replica],
     recorder: Recorder,
     kill: Callable[[], Awaitable[None]],
-    restore: Callable[[], Awaitable[None]],
+    restore: Callable[[], Awaitable[float]],
 ) -> tuple[Verdict, Load, float, float]:
-    """Load through ``gateways``; ``await kill()`` takes the store away, ``await restore()``
-    returns when the store answers again: (verdict, load, down, back), ``back`` when it did."""
+    """Load through ``gateways``; ``await kill()`` takes the store away; ``await restore()``
+    returns once the store answers again, with the earliest moment it may have (time.monotonic()):
+    (verdict, load, down, back), ``back`` when restore() returned."""
     url = gateways[0].url
     holders = await enrol_many(url, 3, "fo-s")
     coders = await enrol_many(url, 30, "fo-c")
@@ -93,9 +97,7 @@ async def run_outage(
         await asyncio.sleep(STEADY)
         down = time.monotonic()
         await kill()
-        await asyncio.sleep(GAP)
-        restoring = time.monotonic()
-        await restore()
+        restoring = await restore()
         back = time.monotonic()
         await asyncio.sleep(STEADY)
     finally:
@@ -151,12 +153,47 @@ async def test_a_redis_restart_under_load(durable_redis: RedisServer, recorder: 
         await asyncio.to_thread(durable_redis.proc.wait, 10)
         durable_redis.proc = None
 
-    async def restore() -> None:
+    async def restore() -> float:
+        await asyncio.sleep(GAP)
+        restoring = time.monotonic()
         # The same port and directory: its append-only file brings the data back.
         await asyncio.to_thread(durable_redis.start)
         await asyncio.to_thread(wait_for_port, durable_redis.port)
+        return restoring
 
     with replicas(tmp_path, durable_redis.url, recorder.url, fresh_keys()) as gateways:
         verdict, load, down, back = await run_outage(gateways, recorder, kill, restore)
     check(verdict, load, down, back)
     print(f"test_a_redis_restart_under_load: {time.monotonic() - started:.1f} s")
+
+
+async def test_a_sentinel_failover_under_load(recorder: Recorder, tmp_path: Path) -> None:
+    """SIGKILL the master; the sentinels promote the replica and the replicas, untouched, find
+    it. The sessions opened before were replicated long before the kill, so they survive.
+    Redis replicates asynchronously: a write the master acknowledged in the last instant before
+    it died (a session just opened, a code's step just used, a failure just counted) may be
+    missing on the promoted replica, unless the store waits for a replica's acknowledgement
+    (WAIT 1 <ms>) before answering; this test does not open sessions in that instant."""
+    started = time.monotonic()
+    topology = SentinelTopology(need_binary("redis-server")).start()
+    killed: list[int] = []
+    try:
+        with topology.announcements() as announced:
+
+            async def kill() -> None:
+                killed.append(topology.master())
+                await asyncio.to_thread(topology.kill, killed[0])
+
+            async def restore() -> float:
+                # The first sentinel to give out the new address (the failover leader, from
+                # +failover-state-reconf-slaves on) or announce it (+switch-master).
+                return await asyncio.to_thread(announced.wait, PROMOTION_BOUND)
+
+            with replicas(tmp_path, topology.url, recorder.url, fresh_keys()) as gateways:
+                verdict, load, down, back = await run_outage(gateways, recorder, kill, restore)
+        print(f"\nsentinel events after the kill: {announced.since(down)}")
+        assert topology.master() not in killed  # every sentinel has switched by now
+    finally:
+        topology.stop()
+    check(verdict, load, down, back)
+    print(f"test_a_sentinel_failover_under_load: {time.monotonic() - started:.1f} s")

@@ -247,8 +247,8 @@ PROTECTED = ("session", "code", "bad_code", "no_factor")
 class Verdict:
     """What the load saw around an outage of the store (times: time.monotonic())."""
 
-    in_gap: list[Answer]  # started once the caches had expired (down + CACHE_TTL), before restoring
-    max_gap_latency: float  # the slowest answer to a request started in [down, restoring)
+    in_gap: list[Answer]  # started once the caches had expired (down + CACHE_TTL), ended before restoring
+    max_gap_latency: float  # the slowest answer to a request started in [down, back)
     resumed_after: float | None  # back -> the end of the first session request allowed after it
     upstream_unmatched: int  # upstream requests no gateway answer came from (0: the load saw all)
     leaked: list[str]  # upstream requests that carried no valid factor (bad code, none)
@@ -261,7 +261,7 @@ def judge(load: Load, recorded: Sequence[tuple[int, str]], down: float, restorin
     answered = {a.seq for a in load.answers if a.seq is not None}
     unmatched = sum(1 for seq, _ in recorded if seq not in answered)
     leaked = [target for _, target in recorded if target.startswith(("/load/bad/", "/load/none/"))]
-    during = [a for a in load.answers if down <= a.start < restoring]
+    during = [a for a in load.answers if down <= a.start < back]
     after = sorted(
         (a for a in load.answers if a.kind == "session" and a.start >= back and a.status == 200), key=lambda a: a.end
     )
@@ -270,7 +270,7 @@ def judge(load: Load, recorded: Sequence[tuple[int, str]], down: float, restorin
         name = f"{a.kind} {a.status}{' ' + a.error if a.error else ''}"
         counts[name] = counts.get(name, 0) + 1
     return Verdict(
-        in_gap=[a for a in during if a.start >= down + CACHE_TTL],
+        in_gap=[a for a in during if a.start >= down + CACHE_TTL and a.end < restoring],
         max_gap_latency=max((a.latency for a in during), default=0.0),
         resumed_after=after[0].end - back if after else None,
         upstream_unmatched=unmatched,
