@@ -17,6 +17,8 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import audit as audit_module
 from gateway.audit import RequestContext, accepted_request_id, audit, current, use_context
+from gateway.errors import StoreError
+from tests.support.inprocess import UPSTREAM, in_process
 from tests.support.servers import (
     GatewayServer,
     UpstreamProcess,
@@ -280,3 +282,21 @@ def test_auth_answers_carry_the_id_and_its_events_say_mode_auth(
     ]
     assert all(e["mode"] == "auth" and e["client"] == "198.51.100.4" and e["user"] == "alice" for e in events)
     assert events[1]["scope"] == "user" and events[2]["reason"] == "2fa_locked"
+
+
+async def test_a_store_error_is_an_event_of_the_request_it_denied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+
+    async def down(*args: object) -> None:
+        raise StoreError("connection refused")
+
+    async with in_process(make_config(tmp_path, UPSTREAM)) as harness:
+        monkeypatch.setattr(harness.store, "get_secret", down)
+        r = await harness.client.get("/echo/x", headers={"Remote-User": "alice", "X-2FA-Code": "123456"})
+    assert r.status_code == 503
+    [event] = [r.audit for r in caplog.records if hasattr(r, "audit")]
+    assert event["event"] == "store.error" and "connection refused" in event["detail"]
+    assert (event["request_id"], event["mode"], event["client"]) == (r.headers["x-request-id"], "proxy", "127.0.0.1")
+    assert caplog.records[0].levelno == logging.WARNING
