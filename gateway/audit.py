@@ -125,6 +125,14 @@ def use_context(mode: str, request_id: str | None = None) -> contextvars.Token[C
     return _current.set(Context(request_id or new_request_id(), mode))
 
 
+def _shown(name: str, value: Any) -> str:
+    """A field in the text line: quoted when it is the user, or could break or blur the line (a
+    newline or a space in a detail, a path): one event is one line (CWE-117)."""
+    if name == "user" or (isinstance(value, str) and (not value.isprintable() or " " in value or "=" in value)):
+        return repr(value)
+    return str(value)
+
+
 def audit(event: str, user: str | None = None, *, client: str | None = None, **fields: Any) -> None:
     """Log one audit event; the request id, mode and client come from the request's context
     unless given. ``fields`` are plain values (a reason, a count), never a secret."""
@@ -139,7 +147,7 @@ def audit(event: str, user: str | None = None, *, client: str | None = None, **f
         "mode": context.mode if context else None,
         **fields,
     }
-    shown = " ".join(f"{k}={v!r}" if k == "user" else f"{k}={v}" for k, v in record.items() if k != "event")
+    shown = " ".join(f"{k}={_shown(k, v)}" for k, v in record.items() if k != "event")
     level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
     log.log(level, "%s %s", event, shown, extra={"audit": record})
     if context is not None and context.observe is not None:

@@ -300,3 +300,14 @@ async def test_a_store_error_is_an_event_of_the_request_it_denied(
     assert event["event"] == "store.error" and "connection refused" in event["detail"]
     assert (event["request_id"], event["mode"], event["client"]) == (r.headers["x-request-id"], "proxy", "127.0.0.1")
     assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_a_field_cannot_forge_a_second_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    audit("csrf.refused", "bob\n2026-01-01 INFO gateway.audit: code.accepted", route="/x\ncode.accepted user=x")
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line
+    assert line == (
+        "csrf.refused user='bob\\n2026-01-01 INFO gateway.audit: code.accepted' client=None request_id=None"
+        " mode=None route='/x\\ncode.accepted user=x'"
+    )
