@@ -1,6 +1,6 @@
 """The store goes away under load and comes back (issue 13 §1): a single redis-server killed and
 restarted on its port with its data (append-only file, fsync always); and a Sentinel master
-killed, its replica promoted by the sentinels (tests/support/sentinel.py).
+killed, its replica promoted by the sentinels (tests/support/redis_topologies.py, failover.py).
 
 A steady load (tests/support/load.py: valid sessions, fresh codes, wrong codes, no factor,
 an excluded path) runs through two gateway replicas in front of the recorder
@@ -23,6 +23,7 @@ import pytest
 
 from gateway.store.redis import SOCKET_TIMEOUT
 from tests.conftest import RedisServer, need_binary
+from tests.support.failover import announcements, kill, master_port
 from tests.support.load import (
     CACHE_TTL,
     PROTECTED,
@@ -35,7 +36,7 @@ from tests.support.load import (
     replicas,
 )
 from tests.support.recorder import Recorder
-from tests.support.sentinel import SentinelTopology
+from tests.support.redis_topologies import SentinelSet
 from tests.support.servers import fresh_keys, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -175,24 +176,26 @@ async def test_a_sentinel_failover_under_load(recorder: Recorder, tmp_path: Path
     missing on the promoted replica, unless the store waits for a replica's acknowledgement
     (WAIT 1 <ms>) before answering; this test does not open sessions in that instant."""
     started = time.monotonic()
-    topology = SentinelTopology(need_binary("redis-server")).start()
+    topology = SentinelSet(need_binary("redis-server"))  # its own: its master is killed
     killed: list[int] = []
     try:
-        with topology.announcements() as announced:
+        topology.start()
+        topology.wait_for_quorum()
+        with announcements(topology) as announced:
 
-            async def kill() -> None:
-                killed.append(topology.master())
-                await asyncio.to_thread(topology.kill, killed[0])
+            async def kill_master() -> None:
+                killed.append(master_port(topology))
+                await asyncio.to_thread(kill, topology, killed[0])
 
             async def restore() -> float:
                 # The first sentinel to give out the new address (the failover leader, from
-                # +failover-state-reconf-slaves on) or announce it (+switch-master).
+                # +failover-state-reconf-slaves on) or to announce it (+switch-master).
                 return await asyncio.to_thread(announced.wait, PROMOTION_BOUND)
 
             with replicas(tmp_path, topology.url, recorder.url, fresh_keys()) as gateways:
-                verdict, load, down, back = await run_outage(gateways, recorder, kill, restore)
+                verdict, load, down, back = await run_outage(gateways, recorder, kill_master, restore)
         print(f"\nsentinel events after the kill: {announced.since(down)}")
-        assert topology.master() not in killed  # every sentinel has switched by now
+        assert master_port(topology) not in killed  # every sentinel has switched by now
     finally:
         topology.stop()
     check(verdict, load, down, back)
