@@ -128,8 +128,6 @@ class Decider:
 
         identity = self.identity.read(facts.headers, facts.peer_trusted)
         if isinstance(identity, Denied):
-            if identity.reason is Reason.AMBIGUOUS_IDENTITY:
-                audit("identity.ambiguous", client=facts.client, reason="identity")
             return Decision(identity.reason, path=path)
         user = identity.user
 

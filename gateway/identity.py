@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import jwt
 from starlette.datastructures import Headers
 
+from gateway.audit import audit
 from gateway.cache import MISS, TtlCache
 from gateway.config import IdentityConfig
 from gateway.errors import Reason
@@ -137,6 +138,12 @@ class IdentityReader:
 
     def read(self, headers: Headers, peer_trusted: bool) -> Identity | Denied:
         """The request's one identity, or why it has none."""
+        found = self._read(headers, peer_trusted)
+        if found is _AMBIGUOUS:  # one audit event wherever an identity is read: doors and pages
+            audit("identity.ambiguous", reason="identity")
+        return found
+
+    def _read(self, headers: Headers, peer_trusted: bool) -> Identity | Denied:
         if self.mode == "header":
             if not peer_trusted:
                 return _REQUIRED

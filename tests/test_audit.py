@@ -311,3 +311,18 @@ def test_a_field_cannot_forge_a_second_line(caplog: pytest.LogCaptureFixture) ->
         "csrf.refused user='bob\\n2026-01-01 INFO gateway.audit: code.accepted' client=None request_id=None"
         " mode=None route='/x\\ncode.accepted user=x'"
     )
+
+
+async def test_an_ambiguous_identity_is_an_event_at_every_door(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    two_users = [("Remote-User", "alice"), ("Remote-User", "mallory"), ("Accept", "application/json")]
+    async with in_process(make_config(tmp_path, UPSTREAM)) as harness:
+        answers = [await harness.client.get(path, headers=two_users) for path in ("/echo/x", "/setup-2fa")]
+    assert [r.json()["error"] for r in answers] == ["ambiguous_identity"] * 2
+    events = [r.audit for r in caplog.records if hasattr(r, "audit")]
+    assert [(e["event"], e["mode"], e["request_id"], e["client"]) for e in events] == [
+        ("identity.ambiguous", mode, r.headers["x-request-id"], "127.0.0.1")
+        for mode, r in zip(("proxy", "page"), answers, strict=True)
+    ]
