@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import cast
 
@@ -16,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import totp
 from gateway.errors import ConfigError, Reason, StoreError
-from gateway.metrics import MeasuredTransport, Metrics, measured_store, version
-from gateway.metrics_export import start_listener
+from gateway.metrics import MULTIPROC_ENV, MeasuredTransport, Metrics, measured_store, multiprocess_registry, version
+from gateway.metrics_export import multiprocess_dir, start_listener
 from gateway.store import Store
 from tests.support.clock import Clock
 from tests.support.inprocess import UPSTREAM, in_process
@@ -258,3 +261,46 @@ def test_every_family_is_on_the_dashboard() -> None:
     used = used_names()
     shown = {f for f in families if any(name == f or name.startswith(f + "_") for name in used)}
     assert families - shown == set()
+
+
+# -- workers: prometheus-client's multiprocess mode ---------------------------------------------------
+
+# A worker: the gateway's metrics in multiprocess mode (the variable is set before the library is
+# imported, as for a spawned worker), one decision and one open WebSocket; it exits without
+# closing it (a crash) unless told to wait.
+_WORKER = """
+import sys
+from gateway.errors import Reason
+from gateway.metrics import Metrics
+metrics = Metrics()
+metrics.count("proxy", Reason.SESSION)
+metrics.websockets.inc()
+print("counted", flush=True)
+if sys.argv[1] == "wait":
+    sys.stdin.read()
+"""
+
+
+def test_a_scrape_adds_up_the_workers_and_forgets_the_open_websockets_of_dead_ones(tmp_path: Path) -> None:
+    with multiprocess_dir() as path:
+        assert os.environ[MULTIPROC_ENV] == path
+        env = {**os.environ}
+        dead = subprocess.run([sys.executable, "-c", _WORKER, "exit"], env=env, capture_output=True, check=True)
+        assert dead.stdout == b"counted\n"
+        alive = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, "wait"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        try:
+            assert alive.stdout is not None and alive.stdout.readline() == b"counted\n"
+            text = generate_latest(multiprocess_registry(path)).decode()
+        finally:
+            alive.communicate(b"")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[decisions("proxy", Reason.SESSION)] == 2  # a counter keeps a dead worker's count
+    assert samples[("gateway_websockets_open", ())] == 1  # only the live worker's connection
+    assert not os.path.exists(path)  # removed when the gateway stops
+    assert MULTIPROC_ENV not in os.environ

@@ -63,7 +63,7 @@ def _get(url: str, headers: dict[str, str]) -> int:
 def test_two_workers_count_every_request_once(two_workers: tuple[str, str, str]) -> None:
     url, listener, secret = two_workers
     wrong = "000000" if pyotp.TOTP(secret).now() != "000000" else "111111"
-    calls = (
+    calls: list[tuple[str, dict[str, str]]] = (
         [(url + "/public/x", {})] * EXCLUDED
         + [(url + "/app", {})] * NO_IDENTITY
         + [(url + "/app", {"Remote-User": "bob"})] * NOT_ENROLLED
