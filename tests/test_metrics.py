@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import yaml  # type: ignore[import-untyped]
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
 
 from gateway import totp
 from gateway.errors import ConfigError, Reason, StoreError
@@ -24,7 +26,7 @@ from gateway.metrics_export import multiprocess_dir, start_listener
 from gateway.store import Store
 from tests.support.clock import Clock
 from tests.support.inprocess import UPSTREAM, in_process
-from tests.support.servers import ROOT, GatewayServer, free_port, make_config
+from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, free_port, make_config
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -304,3 +306,23 @@ def test_a_scrape_adds_up_the_workers_and_forgets_the_open_websockets_of_dead_on
     assert samples[("gateway_websockets_open", ())] == 1  # only the live worker's connection
     assert not os.path.exists(path)  # removed when the gateway stops
     assert MULTIPROC_ENV not in os.environ
+
+
+async def test_a_real_websocket_is_open_while_it_is_served(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    server = GatewayServer(make_config(tmp_path, upstream=upstream.url)).start()
+
+    async def open_websockets() -> float:
+        async with httpx.AsyncClient() as client:
+            return samples_of(await client.get(server.url + "/_gateway/metrics"))[("gateway_websockets_open", ())]
+
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/public/ws") as ws:
+            assert await ws.recv() == "hello "
+            assert await open_websockets() == 1
+        for _ in range(200):  # the gateway's side ends just after the client's close
+            if await open_websockets() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await open_websockets() == 0
+    finally:
+        server.stop()
