@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from gateway.crypto import SecretBox
 from gateway.http import is_token, split_host
 from gateway.paths import ExcludeRule, parse_rule
-from gateway.store import is_key_prefix, parse_store_url
+from gateway.store import is_key_prefix, is_multi_host_url, parse_store_url
 from gateway.tables import (
     Table,
     each,
@@ -65,7 +65,8 @@ def _network(text: str) -> IPNetwork:
 
 def _store_url(t: Table, name: str, default: str) -> str:
     url = t.secret(name, t.env, ENV_STORE_URL) or default
-    if split_url(t, name, url) is not None:
+    # urllib reads one host:port; a Sentinel or Cluster URL lists several, which parse_store_url checks.
+    if is_multi_host_url(url) or split_url(t, name, url) is not None:
         try:
             parse_store_url(url)  # the rules open_store_from_url applies, so they fail at load
         except ValueError as exc:

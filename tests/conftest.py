@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.store.sqlite import SqliteStore
+from tests.support.redis_topologies import Cluster, SentinelSet
 from tests.support.servers import UpstreamProcess, free_port, wait_for_port
 
 REQUIRE_ALL = os.environ.get("GATEWAY_TEST_REQUIRE_ALL") == "1"
@@ -81,6 +82,28 @@ def redis_server() -> Iterator[RedisServer]:
     yield server
     server.stop()
     shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelSet]:
+    """A Sentinel set: 1 master, 1 replica, 3 sentinels (tests/support/redis_topologies.py)."""
+    topology = SentinelSet(need_binary("redis-server"))
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A Redis Cluster of 3 masters (tests/support/redis_topologies.py)."""
+    topology = Cluster(need_binary("redis-server"), need_binary("redis-cli"))
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from gateway.store import Attempt, Quota, Store, UserState, open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import RedisServer
+from tests.support.redis_topologies import Cluster, SentinelSet
 from tests.support.servers import free_port
 
 # Names that would collide or break the hash tag if the Redis key escaping were wrong.
@@ -31,13 +32,18 @@ AWKWARD_USERS = ["alice", "alice}", "{alice}", "alice:secret", "alice%7D", "alic
 AWKWARD_USERS += ["user:alice", "}:{", "zoë smith", ""]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+# Redis three ways: one server, a Sentinel set (1 master, 1 replica, 3 sentinels) and a
+# 3-master Cluster, each a session fixture of tests/conftest.py.
+_REDIS_FIXTURES = {"redis": "redis_server", "sentinel": "redis_sentinel", "cluster": "redis_cluster"}
+
+
+@pytest.fixture(params=["sqlite", "redis", "sentinel", "cluster"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     s: Store
     if request.param == "sqlite":
         s = SqliteStore(str(tmp_path / "gateway.db"))
     else:
-        server: RedisServer = request.getfixturevalue("redis_server")
+        server: RedisServer | SentinelSet | Cluster = request.getfixturevalue(_REDIS_FIXTURES[request.param])
         s = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex}")
     await s.open()
     yield s

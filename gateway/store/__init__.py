@@ -7,6 +7,11 @@
     redis://[user:password@]host:port/db
     rediss://...                   Redis over TLS
     unix:///run/redis.sock?db=0    Redis on a Unix socket
+    redis+sentinel://[[user]:password@]host:port,host:port/service_name[/db]
+    redis+cluster://[[user]:password@]host:port,host:port
+    rediss+sentinel://..., rediss+cluster://...   the same over TLS
+
+(the Sentinel and Cluster forms, and which password goes where: ``redis_topology``).
 
 ``prefix`` namespaces the Redis keys; the SQLite file is the gateway's alone and ignores it.
 """
@@ -15,12 +20,27 @@ from __future__ import annotations
 
 from gateway.store.base import Attempt, Quota, Store, UserState, is_key_prefix
 from gateway.store.redis import RedisStore
+from gateway.store.redis_topology import CLUSTER_SCHEMES, SENTINEL_SCHEMES, SINGLE_SCHEMES, parse_redis_url
 from gateway.store.sqlite import SqliteStore
 
-__all__ = ["Attempt", "Quota", "Store", "UserState", "is_key_prefix", "open_store_from_url", "parse_store_url"]
+__all__ = [
+    "Attempt",
+    "Quota",
+    "Store",
+    "UserState",
+    "is_key_prefix",
+    "is_multi_host_url",
+    "open_store_from_url",
+    "parse_store_url",
+]
 
 _SQLITE = "sqlite:///"
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = SINGLE_SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES
+
+
+def is_multi_host_url(url: str) -> bool:
+    """``url`` is a Sentinel or Cluster URL, listing several host:port."""
+    return url.partition("://")[0].lower() in SENTINEL_SCHEMES + CLUSTER_SCHEMES
 
 
 def parse_store_url(url: str) -> tuple[str, str]:
@@ -39,9 +59,13 @@ def parse_store_url(url: str) -> tuple[str, str]:
             raise ValueError("needs a file path; an in-memory SQLite store is not shared or kept")
         return "sqlite", path
     if scheme in _REDIS_SCHEMES:
+        parse_redis_url(url)  # the Sentinel and Cluster forms are checked here, at load
         return "redis", url
     shown = f"{scheme}://" if scheme else "(none)"
-    raise ValueError(f"unknown store URL scheme {shown}: use sqlite:///, redis://, rediss:// or unix://")
+    raise ValueError(
+        f"unknown store URL scheme {shown}: use sqlite:///, redis://, rediss://, unix://,"
+        " redis+sentinel://, redis+cluster:// (or rediss+...)"
+    )
 
 
 def open_store_from_url(url: str, prefix: str, max_connections: int = 64) -> Store:

@@ -12,17 +12,14 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import unquote
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreError
 from gateway.store.base import Attempt, Quota, UserState, is_key_prefix
+from gateway.store.redis_clients import Client, build_client, close_client
 from gateway.store.redis_layout import (
     ACTIVATE_LUA,
     ADVANCE_STEP_LUA,
@@ -35,32 +32,16 @@ from gateway.store.redis_layout import (
     pack_expiring,
     session_key,
     to_ms,
+    unescape_name,
     unpack_live,
     user_key,
 )
+from gateway.store.redis_topology import parse_redis_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 SOCKET_TIMEOUT = 2.0
-
-
-def _pool(url: str, max_connections: int, read_timeout: float | None) -> aioredis.BlockingConnectionPool:
-    # A blocking pool: at most max_connections, and a burst beyond that waits (up to
-    # SOCKET_TIMEOUT) for a free one; redis-py's default pool fails the request at once ("Too
-    # many connections"), which would deny good requests under load.
-    return aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        socket_timeout=read_timeout,
-        health_check_interval=0,
-        # One immediate retry on a fresh connection hides a pooled connection that the server
-        # or a balancer closed while idle; more would turn an outage into a hang. Timeouts are
-        # not retried: a silent server already cost SOCKET_TIMEOUT.
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-    )
 
 
 def _hand_out(waiters: list[tuple[float, asyncio.Future[tuple[bool, bytes]]]], reply: Any) -> None:
@@ -95,14 +76,15 @@ def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[An
             return await fn(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreError(f"redis store: {name} failed: {exc}") from exc
-        except (RedisError, UnicodeError) as exc:
+        except (RedisError, RedisClusterException, UnicodeError) as exc:
             raise StoreError(f"redis store: {name} failed ({type(exc).__name__})") from exc
 
     return wrapper
 
 
 class RedisStore:
-    """:class:`gateway.store.base.Store` on Redis at ``url`` (redis://, rediss:// or unix://).
+    """:class:`gateway.store.base.Store` on Redis at ``url``: one server, a Sentinel set or a
+    Cluster (the forms of ``gateway.store.redis_topology``).
 
     ``prefix`` namespaces every key, so several gateways (or test runs) can share a database.
     """
@@ -113,17 +95,16 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         try:
+            target = parse_redis_url(url)
             # Builds the clients only: no connection is made before open().
-            pool = _pool(url, max_connections, SOCKET_TIMEOUT)
+            self._client: Client = build_client(target, max_connections, SOCKET_TIMEOUT, SOCKET_TIMEOUT)
             # The batches of _flush, one in flight at a time, on a pool of their own whose reads
             # have no timeout each: _flush bounds the whole round trip by SOCKET_TIMEOUT instead.
             # redis-py arms a timer per reply read, and under a flood of codes (one reply or two
             # per request) those timers were a tenth of the gateway's CPU (bench row 2).
-            batch_pool = _pool(url, 2, None)
+            self._batch_client: Client = build_client(target, 2, SOCKET_TIMEOUT, None)
         except ValueError as exc:  # a malformed URL is a configuration error, found early
             raise ValueError(f"invalid redis URL: {exc}") from None
-        self._client = aioredis.Redis.from_pool(pool)  # closes the pool when it is closed
-        self._batch_client = aioredis.Redis.from_pool(batch_pool)
         self._open = False
         # EVALSHA with the script's digest, loading it once on NOSCRIPT (also after a restart).
         self._lua_advance_step = self._client.register_script(ADVANCE_STEP_LUA)
@@ -141,7 +122,7 @@ class RedisStore:
         self._lua_take_sessions = self._client.register_script(TAKE_SESSIONS_LUA)
 
     @property
-    def _r(self) -> aioredis.Redis:
+    def _r(self) -> Client:
         if not self._open:
             raise StoreError("redis store is not open")
         return self._client
@@ -160,17 +141,17 @@ class RedisStore:
         try:
             await self._client.ping()
         except BaseException:
-            await self._client.aclose()
+            await close_client(self._client)
             raise
         self._open = True
 
     async def close(self) -> None:
         if self._open:
             self._open = False
-            with contextlib.suppress(RedisError, OSError):  # closing anyway: nothing to report
-                await self._client.aclose()
-        with contextlib.suppress(RedisError, OSError):
-            await self._batch_client.aclose()
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):  # closing anyway
+                await close_client(self._client)
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            await close_client(self._batch_client)
 
     @_translate_errors
     async def ping(self) -> None:
@@ -246,7 +227,8 @@ class RedisStore:
         next turn of the loop, or when the batch in flight is answered (_schedule_flush). Only
         for commands that are safe to send twice on NOSCRIPT."""
         # Encoded here, so a name that cannot be encoded fails its own caller, not the batch.
-        encoded = [tuple(a.encode() if isinstance(a, str) else a for a in command) for command in commands]
+        # The command's name stays a str: RedisCluster looks its routing up by name.
+        encoded = [(name, *(a.encode() if isinstance(a, str) else a for a in args)) for name, *args in commands]
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((encoded, future))
         self._schedule_flush()
@@ -416,7 +398,7 @@ class RedisStore:
             key = raw.decode()
             escaped = key[len(head) : -len(tail)]
             if "}" not in escaped:  # a foreign key that merely matches the pattern
-                yield unquote(escaped), key
+                yield unescape_name(escaped), key
 
     @_translate_errors
     async def user_state(self, user: str, now: float) -> UserState:

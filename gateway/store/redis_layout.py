@@ -15,7 +15,8 @@ so every key of one user lives in one slot and the Lua scripts stay cluster-safe
     P:s:<hash>        string  packed (expires_at, user), expires at expires_at
 
 Inside the braces ``%``, ``{``, ``}`` and ``:`` are percent-encoded, so no user name can
-close the hash tag early or spell another user's key. Expiring values carry their expiry
+close the hash tag early or spell another user's key; the empty name is ``%00``, as ``{}``
+is no hash tag. Expiring values carry their expiry
 alongside the payload: Redis deletes them in real time, and reads also compare with ``now``
 so a frozen clock in tests sees the same answers as the SQLite store.
 """
@@ -23,6 +24,7 @@ so a frozen clock in tests sees the same answers as the SQLite store.
 from __future__ import annotations
 
 import struct
+from urllib.parse import unquote
 
 _EXPIRY = struct.Struct(">d")
 _ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D", ":": "%3A"})
@@ -115,8 +117,19 @@ return sessions
 """
 
 
+# The empty name's tag: an empty hash tag "{}" does not count as one (Redis then hashes the
+# whole key, and one user's keys would scatter over several slots). Escaping never writes a
+# "%" that is not "%25", so no other name spells it.
+_EMPTY = "%00"
+
+
 def escape_name(name: str) -> str:
-    return name.translate(_ESCAPES)
+    return name.translate(_ESCAPES) if name else _EMPTY
+
+
+def unescape_name(escaped: str) -> str:
+    """The name ``escape_name`` turned into ``escaped``."""
+    return "" if escaped == _EMPTY else unquote(escaped)
 
 
 def to_ms(t: float) -> int:
