@@ -115,19 +115,26 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# C0 controls and DEL, written as escapes: a message is one line whatever it quotes.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
 class TextFormatter(logging.Formatter):
     """``time LEVEL logger: message``, and ``request_id=...`` at the end of a request's lines
-    (an audit event's message already names it)."""
+    (an audit event's message already names it). A newline or other control character in the
+    message is escaped, so a message quoting what a client sent (a header, a decoded path) cannot
+    start a forged line (CWE-117; uvicorn's access line already quotes its path, not every
+    library does). A traceback keeps its lines, after the message."""
 
     def __init__(self) -> None:
         super().__init__(_FORMAT)
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROLS)
+        line = super().formatMessage(record)
         request_id = getattr(record, "request_id", None)
         if request_id and not hasattr(record, "audit"):
-            first, newline, rest = line.partition("\n")
-            line = f"{first} request_id={request_id}{newline}{rest}"
+            line = f"{line} request_id={request_id}"
         return line
 
 

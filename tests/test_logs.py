@@ -126,6 +126,16 @@ def test_text_lines_end_with_the_request_id() -> None:
     assert _emit(TextFormatter(), record).endswith("gateway.proxy: upstream timeout on GET request_id=req-9")
 
 
+def test_a_text_message_is_one_line_whatever_it_quotes() -> None:
+    """A message quoting client input (here a decoded path) must not become a second, forged
+    line; a traceback still has its lines."""
+    forged = "127.0.0.1:5 - \"GET /x\n2026-11-30 INFO gateway.audit: code.accepted user='admin'\x1b[2K HTTP/1.1\" 404"
+    line = _emit(TextFormatter(), _record("%s", forged))
+    assert line.count("\n") == 0 and "\x1b" not in line
+    assert line.endswith("gateway.proxy: " + forged.replace("\n", "\\n").replace("\x1b", "\\x1b"))
+    assert _emit(TextFormatter(), _record("failed", exc=True)).count("\n") >= 2
+
+
 # -- the real process, every secret it handles -------------------------------------------------
 
 
