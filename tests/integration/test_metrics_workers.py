@@ -4,8 +4,13 @@ in the supervising process) adds them up exactly (gateway/metrics.py, metrics_ex
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pyotp
@@ -13,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import config as config_module
-from tests.support.servers import UpstreamProcess, enrol, free_port, fresh_keys, gateway_process
+from tests.support.servers import ROOT, UpstreamProcess, enrol, free_port, fresh_keys, gateway_process
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -92,3 +97,41 @@ def test_two_workers_count_every_request_once(two_workers: tuple[str, str, str])
         assert samples[("gateway_store_up", ())] == 1
         build = [value for (name, _), value in samples.items() if name == "gateway_build_info"]
         assert build == [1]  # one series, not one per worker
+
+
+def _config(tmp: Path, port: int, upstream: str, listen: int) -> Path:
+    path = tmp / "gateway.toml"
+    path.write_text(
+        f'[server]\nport = {port}\n\n[upstream]\nurl = "{upstream}"\n\n[store]\nurl = "sqlite:///{tmp}/gateway.db"\n\n'
+        f'[paths]\nexclude = ["/public/*"]\n\n[metrics]\nlisten = "127.0.0.1:{listen}"\n'
+    )
+    return path
+
+
+def test_one_worker_serves_its_own_registry_on_the_listener(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    port, listen = free_port(), free_port()
+    with gateway_process(_config(tmp_path, port, upstream.url, listen), port, fresh_keys(), tmp_path / "out.log"):
+        assert httpx.get(f"http://127.0.0.1:{port}/public/x", timeout=10).status_code == 200
+        samples = samples_of(httpx.get(f"http://127.0.0.1:{listen}/metrics", timeout=10).text)
+    assert samples[decisions("excluded")] == 1
+    # The listener needs no trusted peer, so it is a listener of its own, not the app's route.
+    assert samples[("gateway_store_latency_seconds_count", (("operation", "open"),))] == 1
+
+
+def test_a_listener_address_in_use_stops_the_start_with_one_line(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = _config(tmp_path, free_port(), upstream.url, taken.getsockname()[1])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | fresh_keys()
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "--config", str(path)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert b"gateway: metrics.listen 127.0.0.1:" in done.stderr
+    assert b"Address already in use" in done.stderr
+    assert b"Traceback" not in done.stderr
