@@ -48,10 +48,8 @@ def start_listener(listen: str, registry: CollectorRegistry) -> WSGIServer:
     """Serve ``registry`` at ``http://{listen}/metrics`` (any path, as prometheus-client does) on
     a daemon thread until the process ends or the server is shut down. Raises OSError when the
     address cannot be bound."""
-    parsed = split_host(listen)
-    if parsed is None or parsed[1] is None:  # config_keys checked it at load
+    host, port = split_host(listen) or ("", None)
+    if port is None:  # config_keys checked it at load
         raise ValueError(f"{listen!r} is not host:port")
-    host, port = parsed
-    assert port is not None
     server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
     return server
