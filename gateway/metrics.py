@@ -92,14 +92,14 @@ class Metrics:
         self.recovery_codes_used = Counter("gateway_recovery_codes_used", "Recovery codes accepted.", registry=r)
         # RFC 6238 §5.2 / §6: a code is accepted within ±window steps; which step it came from
         # shows a phone (or this server) whose clock drifts.
-        self.window_offset = Counter(
+        window_offset = Counter(
             "gateway_totp_window_offset",
             "Accepted TOTP codes by the time step they were for, relative to the server's (-1, 0, +1).",
             ["offset"],
             registry=r,
         )
-        for offset in (-1, 0, 1):
-            self.window_offset.labels(str(offset))
+        self._window_offset = window_offset  # totp.window may be wider than ±1: its labels are made on use
+        self.window_offsets = {offset: window_offset.labels(str(offset)) for offset in (-1, 0, 1)}
         self.store_latency = Histogram(
             "gateway_store_latency_seconds",
             "Store calls, by operation.",
@@ -151,7 +151,8 @@ class Metrics:
             self.code_checks["accepted"].inc()
             offset = fields.get("window_offset")
             if isinstance(offset, int):
-                self.window_offset.labels(str(offset)).inc()
+                counter = self.window_offsets.get(offset) or self._window_offset.labels(str(offset))
+                counter.inc()
         elif event == "recovery_code.used":
             self.code_checks["accepted"].inc()
             self.recovery_codes_used.inc()
