@@ -310,7 +310,10 @@ class StoreConfig:
         read=_store_url,
         doc="sqlite:///relative/path.db or sqlite:////absolute/path.db (embedded; several workers on one\n"
         "host may share the file; never :memory:), or redis://[:password@]host:6379/0, rediss:// (TLS),\n"
-        f"unix:///path. A URL with a password belongs in {ENV_STORE_URL} or url_file, not here.\n"
+        "unix:///path, redis+sentinel://[:password@]host:26379,host:26379/service_name[/db] (the\n"
+        "password is the master's and the sentinels'), redis+cluster://[:password@]host:6379,host:6379,\n"
+        "rediss+sentinel://, rediss+cluster:// (TLS).\n"
+        f"A URL with a password belongs in {ENV_STORE_URL} or url_file, not here.\n"
         f"Give only one of url, url_file and {ENV_STORE_URL}. Messages show the password as ***.",
     )
     prefix: str = key("gw", "Redis key prefix: letters, digits and _.:-", read=_key_prefix)

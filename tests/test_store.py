@@ -24,7 +24,7 @@ from gateway.store import Attempt, Quota, Store, UserState, open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import RedisServer
-from tests.support.redis_topologies import Cluster, SentinelSet
+from tests.support.redis_topologies import PASSWORD, Cluster, SentinelSet
 from tests.support.servers import free_port
 
 # Names that would collide or break the hash tag if the Redis key escaping were wrong.
@@ -528,10 +528,15 @@ async def test_redis_nothing_listening_fails_fast() -> None:
     assert time.monotonic() - started < 2
 
 
-async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(redis_server: RedisServer, now: float) -> None:
+@pytest.mark.parametrize("topology", ["redis_server", "redis_sentinel"])
+async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(
+    request: pytest.FixtureRequest, topology: str, now: float
+) -> None:
     """More reads in flight than max_connections: they queue for a connection (redis-py's default
-    pool would fail them with "Too many connections", denying good requests under load)."""
-    store = RedisStore(redis_server.url, prefix="burst", max_connections=2)
+    pool would fail them with "Too many connections", denying good requests under load). On
+    Sentinel too (its pool is redis-py's Sentinel pool with the blocking pool's wait)."""
+    server: RedisServer | SentinelSet = request.getfixturevalue(topology)
+    store = RedisStore(server.url, prefix=f"burst{uuid.uuid4().hex}", max_connections=2)
     await store.open()
     try:
         await store.create_session("s", "alice", now + 60)
@@ -627,6 +632,26 @@ async def test_redis_server_going_silent_fails_every_call_in_time(
     finally:
         await store.close()
         await relay.stop()
+
+
+async def test_sentinel_wrong_password_fails_closed_without_saying_it(redis_sentinel: SentinelSet) -> None:
+    wrong = "Wr0ngPassw0rd"
+    store = RedisStore(redis_sentinel.url.replace(PASSWORD, wrong), prefix="wrong")
+    with pytest.raises(StoreError, match="redis store: open failed") as caught:
+        await store.open()
+    assert wrong not in str(caught.value) and PASSWORD not in str(caught.value)
+    with pytest.raises(StoreError):
+        await store.get_secret("alice")
+    await store.close()
+
+
+async def test_cluster_nothing_listening_fails_closed() -> None:
+    store = RedisStore(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", prefix="gone")
+    with pytest.raises(StoreError, match="redis store: open failed"):
+        await store.open()
+    with pytest.raises(StoreError):
+        await store.get_secret("alice")
+    await store.close()
 
 
 def test_redis_prefix_is_validated() -> None:

@@ -51,6 +51,9 @@ def build_client(target: RedisTarget, max_connections: int, timeout: float, read
             "socket_connect_timeout": timeout,
             "socket_timeout": timeout,
             "ssl": target.tls,
+            # No retry on one sentinel: the next sentinel is the retry. redis-py's default (3
+            # retries, backing off up to 10 s) made a wrong password take 22 s to fail.
+            "retry": Retry(NoBackoff(), 0),
             **auth,
         }
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
