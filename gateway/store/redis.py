@@ -210,11 +210,19 @@ class RedisStore:
             waits.append(future)
         self._schedule_flush()
         allowed, locks = True, []
-        for q, wait in zip(quotas, waits, strict=True):
-            took, until = await wait
-            allowed = allowed and took
-            if until:
-                locks.append((q.scope, float(until)))
+        # One store timeout for the caller, however long it queued behind a batch in flight
+        # (a frozen server cost two: tests/integration/test_failover.py). Cancelled, its
+        # attempt may still be taken: counts never fall short.
+        try:
+            async with asyncio.timeout(SOCKET_TIMEOUT):
+                for q, wait in zip(quotas, waits, strict=True):
+                    took, until = await wait
+                    allowed = allowed and took
+                    if until:
+                        locks.append((q.scope, float(until)))
+        finally:
+            for wait in waits:  # those not awaited: no "exception never retrieved" later
+                wait.cancel()
         if not allowed:
             return Attempt(False, tuple(lock for lock in locks if lock[1] > now))
         return Attempt(True, tuple(locks))
@@ -232,7 +240,8 @@ class RedisStore:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((encoded, future))
         self._schedule_flush()
-        replies = await future
+        async with asyncio.timeout(SOCKET_TIMEOUT):  # one store timeout, queued or not (above)
+            replies = await future
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply

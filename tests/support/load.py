@@ -249,6 +249,7 @@ class Verdict:
 
     in_gap: list[Answer]  # started once the caches had expired (down + CACHE_TTL), ended before restoring
     max_gap_latency: float  # the slowest answer to a request started in [down, back)
+    gap_latency_by_kind: dict[str, float]  # the same, per kind of request
     resumed_after: float | None  # back -> the end of the first session request allowed after it
     upstream_unmatched: int  # upstream requests no gateway answer came from (0: the load saw all)
     leaked: list[str]  # upstream requests that carried no valid factor (bad code, none)
@@ -272,6 +273,7 @@ def judge(load: Load, recorded: Sequence[tuple[int, str]], down: float, restorin
     return Verdict(
         in_gap=[a for a in during if a.start >= down + CACHE_TTL and a.end < restoring],
         max_gap_latency=max((a.latency for a in during), default=0.0),
+        gap_latency_by_kind={k: round(max((a.latency for a in during if a.kind == k), default=0.0), 3) for k in KINDS},
         resumed_after=after[0].end - back if after else None,
         upstream_unmatched=unmatched,
         leaked=leaked,
