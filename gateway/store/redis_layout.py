@@ -14,11 +14,24 @@ so every key of one user lives in one slot and the Lua scripts stay cluster-safe
                               like a user: "user%3Aalice"); locked_until while n is at its limit
     P:s:<hash>        string  packed (expires_at, user), expires at expires_at
 
+On a Redis Cluster every multi-key step stays in one slot, so it runs as one step there too:
+the scripts (ACTIVATE_LUA and DELETE_USER_LUA touch several keys, all ``P:{u}:*``), and the
+MULTI of set_secret (secret, pending) and set_recovery_codes (one key). Each quota of an
+attempt (``P:{user%3Aalice}:attempts``, ``P:{ip%3A192.0.2.1}:attempts``) is its own key and its
+own script call, atomic alone: an attempt is taken from every quota before its code is judged,
+so no burst gets more attempts past a quota than its limit, on any topology; what is not one
+step is the set of quotas (a quota with room counts an attempt that another refused, as the
+store contract says: counts never fall short). Across slots nothing is atomic, and the store
+does not need it to be: a session (``P:s:<hash>``, slots spread by hash) and its user's index
+are two steps that create_session checks afterwards (a revocation between them wins), and
+revoking or deleting takes the index in one step, then deletes the sessions it named (and
+delete_user the user's attempts key, in its own slot).
+
 Inside the braces ``%``, ``{``, ``}`` and ``:`` are percent-encoded, so no user name can
 close the hash tag early or spell another user's key; the empty name is ``%00``, as ``{}``
-is no hash tag. Expiring values carry their expiry
-alongside the payload: Redis deletes them in real time, and reads also compare with ``now``
-so a frozen clock in tests sees the same answers as the SQLite store.
+is no hash tag. Expiring values carry their expiry alongside the payload: Redis deletes them
+in real time, and reads also compare with ``now`` so a frozen clock in tests sees the same
+answers as the SQLite store.
 """
 
 from __future__ import annotations
