@@ -135,4 +135,5 @@ FORWARD_AUTH_STATUS: dict[Reason, int] = {
     Reason.LOCKED: 403,
     Reason.NOT_ENROLLED: 403,
     Reason.UNTRUSTED_PEER: 403,
+    Reason.MISDIRECTED: 403,
 }

@@ -38,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.decision import Decision, Facts
 from gateway.errors import DENIALS, FORWARD_AUTH_STATUS, Reason
-from gateway.hosts import HostPolicy
+from gateway.hosts import HostPolicy, MalformedHost, addressed
 from gateway.http import request_origin, wants_html
 from gateway.paths import encode_path
 from gateway.redirects import LoginRedirects
@@ -94,6 +94,18 @@ class ForwardAuth:
         if not self.facts.trust.trusts_scope(scope):
             await self._deny(send, Decision(Reason.UNTRUSTED_PEER), headers, "")
             return
+        if not self.hosts.open:
+            # The host the client named (the front's X-Forwarded-Host, else Host) is held to
+            # server.public_url and allowed_hosts here too: a front that relays any Host would
+            # otherwise pass "Host: evil" to the app, which builds its links from it.
+            try:
+                where = addressed(scope["headers"], "http", trusted=True)
+            except MalformedHost:
+                await self._deny(send, Decision(Reason.MALFORMED_REQUEST), headers, "")
+                return
+            if where.host is None or not self.hosts.allows(where.host, where.scheme):
+                await self._deny(send, Decision(Reason.MISDIRECTED), headers, "")
+                return
         targets: set[tuple[str, str]] = set()
         methods: set[str] = set()
         for name, value in scope["headers"]:  # one pass: this runs on every request nginx sees
@@ -128,16 +140,8 @@ class ForwardAuth:
     def _origin(self, headers: Headers) -> str:
         # The peer is a trusted proxy (checked first), so its X-Forwarded-* count; nginx talks
         # to /auth over plain HTTP, hence the default scheme.
-        # A host outside server.allowed_hosts gets a relative Location: the front asked about a
-        # site the gateway does not answer for, so it never writes that site into a redirect.
-        if self.public_url:
-            return self.public_url
-        origin = request_origin(headers.raw, "http", trusted=True)
-        if origin and not self.hosts.open:
-            scheme, _, host = origin.partition("://")
-            if not self.hosts.allows(host, scheme):
-                return ""
-        return origin
+        # A host outside the policy never gets here (refused first, in __call__).
+        return self.public_url or request_origin(headers.raw, "http", trusted=True)
 
     async def _deny(self, send: Send, decision: Decision, headers: Headers, target: str, method: str = "") -> None:
         reason = decision.reason

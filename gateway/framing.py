@@ -92,6 +92,24 @@ FORWARDING_HEADERS = frozenset(
         b"x-original-method",
         b"x-original-host",
         b"x-host",
+        # Read by one framework or another for the scheme (Tornado/Jupyter xheaders: X-Scheme;
+        # gunicorn: X-Forwarded-Protocol; IIS ARR: X-Arr-Ssl) or the client's address (Rails:
+        # Client-IP; CDNs: True-Client-IP, CF-Connecting-IP, Fastly-Client-IP ...).
+        b"x-scheme",
+        b"x-forwarded-protocol",
+        b"x-original-proto",
+        b"x-arr-ssl",
+        b"x-forwarded-by",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"x-original-forwarded-for",
+        b"client-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-proxyuser-ip",
     }
 )
 _DIGITS = re.compile(rb"[0-9]{1,18}")

@@ -52,6 +52,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import Config
+from gateway.decision import client_address
 from gateway.errors import Reason
 from gateway.framing import (
     FORWARDING_HEADERS,
@@ -64,6 +65,7 @@ from gateway.framing import (
     request_framing,
 )
 from gateway.hosts import (
+    DEFAULT_PORTS,
     Addressed,
     HostPolicy,
     MalformedHost,
@@ -211,9 +213,18 @@ class Forwarder:
         client = scope.get("client")
         peer = client[0].encode() if client else b"unknown"
         out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
-        out.append((b"x-forwarded-proto", self.public_scheme or where.scheme.encode()))
+        # The client's address as the decision resolved it (a trusted front's chain, else the
+        # peer), for apps that read X-Real-IP (nginx's convention) rather than the chain.
+        chain = forwarded_for.decode("latin-1") if forwarded_for and trusted else None
+        real = client_address(peer.decode("latin-1"), chain, self.networks) if client else None
+        out.append((b"x-real-ip", real.encode("latin-1") if real else peer))
+        scheme = self.public_scheme or where.scheme.encode()
+        out.append((b"x-forwarded-proto", scheme))
         if where.host is not None:
             out.append((b"x-forwarded-host", where.host.encode("latin-1")))
+            # The port the client addressed, for apps that build links from host, proto and port.
+            port = where.host.rpartition(":")[2] if not where.host.endswith("]") and ":" in where.host else None
+            out.append((b"x-forwarded-port", (port or str(DEFAULT_PORTS[scheme.decode()])).encode()))
         if user is not None:
             out.append((self.user_header, user.encode()))
         return out

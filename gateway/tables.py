@@ -338,6 +338,11 @@ def header_name(t: Table, key: str, default: str) -> str:
     if value.lower() in _RESERVED_HEADERS:
         t.problem(key, f'"{value}" frames the message or belongs to the connection; name another header')
         return default
+    if "_" in value or "." in value:
+        # CGI, WSGI and PHP read "Remote_User" as "Remote-User" (both HTTP_REMOTE_USER), and nginx
+        # drops such names: the gateway would strip one spelling while the app read the other.
+        t.problem(key, f'"{value}" has "_" or "."; use "-" (apps read the spellings alike)')
+        return default
     return value
 
 
@@ -405,7 +410,14 @@ def public_http_url(t: Table, key: str, value: str | None) -> str | None:
     """An http(s) URL the gateway writes into redirects and links: no user name or password,
     which every client would read."""
     url = http_url(t, key, value)
-    if url is not None and "@" in url.partition("://")[2].partition("/")[0]:
+    if url is None:
+        return None
+    authority = url.partition("://")[2].partition("/")[0]
+    if "@" in authority:
         t.problem(key, f'"{redact_url(url)}" must not hold a user name or password')
+        return None
+    if split_host(authority) is None:
+        # urllib and a browser may read "https://evil.example\\app.example" differently.
+        t.problem(key, f'"{url}" has no valid host[:port] (RFC 3986)')
         return None
     return url

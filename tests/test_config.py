@@ -117,6 +117,11 @@ def test_minimal_config_has_safe_defaults() -> None:
         ({"upstream": {"user_header": "host"}}, "upstream.user_header:"),
         ({"identity": {"header": "Cookie"}}, "identity.header:"),
         ({"totp": {"header": "Connection"}}, "totp.header:"),
+        # The third attack: "Remote_User" stripped, while the app read the client's "Remote-User".
+        ({"upstream": {"user_header": "Remote_User"}}, 'upstream.user_header: "Remote_User" has'),
+        ({"identity": {"header": "X.User"}}, "identity.header:"),
+        ({"server": {"public_url": "https://evil.example\\app.example.com"}}, "server.public_url:"),
+        ({"server": {"public_url": "https://app.example.com%40evil"}}, "server.public_url:"),
         ({"identity": {"login_url": "https://[::1/login?next={next}"}}, "identity.login_url:"),
         ({"store": {"url": "redis://[::1:6379/0"}}, "store.url:"),
         ({"store": {"url": "redis://h:99999/0"}}, "store.url:"),

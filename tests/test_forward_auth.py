@@ -343,14 +343,23 @@ async def test_forward_auth_in_process_refuses_an_untrusted_peer(tmp_path: Path)
         assert r.status_code == 403 and r.json()["error"] == "untrusted_peer"
 
 
-async def test_a_redirect_never_names_a_host_outside_allowed_hosts(tmp_path: Path) -> None:
-    # Attack (issue 12 review): with allowed_hosts set and no public_url, nginx relayed
-    # "Host: evil.example" as X-Forwarded-Host and /auth wrote it into the verify redirect.
+async def test_a_host_outside_allowed_hosts_is_refused_even_on_an_excluded_path(tmp_path: Path) -> None:
+    # Attacks (issue 12 review): with allowed_hosts set and no public_url, nginx relayed
+    # "Host: evil.example" as X-Forwarded-Host; /auth wrote it into the verify redirect, and
+    # passed an excluded path (a password-reset page) to the app with that Host.
     config = make_config(tmp_path, server={"allowed_hosts": ["app.example.com"]})
     async with in_process(config) as gw:
         await gw.enrol("alice")
         target = {"X-Original-URI": "/admin", "X-Original-Method": "GET", "Remote-User": "alice", **HTML}
         r = await gw.client.get("/auth", headers={**target, "X-Forwarded-Host": "evil.example"})
-        assert r.status_code == 401 and r.headers["location"] == "/verify-2fa?next=/admin"
+        assert r.status_code == 403 and "location" not in r.headers
+        public = {"X-Original-URI": "/public/reset", "X-Original-Method": "GET"}
+        r = await gw.client.get("/auth", headers={**public, "X-Forwarded-Host": "evil.example", "Accept": "x/y"})
+        assert r.status_code == 403 and r.json()["error"] == "misdirected_request"
+        r = await gw.client.get("/auth", headers={**public, "X-Forwarded-Host": "app.example.com:8o"})
+        assert r.status_code == 400 and r.json()["error"] == "malformed_request"
+        assert (
+            await gw.client.get("/auth", headers={**public, "X-Forwarded-Host": "app.example.com"})
+        ).status_code == 200
         r = await gw.client.get("/auth", headers={**target, "X-Forwarded-Host": "app.example.com"})
         assert r.status_code == 401 and r.headers["location"] == "http://app.example.com/verify-2fa?next=/admin"

@@ -386,6 +386,11 @@ def test_no_forwarding_header_the_gateway_did_not_check_reaches_the_app(
         "X-Original-Host: evil.example",
         "X-Host: evil.example",
         "X_Forwarded_Server: evil.example",
+        "X-Scheme: https",
+        "X-Forwarded-Protocol: https",
+        "Client-IP: 6.6.6.6",
+        "True-Client-IP: 6.6.6.6",
+        "CF-Connecting-IP: 6.6.6.6",
     ]
     for gw in (fronted, passing):  # both trust 127.0.0.1
         answer, got = ask(recorder, gw, request("Host: gw.example", *smuggled))
@@ -393,10 +398,28 @@ def test_no_forwarding_header_the_gateway_did_not_check_reaches_the_app(
         [received] = got
         names = {name for name, _ in received.headers}
         assert names.isdisjoint(
-            {"forwarded", "x-forwarded-port", "x-forwarded-server", "x-forwarded-scheme", "x-forwarded-ssl"}
-            | {"x-real-ip", "x-original-host", "x-host", "x_forwarded_server"}
+            {"forwarded", "x-forwarded-server", "x-forwarded-scheme", "x-forwarded-ssl"}
+            | {"x-original-host", "x-host", "x_forwarded_server"}
+            | {"x-scheme", "x-forwarded-protocol", "client-ip", "true-client-ip", "cf-connecting-ip"}
         ), received.headers
+        # What the gateway says itself, from what it checked: the host, the port the client
+        # addressed (the scheme's default), and the client's address as the decision resolved it
+        # (the trusted peer's chain, never a client's own X-Real-IP).
         assert received.header("x-forwarded-host") == ["gw.example"]
+        assert received.header("x-forwarded-port") == (["443"] if gw is fronted else ["80"])
+        assert received.header("x-real-ip") == ["127.0.0.1"]
+
+
+def test_a_trusted_fronts_client_address_reaches_the_app_as_x_real_ip(
+    passing: GatewayServer, recorder: Recorder
+) -> None:
+    # The third attack: dropping a trusted front's X-Real-IP left apps that read it (or the last
+    # X-Forwarded-For hop, Tornado) with the front's address for every client.
+    answer, got = ask(recorder, passing, request("Host: gw.example", "X-Forwarded-For: 203.0.113.9"))
+    assert answer is not None and answer.status == 200
+    [received] = got
+    assert received.header("x-real-ip") == ["203.0.113.9"]
+    assert received.header("x-forwarded-for") == ["203.0.113.9, 127.0.0.1"]
 
 
 @pytest.mark.parametrize(
