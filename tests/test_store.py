@@ -528,7 +528,7 @@ async def test_redis_nothing_listening_fails_fast() -> None:
     assert time.monotonic() - started < 2
 
 
-@pytest.mark.parametrize("topology", ["redis_server", "redis_sentinel"])
+@pytest.mark.parametrize("topology", ["redis_server", "redis_sentinel", "redis_cluster"])
 async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(
     request: pytest.FixtureRequest, topology: str, now: float
 ) -> None:

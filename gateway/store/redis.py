@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -82,6 +83,27 @@ def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
+def _bounded(
+    fn: Callable[Concatenate[RedisStore, P], Awaitable[T]],
+) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]]:
+    """On a Cluster, at most max_connections unbatched calls in flight, the rest waiting (up to
+    SOCKET_TIMEOUT): redis-py's cluster pools fail a call that finds no free connection, where
+    the others wait, and that would deny good requests under a burst."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._gate is None:
+            return await fn(self, *args, **kwargs)
+        async with asyncio.timeout(SOCKET_TIMEOUT):
+            await self._gate.acquire()
+        try:
+            return await fn(self, *args, **kwargs)
+        finally:
+            self._gate.release()
+
+    return wrapper
+
+
 class RedisStore:
     """:class:`gateway.store.base.Store` on Redis at ``url``: one server, a Sentinel set or a
     Cluster (the forms of ``gateway.store.redis_topology``).
@@ -103,6 +125,7 @@ class RedisStore:
             # redis-py arms a timer per reply read, and under a flood of codes (one reply or two
             # per request) those timers were a tenth of the gateway's CPU (bench row 2).
             self._batch_client: Client = build_client(target, 2, SOCKET_TIMEOUT, None)
+            self._gate = asyncio.Semaphore(max_connections) if isinstance(self._client, RedisCluster) else None
         except ValueError as exc:  # a malformed URL is a configuration error, found early
             raise ValueError(f"invalid redis URL: {exc}") from None
         self._open = False
@@ -135,6 +158,7 @@ class RedisStore:
 
     # -- lifecycle -------------------------------------------------------------------------
     @_translate_errors
+    @_bounded
     async def open(self) -> None:
         if self._open:
             return
@@ -154,6 +178,7 @@ class RedisStore:
             await close_client(self._batch_client)
 
     @_translate_errors
+    @_bounded
     async def ping(self) -> None:
         await self._r.ping()
 
@@ -165,6 +190,7 @@ class RedisStore:
         return value if isinstance(value, bytes) else None
 
     @_translate_errors
+    @_bounded
     async def set_secret(self, user: str, ciphertext: bytes) -> None:
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.set(self._key(user, "secret"), ciphertext)
@@ -172,25 +198,30 @@ class RedisStore:
             await pipe.execute()
 
     @_translate_errors
+    @_bounded
     async def get_pending(self, user: str, now: float) -> bytes | None:
         return unpack_live(await self._r.get(self._key(user, "pending")), now)
 
     @_translate_errors
+    @_bounded
     async def set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None:
         await self._r.set(self._key(user, "pending"), pack_expiring(expires_at, ciphertext), pxat=to_ms(expires_at))
 
     @_translate_errors
+    @_bounded
     async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
         args = [b"0", b"", new] if expected is None else [b"1", expected, new]
         keys = [self._key(user, "secret"), self._key(user, "pending"), self._key(user, "recovery")]
         return bool(await self._lua_activate(client=self._r, keys=keys, args=args))
 
     @_translate_errors
+    @_bounded
     async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
         return bool(await self._lua_replace_secret(client=self._r, keys=[self._key(user, "secret")], args=[old, new]))
 
     # -- replay guard ----------------------------------------------------------------------
     @_translate_errors
+    @_bounded
     async def advance_step(self, user: str, step: int) -> bool:
         return bool(await self._lua_advance_step(client=self._r, keys=[self._key(user, "step")], args=[step]))
 
@@ -312,10 +343,12 @@ class RedisStore:
             _hand_out(waiters, reply)
 
     @_translate_errors
+    @_bounded
     async def release_attempt(self, scope: str) -> None:
         await self._lua_release_attempt(client=self._r, keys=[self._key(scope, "attempts")])
 
     @_translate_errors
+    @_bounded
     async def locked_until(self, scope: str, now: float) -> float | None:
         value = await self._r.hget(self._key(scope, "attempts"), "locked_until")
         if value is None:
@@ -324,11 +357,13 @@ class RedisStore:
         return until if until > now else None
 
     @_translate_errors
+    @_bounded
     async def clear_failures(self, scope: str) -> None:
         await self._r.delete(self._key(scope, "attempts"))
 
     # -- recovery codes --------------------------------------------------------------------
     @_translate_errors
+    @_bounded
     async def set_recovery_codes(self, user: str, hashes: list[str]) -> None:
         key = self._key(user, "recovery")
         async with self._r.pipeline(transaction=True) as pipe:
@@ -338,11 +373,13 @@ class RedisStore:
             await pipe.execute()
 
     @_translate_errors
+    @_bounded
     async def consume_recovery_code(self, user: str, code_hash: str) -> bool:
         return bool(await self._r.srem(self._key(user, "recovery"), code_hash))
 
     # -- sessions --------------------------------------------------------------------------
     @_translate_errors
+    @_bounded
     async def create_session(self, session_hash: str, user: str, expires_at: float) -> bool:
         # Index first: a session must never exist that delete_user cannot find. The index and
         # the session live in two slots, so this is two steps, and a revoke_user_sessions or a
@@ -359,11 +396,13 @@ class RedisStore:
         return True
 
     @_translate_errors
+    @_bounded
     async def get_session(self, session_hash: str, now: float) -> str | None:
         user = unpack_live(await self._r.get(self._session_key(session_hash)), now)
         return None if user is None else user.decode()
 
     @_translate_errors
+    @_bounded
     async def revoke_session(self, session_hash: str) -> None:
         value = await self._r.getdel(self._session_key(session_hash))
         user = unpack_live(value, float("-inf"))
@@ -371,6 +410,7 @@ class RedisStore:
             await self._r.srem(self._key(user.decode(), "sessions"), session_hash)
 
     @_translate_errors
+    @_bounded
     async def revoke_user_sessions(self, user: str) -> int:
         sessions = await self._lua_take_sessions(client=self._r, keys=[self._key(user, "sessions")])
         # One DEL per session: their keys live in other cluster slots.
@@ -382,6 +422,7 @@ class RedisStore:
 
     # -- users -----------------------------------------------------------------------------
     @_translate_errors
+    @_bounded
     async def delete_user(self, user: str) -> None:
         # The user's own keys go in one script (one slot); sessions and the failure scope
         # live in other slots, so they follow in one pipeline.
@@ -395,6 +436,7 @@ class RedisStore:
             await pipe.execute()
 
     @_translate_errors
+    @_bounded
     async def list_users(self) -> list[str]:
         users = {user async for user, _ in self._scan_users("secret")}
         users.update([user async for user, _ in self._scan_users("pending")])
@@ -410,6 +452,7 @@ class RedisStore:
                 yield unescape_name(escaped), key
 
     @_translate_errors
+    @_bounded
     async def user_state(self, user: str, now: float) -> UserState:
         scope = f"user:{user}"
         async with self._r.pipeline(transaction=False) as pipe:
@@ -445,6 +488,7 @@ class RedisStore:
         )
 
     @_translate_errors
+    @_bounded
     async def iter_secrets(self) -> list[tuple[str, bytes]]:
         found = sorted([item async for item in self._scan_users("secret")])
         if not found:
