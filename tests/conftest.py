@@ -97,8 +97,8 @@ def redis_sentinel() -> Iterator[SentinelSet]:
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[Cluster]:
-    """A Redis Cluster of 3 masters (tests/support/redis_topologies.py)."""
-    topology = Cluster(need_binary("redis-server"), need_binary("redis-cli"))
+    """A Redis Cluster of 3 masters, each with a replica (tests/support/redis_topologies.py)."""
+    topology = Cluster(need_binary("redis-server"), need_binary("redis-cli"), replicas=1)
     try:
         topology.start()
         yield topology

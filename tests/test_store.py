@@ -33,7 +33,7 @@ AWKWARD_USERS += ["user:alice", "}:{", "zoë smith", ""]
 
 
 # Redis three ways: one server, a Sentinel set (1 master, 1 replica, 3 sentinels) and a
-# 3-master Cluster, each a session fixture of tests/conftest.py.
+# Cluster of 3 masters and 3 replicas, each a session fixture of tests/conftest.py.
 _REDIS_FIXTURES = {"redis": "redis_server", "sentinel": "redis_sentinel", "cluster": "redis_cluster"}
 
 

@@ -5,7 +5,8 @@ a temporary directory. tests/conftest.py turns them into session fixtures (``red
 
 Sentinel: one master, one replica, three sentinels (quorum 2), every node with the password
 ``PASSWORD`` (sentinels too: the store URL's one password goes to both, see
-gateway/store/redis_topology.py). Cluster: three masters, no password, no replicas.
+gateway/store/redis_topology.py). Cluster: three masters, no password, one replica each in
+the fixture.
 """
 
 from __future__ import annotations
@@ -46,11 +47,22 @@ class _Node:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def wait(self) -> None:
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _stop_all(nodes: list[_Node], base: Path) -> None:
+    # All at once: a master told to stop waits a while for its replicas to catch up.
+    for node in nodes:
+        node.stop()
+    for node in nodes:
+        node.wait()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def _until(check: object, what: str) -> None:
@@ -126,33 +138,33 @@ class SentinelSet:
             _until(known, "the sentinels' quorum")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
+        _stop_all(self.nodes, self.base)
 
 
 class Cluster:
-    """Three masters sharing the 16384 slots. ``url`` is the store URL for it."""
+    """Three masters sharing the 16384 slots, each with ``replicas`` replicas. ``url`` is the
+    store URL for it (the masters' addresses; the client learns the replicas from them)."""
 
-    def __init__(self, server: str, cli: str) -> None:
+    def __init__(self, server: str, cli: str, replicas: int = 0) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="gw-cluster-"))
         self.cli = cli
+        self.replicas = replicas
         self.nodes: list[_Node] = []
-        for i in range(3):
+        for i in range(3 * (1 + replicas)):
             bus = free_port()  # the default bus port (port + 10000) may be taken or out of range
             args = [*_DATA, "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-node-timeout", "2000"]
             self.nodes.append(_Node(server, self.base, f"node{i}", args))
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
 
     def start(self) -> None:
         for node in self.nodes:
             wait_for_port(node.port)
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         subprocess.run(
-            [self.cli, "--cluster", "create", *addresses, "--cluster-yes"],
+            [self.cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -164,11 +176,9 @@ class Cluster:
             def ok(c: redis.Redis = client) -> bool:
                 info = c.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
                 text = info.decode() if isinstance(info, bytes) else str(info)
-                return "cluster_state:ok" in text and "cluster_known_nodes:3" in text
+                return "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.nodes)}" in text
 
             _until(ok, "the cluster")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-        shutil.rmtree(self.base, ignore_errors=True)
+        _stop_all(self.nodes, self.base)
