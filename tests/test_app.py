@@ -168,8 +168,10 @@ def decisions(metrics: httpx.Response) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("gateway_decisions_total{"))
 
 
-async def test_probes_and_auth_answer_any_host(tmp_path: Path) -> None:
-    # Probes use IP addresses; for /auth the front proxy chose the host.
+async def test_probes_answer_any_host_and_auth_the_host_the_front_forwards(tmp_path: Path) -> None:
+    # Probes use IP addresses. /auth holds the host the front says the client named
+    # (X-Forwarded-Host, else Host) to the policy: the third attack passed "Host: evil" to the
+    # app through nginx on an excluded path.
     config = make_config(
         tmp_path, upstream=UPSTREAM, routes={"auth": "/auth"}, server={"public_url": "https://app.example.org"}
     )
@@ -180,7 +182,9 @@ async def test_probes_and_auth_answer_any_host(tmp_path: Path) -> None:
         assert (await c.get("/_gateway/ready", headers=host)).status_code == 200
         assert (await c.get("/_gateway/metrics", headers=host)).status_code == 200
         probe = {**host, "X-Original-URI": "/public/x", "X-Original-Method": "GET"}
-        assert (await c.get("/auth", headers=probe)).status_code == 200
+        assert (await c.get("/auth", headers=probe)).status_code == 403
+        forwarded = {**probe, "X-Forwarded-Host": "app.example.org", "X-Forwarded-Proto": "https"}
+        assert (await c.get("/auth", headers=forwarded)).status_code == 200
 
 
 async def test_a_websocket_to_another_host_is_closed_before_it_is_accepted(tmp_path: Path) -> None:
