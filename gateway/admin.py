@@ -3,16 +3,25 @@
 Each command opens the configured store, does its work, closes the store, and returns what the
 command line prints; it never returns or raises a secret. A failure the operator can act on is
 an :class:`AdminError`; the store's own failures stay StoreError, translated at the store.
+
+The long ones (``keys rotate`` and ``users import`` over a million users) report progress on
+stderr (:class:`Progress`) and may be stopped (Ctrl-C, SIGTERM) and run again: each user is one
+atomic store step (a compare-and-set for rotation), so a stop leaves no user half-written, and a
+rerun skips cheaply what the last run finished (a secret already under the newest key, an
+imported user whose secret is unchanged). They run while gateways serve: a gateway decrypts
+with every configured key, so a secret is readable before and after its rewrite.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import signal
+import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from gateway import totp
 from gateway.audit import audit, use_context
@@ -34,17 +43,79 @@ class AdminError(GatewayError):
     """A command failed in a way the operator can act on; the message is printed as is."""
 
 
+# Rotation keeps this many compare-and-set steps in flight: one round trip each, so a million
+# users one at a time would spend most of their time waiting on the network.
+ROTATE_BATCH = 256
+
+
+class Progress:
+    """How far a long command has got, on ``stream`` (stderr): a bar redrawn in place on a
+    terminal, otherwise (a log, a pipe) one plain line every ``every`` items or ``seconds``."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        stream: TextIO | None = None,
+        every: int = 10_000,
+        seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self._stream = sys.stderr if stream is None else stream
+        self._tty = self._stream.isatty()
+        self._every, self._seconds, self._clock = every, seconds, clock
+        self._last_count, self._last_time = 0, clock()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if self._tty:
+            if now - self._last_time >= 0.1 or self.done == self.total:  # a redraw is cheap, not free
+                self._last_time = now
+                width = 30
+                filled = width * self.done // max(self.total, 1)
+                bar = "#" * filled + "-" * (width - filled)
+                self._stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total}")
+                self._stream.flush()
+            return
+        if self.done - self._last_count >= self._every or now - self._last_time >= self._seconds:
+            self._last_count, self._last_time = self.done, now
+            self._stream.write(f"{self.label}: {self.done}/{self.total}\n")
+            self._stream.flush()
+
+    def finish(self) -> None:
+        if self._tty:
+            self._stream.write("\n")
+        elif self.done != self._last_count:
+            self._stream.write(f"{self.label}: {self.done}/{self.total}\n")
+        self._stream.flush()
+
+
 def _run_with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     async def run() -> T:
         use_context("cli")  # every audit event of the command says mode "cli", and one id
+        # SIGTERM stops the command as Ctrl-C does (asyncio.run cancels the task on SIGINT): the
+        # store step in flight ends, the store closes, and the command says how far it got.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
         store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
-        await store.open()
         try:
-            return await work(store)
+            await store.open()
+            try:
+                return await work(store)
+            finally:
+                await store.close()
         finally:
-            await store.close()
+            loop.remove_signal_handler(signal.SIGTERM)
 
     return asyncio.run(run())
+
+
+def _stopped(what: str) -> AdminError:
+    return AdminError(f"stopped: {what}; nothing is half-written, run the command again to finish")
 
 
 # -- users -----------------------------------------------------------------------------------
@@ -200,57 +271,94 @@ async def _store_imported(store: Store, box: SecretBox, user: str, secret: str, 
 
 
 async def _import_rows(
-    config: Config, store: Store, rows: Iterable[tuple[int, list[str]]], source_key: str, force: bool
+    config: Config,
+    store: Store,
+    rows: list[tuple[int, list[str]]],
+    source_key: str,
+    force: bool,
+    progress: Progress,
 ) -> ImportReport:
     box = SecretBox(config.encryption.keys)
     report = ImportReport()
-    for line, row in rows:
-        if not row or _is_header(line, row):
-            continue
-        decrypted = _decrypt_row(line, row, source_key, config)
-        if isinstance(decrypted, str):
-            report.problems.append(decrypted)
-            continue
-        user, secret = decrypted
-        outcome = await _store_imported(store, box, user, secret, force)
-        if outcome == "imported":
-            report.imported += 1
-        elif outcome == "unchanged":
-            report.unchanged += 1
-        else:
-            report.problems.append(f"line {line} ({user}): already enrolled with another secret (--force replaces)")
+    try:
+        for line, row in rows:
+            progress.advance()
+            if not row or _is_header(line, row):
+                continue
+            decrypted = _decrypt_row(line, row, source_key, config)
+            if isinstance(decrypted, str):
+                report.problems.append(decrypted)
+                continue
+            user, secret = decrypted
+            outcome = await _store_imported(store, box, user, secret, force)
+            if outcome == "imported":
+                report.imported += 1
+            elif outcome == "unchanged":
+                report.unchanged += 1
+            else:
+                report.problems.append(f"line {line} ({user}): already enrolled with another secret (--force replaces)")
+    except asyncio.CancelledError:
+        audit("users.imported", imported=report.imported, unchanged=report.unchanged, stopped=True)
+        raise _stopped(f"{progress.done} of {len(rows)} rows read, {report.imported} imported") from None
+    finally:
+        progress.finish()
     audit("users.imported", imported=report.imported, unchanged=report.unchanged, problems=len(report.problems))
     return report
 
 
-def import_users(config: Config, path: str, source_key: str, force: bool) -> ImportReport:
-    """Import ``user_id,encrypted_secret`` rows made by two_fast_auth's ``encrypt_secret``."""
+def import_users(
+    config: Config, path: str, source_key: str, force: bool, progress: TextIO | None = None
+) -> ImportReport:
+    """Import ``user_id,encrypted_secret`` rows made by two_fast_auth's ``encrypt_secret``;
+    progress goes to ``progress`` (stderr when None)."""
     _check_source_key(source_key)
     rows = _read_rows(path)
-    return _run_with_store(config, lambda store: _import_rows(config, store, rows, source_key, force))
+    meter = Progress("users import", len(rows), progress)
+    return _run_with_store(config, lambda store: _import_rows(config, store, rows, source_key, force, meter))
 
 
 # -- keys rotate -----------------------------------------------------------------------------
 
 
-async def _rotate(config: Config, store: Store) -> str:
+@dataclass
+class _Rotation:
+    rotated: int = 0
+    current: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+async def _rotate_one(store: Store, box: SecretBox, user: str, token: bytes, tally: _Rotation) -> None:
+    try:
+        if not box.needs_rotation(token):  # already under the newest key: a rerun skips it here
+            tally.current += 1
+            return
+        new = box.rotate(user, token)
+    except DecryptError:
+        tally.failed.append(user)
+        return
+    # Compare-and-set: a user who re-enrolled meanwhile keeps the new secret.
+    if await store.replace_secret(user, token, new):
+        tally.rotated += 1
+    else:
+        tally.current += 1
+
+
+async def _rotate(config: Config, store: Store, stream: TextIO | None) -> str:
     box = SecretBox(config.encryption.keys)
-    rotated = current = 0
-    failed: list[str] = []
-    for user, token in await store.iter_secrets():
-        try:
-            if not box.needs_rotation(token):
-                current += 1
-                continue
-            new = box.rotate(user, token)
-        except DecryptError:
-            failed.append(user)
-            continue
-        # Compare-and-set: a user who re-enrolled meanwhile keeps the new secret.
-        if await store.replace_secret(user, token, new):
-            rotated += 1
-        else:
-            current += 1
+    tally = _Rotation()
+    secrets = await store.iter_secrets()
+    progress = Progress("keys rotate", len(secrets), stream)
+    try:
+        for start in range(0, len(secrets), ROTATE_BATCH):
+            batch = secrets[start : start + ROTATE_BATCH]
+            await asyncio.gather(*(_rotate_one(store, box, user, token, tally) for user, token in batch))
+            progress.advance(len(batch))
+    except asyncio.CancelledError:
+        audit("keys.rotated", rotated=tally.rotated, current=tally.current, failed=len(tally.failed), stopped=True)
+        raise _stopped(f"{tally.rotated} rotated of {len(secrets)} secrets") from None
+    finally:
+        progress.finish()
+    rotated, current, failed = tally.rotated, tally.current, sorted(tally.failed)
     audit("keys.rotated", rotated=rotated, current=current, failed=len(failed))
     if failed:
         lines = [f"the secret of {user!r} does not decrypt with any configured key" for user in failed]
@@ -264,6 +372,7 @@ async def _rotate(config: Config, store: Store) -> str:
     )
 
 
-def rotate_keys(config: Config) -> str:
-    """Re-encrypt every active secret under the newest of ``encryption.keys``."""
-    return _run_with_store(config, lambda store: _rotate(config, store))
+def rotate_keys(config: Config, progress: TextIO | None = None) -> str:
+    """Re-encrypt every active secret under the newest of ``encryption.keys``; progress goes to
+    ``progress`` (stderr when None)."""
+    return _run_with_store(config, lambda store: _rotate(config, store, progress))

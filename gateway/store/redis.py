@@ -445,7 +445,10 @@ class RedisStore:
     async def _scan_users(self, kind: str) -> AsyncIterator[tuple[str, str]]:
         """Yield (user, key) for every key ``P:{user}:kind``; SCAN, so it never blocks Redis."""
         head, tail = f"{self.prefix}:{{", f"}}:{kind}"
-        async for raw in self._r.scan_iter(match=f"{head}*{tail}", count=1000):
+        # On a Cluster each master holds its own slots: SCAN every one of them (redis-py's
+        # default for SCAN too, said here so no change of default can drop a shard's users).
+        nodes: dict[str, Any] = {"target_nodes": RedisCluster.PRIMARIES} if isinstance(self._r, RedisCluster) else {}
+        async for raw in self._r.scan_iter(match=f"{head}*{tail}", count=1000, **nodes):
             key = raw.decode()
             escaped = key[len(head) : -len(tail)]
             if "}" not in escaped:  # a foreign key that merely matches the pattern
