@@ -16,8 +16,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from gateway import admin
-from gateway.config import Config
-from gateway.config_keys import ENV_KEYS
+from gateway.config import ENV_KEYS, Config
 from gateway.crypto import SecretBox
 from gateway.errors import StoreError
 from gateway.store import open_store_from_url
