@@ -101,7 +101,9 @@ def _run_with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
         task = asyncio.current_task()
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
+        store = open_store_from_url(
+            config.store.url, config.store.prefix, config.store.max_connections, config.store.replicas_ack
+        )
         try:
             await store.open()
             try:

@@ -223,7 +223,9 @@ def create_app(
     """The gateway for ``config``; ``store``, ``transport`` and ``clock`` are for tests, ``metrics``
     for a listener of its own (``metrics_export``)."""
     if store is None:
-        store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
+        store = open_store_from_url(
+            config.store.url, config.store.prefix, config.store.max_connections, config.store.replicas_ack
+        )
     metrics = metrics if metrics is not None else Metrics()
     store = measured_store(store, metrics)
     trust = TrustPolicy(config.server.trusted_proxies)

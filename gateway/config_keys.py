@@ -332,6 +332,15 @@ class StoreConfig:
         doc="Redis connections per worker, at most. A request that finds none free waits up to 2 s for\n"
         "one, then is denied (503). Raise it with the number of requests in flight.",
     )
+    replicas_ack: int = key(
+        0,
+        low=0,
+        high=16,
+        doc="Redis with replicas (one server or Sentinel): after a write a failover must not lose (a\n"
+        "used code's time step, a revoked session, a reset or re-enrolled user), WAIT up to 100 ms\n"
+        "for this many replicas to acknowledge it. 0: no WAIT. Too few in time is logged, not a\n"
+        "denial: the write is on the master. Not for Redis Cluster, nor SQLite.",
+    )
 
 
 @dataclass(frozen=True, slots=True)

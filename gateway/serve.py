@@ -77,7 +77,9 @@ def uvicorn_config(config: Config, app: object) -> LimitedConfig:
 
 
 async def _ping_store(config: Config) -> None:
-    store = open_store_from_url(config.store.url, config.store.prefix, config.store.max_connections)
+    store = open_store_from_url(
+        config.store.url, config.store.prefix, config.store.max_connections, config.store.replicas_ack
+    )
     await store.open()
     try:
         await store.ping()

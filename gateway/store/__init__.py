@@ -68,13 +68,14 @@ def parse_store_url(url: str) -> tuple[str, str]:
     )
 
 
-def open_store_from_url(url: str, prefix: str, max_connections: int = 64) -> Store:
+def open_store_from_url(url: str, prefix: str, max_connections: int = 64, replicas_ack: int = 0) -> Store:
     """The store for ``url``, not yet opened (``await store.open()`` connects). A Redis store
-    keeps at most ``max_connections`` connections; a request that finds none free waits.
+    keeps at most ``max_connections`` connections; a request that finds none free waits; and
+    waits for ``replicas_ack`` replicas after the writes a failover must keep (``redis_layout``).
 
     Raises ValueError naming the problem when the URL is not one of the forms above.
     """
     backend, where = parse_store_url(url)
     if backend == "sqlite":
         return SqliteStore(where)
-    return RedisStore(where, prefix, max_connections)
+    return RedisStore(where, prefix, max_connections, replicas_ack)

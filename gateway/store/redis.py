@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,6 +44,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 SOCKET_TIMEOUT = 2.0
+# How long a write that must survive a failover waits for its replicas (store.replicas_ack).
+WAIT_MS = 100
+
+log = logging.getLogger("gateway.store")
 
 
 def _hand_out(waiters: list[tuple[float, asyncio.Future[tuple[bool, bytes]]]], reply: Any) -> None:
@@ -111,9 +116,10 @@ class RedisStore:
     ``prefix`` namespaces every key, so several gateways (or test runs) can share a database.
     """
 
-    def __init__(self, url: str, prefix: str = "gw", max_connections: int = 64) -> None:
+    def __init__(self, url: str, prefix: str = "gw", max_connections: int = 64, replicas_ack: int = 0) -> None:
         if not is_key_prefix(prefix):
             raise ValueError(f"redis key prefix {prefix!r} may only use letters, digits and _.:-")
+        self._replicas_ack = replicas_ack
         self.url = url
         self.prefix = prefix
         try:
@@ -126,6 +132,10 @@ class RedisStore:
             # per request) those timers were a tenth of the gateway's CPU (bench row 2).
             self._batch_client: Client = build_client(target, 2, SOCKET_TIMEOUT, None)
             self._gate = asyncio.Semaphore(max_connections) if isinstance(self._client, RedisCluster) else None
+            if replicas_ack and isinstance(self._client, RedisCluster):
+                # WAIT counts the replicas of the node it is sent to; a Cluster pipeline would
+                # send it to some node, not the one that took the write.
+                raise ValueError("store.replicas_ack is for one server or Sentinel, not a Cluster")
         except ValueError as exc:  # a malformed URL is a configuration error, found early
             raise ValueError(f"invalid redis URL: {exc}") from None
         self._open = False
@@ -155,6 +165,29 @@ class RedisStore:
 
     def _session_key(self, session_hash: str) -> str:
         return session_key(self.prefix, session_hash)
+
+    def _wait_for_replicas(self, pipe: Any) -> None:
+        """Queue WAIT after the writes of ``pipe`` (one connection), when replicas_ack asks for it.
+        WAIT waits for the master's replication offset at that point, so it covers every write
+        the master took before, on any connection (redis_layout: "What a failover may lose")."""
+        if self._replicas_ack:
+            pipe.execute_command("WAIT", self._replicas_ack, WAIT_MS)
+
+    def _check_acked(self, what: str, replies: list[Any]) -> list[Any]:
+        """``replies`` without WAIT's; too few replicas in time is logged, never a denial: the
+        write is on the master, which answers every request until a failover."""
+        if not self._replicas_ack:
+            return replies
+        acked = int(replies[-1])
+        if acked < self._replicas_ack:
+            log.warning(
+                "store: %s acknowledged by %d of %d replicas within %d ms; a failover now could lose it",
+                what,
+                acked,
+                self._replicas_ack,
+                WAIT_MS,
+            )
+        return replies[:-1]
 
     # -- lifecycle -------------------------------------------------------------------------
     @_translate_errors
@@ -212,7 +245,14 @@ class RedisStore:
     async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
         args = [b"0", b"", new] if expected is None else [b"1", expected, new]
         keys = [self._key(user, "secret"), self._key(user, "pending"), self._key(user, "recovery")]
-        return bool(await self._lua_activate(client=self._r, keys=keys, args=args))
+        if not self._replicas_ack:
+            return bool(await self._lua_activate(client=self._r, keys=keys, args=args))
+        # A lost re-enrolment would bring the old authenticator back.
+        async with self._r.pipeline(transaction=False) as pipe:
+            await self._lua_activate(client=cast(Any, pipe), keys=keys, args=args)  # queued: not a Cluster
+            self._wait_for_replicas(pipe)
+            (done,) = self._check_acked("an enrolment", await pipe.execute())
+        return bool(done)
 
     @_translate_errors
     @_bounded
@@ -223,7 +263,15 @@ class RedisStore:
     @_translate_errors
     @_bounded
     async def advance_step(self, user: str, step: int) -> bool:
-        return bool(await self._lua_advance_step(client=self._r, keys=[self._key(user, "step")], args=[step]))
+        keys, args = [self._key(user, "step")], [step]
+        if not self._replicas_ack:
+            return bool(await self._lua_advance_step(client=self._r, keys=keys, args=args))
+        # A lost step would let the same code in again on the promoted replica (RFC 6238 §5.2).
+        async with self._r.pipeline(transaction=False) as pipe:
+            await self._lua_advance_step(client=cast(Any, pipe), keys=keys, args=args)  # queued: not a Cluster
+            self._wait_for_replicas(pipe)
+            (recorded,) = self._check_acked("a used code step", await pipe.execute())
+        return bool(recorded)
 
     # -- failures and lockouts -------------------------------------------------------------
     @_translate_errors
@@ -407,7 +455,11 @@ class RedisStore:
         value = await self._r.getdel(self._session_key(session_hash))
         user = unpack_live(value, float("-inf"))
         if user is not None:
-            await self._r.srem(self._key(user.decode(), "sessions"), session_hash)
+            # WAIT after the srem, on its connection, covers the getdel before it too.
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.srem(self._key(user.decode(), "sessions"), session_hash)
+                self._wait_for_replicas(pipe)
+                self._check_acked("a logout", await pipe.execute())
 
     @_translate_errors
     @_bounded
@@ -417,7 +469,9 @@ class RedisStore:
         async with self._r.pipeline(transaction=False) as pipe:
             for session_hash in sessions:
                 pipe.delete(self._session_key(session_hash.decode()))
-            await pipe.execute()
+            if sessions:
+                self._wait_for_replicas(pipe)
+                self._check_acked("a revocation of sessions", await pipe.execute())
         return len(sessions)
 
     # -- users -----------------------------------------------------------------------------
@@ -433,7 +487,8 @@ class RedisStore:
             for session_hash in sessions:
                 pipe.delete(self._session_key(session_hash.decode()))
             pipe.delete(self._key(scope, "attempts"))
-            await pipe.execute()
+            self._wait_for_replicas(pipe)
+            self._check_acked("a reset of a user", await pipe.execute())
 
     @_translate_errors
     @_bounded
