@@ -32,6 +32,20 @@ close the hash tag early or spell another user's key; the empty name is ``%00``,
 is no hash tag. Expiring values carry their expiry alongside the payload: Redis deletes them
 in real time, and reads also compare with ``now`` so a frozen clock in tests sees the same
 answers as the SQLite store.
+
+What a failover may lose (Sentinel, or one server with replicas): Redis replicates
+asynchronously, so the promoted replica may lack the master's last writes. Losing some writes
+fails closed: a new session (the user enters a new code), an attempt count, an unlock. Others
+must not be lost: a used time step (a replayed code would pass again, RFC 6238 §5.2), a
+revoked session (logout, ``users logout``/``reset``, a re-enrolment's revocation), a
+re-enrolment itself (the old authenticator would return). With ``store.replicas_ack = N``
+the store follows each of those with ``WAIT N 100`` on the connection that made the write (a
+pipeline). WAIT waits for the master's replication offset at that point, which covers every
+earlier write on any connection. Too few acks within 100 ms is logged and the call answers as
+the master did: the write happened, and the master answers every request until a failover, so
+a denial there would help nothing. WAIT narrows the window a failover can lose; it does not
+close it (Redis's WAIT is not a consensus). It is refused on a Cluster, where the pipeline's
+WAIT would reach some node, not the one holding the key.
 """
 
 from __future__ import annotations
