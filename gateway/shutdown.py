@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+from types import FrameType
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -104,6 +106,19 @@ class Workers(multiprocess.Multiprocess):
     """uvicorn's supervisor of ``server.workers`` processes, with draining workers, closing its
     own copy of the listening socket when it stops (see the module docstring)."""
 
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self._terminated = False
+        # uvicorn's supervisor reads its signal queue every 0.5 s, so readiness stayed 200 for up
+        # to half a second after SIGTERM; the workers are told from the handler itself (they
+        # turn readiness 503 at once), and the loop still sees the signal and stops.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop_now)
+
+    def _stop_now(self, sig: int, frame: FrameType | None) -> None:
+        self.signal_queue.append(sig)
+        self.terminate_all()
+
     def run(self) -> None:
         # uvicorn builds its workers from the module's ``Process`` in four places (start,
         # restart on SIGHUP, replace a dead one, SIGTTIN); naming ours there for the run covers
@@ -116,6 +131,10 @@ class Workers(multiprocess.Multiprocess):
             multiprocess.Process = original  # type: ignore[misc]
 
     def terminate_all(self) -> None:
+        # Once: a second SIGTERM would make each worker's uvicorn give up its graceful drain.
+        if self._terminated:
+            return
+        self._terminated = True
         for sock in self.sockets:
             sock.close()
         super().terminate_all()

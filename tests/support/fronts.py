@@ -331,6 +331,10 @@ OVERRIDES = {
     "True-Client-IP": "6.6.6.6",
     "X_Forwarded_Port": "1337",
     "X_Original_Host": "evil.example",
+    # A request id of the client's choosing would tangle the audit trail (the fourth attack):
+    # each front sets its own, or none.
+    "X-Request-Id": "forged-by-client",
+    "X_Request_Id": "forged-by-client",
 }
 NEVER_TO_THE_APP = {"x-original-url", "x-rewrite-url", "x-forwarded-prefix", "x-http-method-override"}
 NEVER_TO_THE_APP |= {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-preferred-username"}
@@ -346,4 +350,5 @@ def reached_the_app(headers: object) -> set[str]:
     look-alikes spelled with "_" or "." included."""
     assert isinstance(headers, dict)
     names = {str(name).replace("_", "-").replace(".", "-") for name in headers}
-    return names & NEVER_TO_THE_APP
+    forged = {"x-request-id"} if OVERRIDES["X-Request-Id"] in map(str, headers.values()) else set()
+    return (names & NEVER_TO_THE_APP) | forged
