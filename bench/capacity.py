@@ -40,7 +40,7 @@ def delta(client: redis.Redis, request: object) -> int:
     return calls(client) - before
 
 
-def measure() -> dict[str, object]:
+def measure(rounds: int = ROUNDS) -> dict[str, object]:
     server = RedisServer(need_binary("redis-server"))
     upstream = UpstreamProcess()
     server.start()
@@ -50,7 +50,7 @@ def measure() -> dict[str, object]:
         with Replica(Path(tempfile.mkdtemp(prefix="gw-capacity-")), "gw", server.url, upstream.url, fresh_keys()) as gw:
             out: dict[str, object] = {}
             setups, verifies, users, sessions, colds, warms, codes, bads = [], [], [], [], [], [], [], []
-            for n in range(ROUNDS):
+            for n in range(rounds):
                 user = f"capacity-{n}"
                 keys_before = set(client.keys("*"))
                 box: dict[str, str] = {}
