@@ -54,9 +54,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProce
     topology = SentinelSet(need_binary("redis-server"))
     try:
         topology.start()
-        configs, ports = {}, {}
+        ports = {"a": free_port(), "b": free_port()}
+        front = NginxFront(
+            need_binary("nginx"),
+            "proxy_pass.conf",
+            {f"server 127.0.0.1:{p}": f"server 127.0.0.1:{ports[n]}" for n, p in (("a", 8081), ("b", 8082))},
+        )
+        configs = {}
         for name, example_port in (("a", 8081), ("b", 8082)):
-            ports[name] = free_port()
             source = HA / f"gateway-{name}.toml"
             text = substitute(
                 source.read_text(),
@@ -66,16 +71,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProce
                     f'"{STORE_URL}"': f'"{topology.url}"',
                     # The test speaks plain HTTP to nginx; the example's cookie is Secure.
                     "secure = true": "secure = false",
+                    '"https://app.example.com"': f'"{front.url}"',
                 },
                 str(source),
             )
             configs[name] = base / f"gateway-{name}.toml"
             configs[name].write_text(text)
-        front = NginxFront(
-            need_binary("nginx"),
-            "proxy_pass.conf",
-            {f"server 127.0.0.1:{p}": f"server 127.0.0.1:{ports[n]}" for n, p in (("a", 8081), ("b", 8082))},
-        )
         front.source = HA / "nginx.conf"
         front.replacements["/etc/nginx/gateway.htpasswd"] = front.htpasswd({"alice": "alice-pw"})
         yield Deployment(front, configs, ports, fresh_keys())
@@ -124,7 +125,8 @@ async def test_one_replica_killed_then_one_drained(deployment: Deployment) -> No
             async with httpx.AsyncClient(timeout=10) as client:
                 # The session opened through nginx is good on each replica directly (one store).
                 for port in d.ports.values():
-                    direct = {**headers, "Remote-User": "alice"}  # as nginx would send it
+                    # As nginx sends it: the user, and the Host of server.public_url.
+                    direct = {**headers, "Remote-User": "alice", "Host": f"127.0.0.1:{d.nginx.port}"}
                     r = await client.get(f"http://127.0.0.1:{port}/echo/direct", headers=direct)
                     assert r.status_code == 200, r.text
 
