@@ -167,3 +167,15 @@ async def test_one_replica_killed_then_one_drained(deployment: Deployment) -> No
         finally:
             d.nginx.stop()
             print(d.nginx.error_log()[-2000:])
+
+
+def test_the_ha_site_clears_what_the_single_site_clears() -> None:
+    """config/ha/nginx.conf repeats config/nginx/proxy_pass.conf's server block (nginx has no
+    include of half a file that both could share): every header line of the single-gateway
+    example, which tests/integration/test_nginx.py and test_fronts.py hold to the gateway's
+    blocklist, is in the HA one too."""
+    single = (CONFIG / "nginx" / "proxy_pass.conf").read_text()
+    ha = (HA / "nginx.conf").read_text()
+    wanted = [line.strip() for line in single.splitlines() if line.strip().startswith(("proxy_", "if ", "return "))]
+    assert len(wanted) > 40
+    assert [line for line in wanted if line not in {h.strip() for h in ha.splitlines()}] == []
