@@ -100,13 +100,15 @@ class _Ids:
     (6 us under load). Ids name requests; they grant nothing, so need not be unguessable."""
 
     def __init__(self) -> None:
-        self.pid = -1
-        self.prefix = ""
-        self.counter = itertools.count()
+        self._reseed()
+        # A forked worker must not repeat its parent's ids: the fork itself says so, rather
+        # than a process id compared on every request.
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self.prefix, self.counter = secrets.token_hex(8), itertools.count()
 
     def __call__(self) -> str:
-        if self.pid != os.getpid():  # a forked worker must not repeat its parent's ids
-            self.pid, self.prefix, self.counter = os.getpid(), secrets.token_hex(8), itertools.count()
         return f"{self.prefix}{next(self.counter):016x}"
 
 
