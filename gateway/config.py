@@ -29,18 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.config_keys import (
-    ENV_CONFIG,
-    ENV_JWT_SECRET,
-    ENV_KEYS,
-    ENV_PEPPER,
-    ENV_STORE_URL,
-    HMAC_ALGORITHMS,
-    KEY_ALGORITHMS,
     TABLES,
     Config,
     EncryptionConfig,
     IdentityConfig,
-    IPNetwork,
     JwtConfig,
     LimitsConfig,
     MetricsConfig,
@@ -51,6 +43,16 @@ from gateway.config_keys import (
     StoreConfig,
     TotpConfig,
     UpstreamConfig,
+)
+from gateway.config_readers import (
+    ENV_CONFIG,
+    ENV_JWT_SECRET,
+    ENV_KEYS,
+    ENV_PEPPER,
+    ENV_STORE_URL,
+    HMAC_ALGORITHMS,
+    KEY_ALGORITHMS,
+    IPNetwork,
 )
 from gateway.errors import ConfigError
 from gateway.tables import Table, declared, read_table, render_table, unknown

@@ -12,175 +12,43 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.crypto import SecretBox
-from gateway.http import is_token, split_host
+from gateway.config_readers import (
+    ENV_JWT_SECRET,
+    ENV_KEYS,
+    ENV_PEPPER,
+    ENV_STORE_URL,
+    IPNetwork,
+    algorithms,
+    audience,
+    cookie_name,
+    encryption_keys,
+    issuer,
+    key_prefix,
+    listen,
+    login_url,
+    network,
+    pepper,
+    public_url,
+    store_url,
+    switchable_route,
+    url,
+)
 from gateway.paths import ExcludeRule, parse_rule
-from gateway.store import is_key_prefix, is_multi_host_url, parse_store_url
 from gateway.tables import (
-    Table,
     each,
     header_name,
     host_port,
-    http_url,
     key,
-    public_http_url,
     redact_url,
     route_path,
     secret_value,
-    split_url,
 )
 from gateway.totp import TotpParams
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# The environment variables the gateway reads (only in gateway/config.py, once, at load).
-ENV_CONFIG = "GATEWAY_CONFIG"
-ENV_KEYS = "GATEWAY_ENCRYPTION_KEYS"
-ENV_PEPPER = "GATEWAY_RECOVERY_PEPPER"
-ENV_JWT_SECRET = "GATEWAY_JWT_SECRET"  # noqa: S105 - a variable name, not a secret
-ENV_STORE_URL = "GATEWAY_STORE_URL"
-
-
-# -- readers of keys with rules of their own --------------------------------------------------
-
-
-def _url(t: Table, name: str, default: str | None) -> str | None:
-    return http_url(t, name, t.opt_str(name))
-
-
-def _public_url(t: Table, name: str, default: str | None) -> str | None:
-    return public_http_url(t, name, t.opt_str(name))
-
-
-def _network(text: str) -> IPNetwork:
-    return ipaddress.ip_network(text, strict=True)
-
-
-def _store_url(t: Table, name: str, default: str) -> str:
-    url = t.secret(name, t.env, ENV_STORE_URL) or default
-    # urllib reads one host:port; a Sentinel or Cluster URL lists several, which parse_store_url checks.
-    if is_multi_host_url(url) or split_url(t, name, url) is not None:
-        try:
-            parse_store_url(url)  # the rules open_store_from_url applies, so they fail at load
-        except ValueError as exc:
-            t.problem(name, str(exc))
-    return url
-
-
-def _key_prefix(t: Table, name: str, default: str) -> str:
-    prefix = t.get(name, str, default)
-    # The rule RedisStore applies, checked here too so a bad prefix fails at load.
-    if not is_key_prefix(prefix):
-        t.problem(name, f'"{prefix}" may only use letters, digits and _.:- (and not be empty)')
-    return prefix
-
-
-def _split_keys(text: str) -> list[str]:
-    out: list[str] = []
-    for line in text.replace(",", "\n").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            out.append(line)
-    return out
-
-
-def _encryption_keys(t: Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    inline = t.strings(name, ())
-    path = t.opt_str(f"{name}_file")
-    from_env = t.env.get(ENV_KEYS, "")
-    given = [n for n, v in ((t.key(name), inline), (t.key(f"{name}_file"), path), (ENV_KEYS, from_env)) if v]
-    keys: list[str] = []
-    if len(given) > 1:
-        t.problem(name, f"given more than once ({', '.join(given)}); choose one")
-    elif path:
-        try:
-            keys = _split_keys(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            t.problem(f"{name}_file", f"cannot read {path}: {exc.strerror or exc}")
-    elif inline:
-        keys = list(inline)
-    elif from_env:
-        keys = _split_keys(from_env)
-    if not keys and len(given) <= 1:
-        t.problem(name, f"no encryption key: set {ENV_KEYS} or encryption.keys_file (`gateway keygen` makes one)")
-    elif keys:
-        try:
-            SecretBox(keys)
-        except ValueError as exc:
-            t.problem(name, str(exc))
-    return tuple(keys)
-
-
-def _pepper(t: Table, name: str, default: bytes) -> bytes:
-    before = len(t.problems)
-    pepper = t.secret(name, t.env, ENV_PEPPER)
-    if pepper is not None and len(pepper) < 32:
-        t.problem(name, "must be at least 32 characters (`gateway keygen` makes one)")
-        return default
-    if pepper is None and len(t.problems) == before:
-        t.problem(name, f"missing: set {ENV_PEPPER} or encryption.recovery_pepper_file (`gateway keygen` makes one)")
-    return (pepper or "").encode()
-
-
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-KEY_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"})
-
-
-def _algorithms(t: Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    algorithms = t.strings(name, default)
-    for i, alg in enumerate(algorithms):
-        if alg not in HMAC_ALGORITHMS | KEY_ALGORITHMS:
-            t.problems.append(f'{t.key(name)}[{i}]: "{alg}" is not a supported algorithm ("none" never is)')
-    if not algorithms:
-        t.problem(name, "must name at least one algorithm")
-    return algorithms
-
-
-def _audience(t: Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    audience: list[str] | str = t.get(name, (str, list), list(default))
-    return (audience,) if isinstance(audience, str) else tuple(str(a) for a in audience)
-
-
-def _login_url(t: Table, name: str, default: str | None) -> str | None:
-    url = t.opt_str(name)
-    if url is None:
-        return None
-    # A local path (not "//host", which a browser reads as another host), or an absolute http(s)
-    # URL with a host; either may carry a query, where "{next}" usually goes.
-    if url.startswith("/"):
-        ok = not url.startswith(("//", "/\\"))
-    else:
-        parts = split_url(t, name, url.replace("{next}", ""))
-        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
-    if not ok:
-        t.problem(name, 'must be a local path like "/login?next={next}" or an http(s) URL')
-        return None
-    return url
-
-
-def _issuer(t: Table, name: str, default: str) -> str:
-    issuer = t.get(name, str, default)
-    if not issuer or ":" in issuer:
-        t.problem(name, "must be non-empty and contain no colon (Key-Uri-Format)")
-    return issuer
-
-
-def _cookie_name(t: Table, name: str, default: str) -> str:
-    cookie = t.get(name, str, default)
-    if not is_token(cookie):  # RFC 6265 §4.1.1: a cookie name is a token
-        t.problem(name, f'"{cookie}" is not a valid cookie name')
-    return cookie
-
-
-_switchable_route = partial(route_path, switchable=True)
-
 
 # -- the tables ---------------------------------------------------------------------------------
 
@@ -195,13 +63,13 @@ class ServerConfig:
         (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
         doc="TCP peers whose Remote-User, X-Forwarded-* and X-Original-* headers are believed.\n"
         "Everyone else's are ignored (proxy mode) or refused (/auth). Keep it as narrow as you can.",
-        read=each(_network),
+        read=each(network),
     )
     public_url: str | None = key(
         None,
         doc='The public origin users see, e.g. "https://app.example.com". Used to rewrite upstream\n'
         "Location headers and build redirects. Unset: taken from the request's Host header.",
-        read=_public_url,
+        read=public_url,
         shown="https://app.example.com",
     )
     allowed_hosts: tuple[str, ...] = key(
@@ -281,7 +149,7 @@ class UpstreamConfig:
     """The application to protect. url unset: forward-auth only (nginx/Caddy/Traefik proxy, the
     gateway only answers /auth and serves its own pages)."""
 
-    url: str | None = key(None, read=_url, shown="http://127.0.0.1:8000", commented=False)
+    url: str | None = key(None, read=url, shown="http://127.0.0.1:8000", commented=False)
     connect_timeout: float = key(5.0, "seconds; exceeded -> 504", low=0.001, high=3600)
     read_timeout: float = key(60.0, "seconds between bytes from the upstream; exceeded -> 504", low=0.001, high=86400)
     write_timeout: float = key(60.0, low=0.001, high=86400)
@@ -307,7 +175,7 @@ class StoreConfig:
         "sqlite:///gateway.db",
         env=(ENV_STORE_URL, "store.url, when it carries a Redis password"),
         file_sample="/run/secrets/gateway_store_url",
-        read=_store_url,
+        read=store_url,
         doc="sqlite:///relative/path.db or sqlite:////absolute/path.db (embedded; several workers on one\n"
         "host may share the file; never :memory:), or redis://[:password@]host:6379/0, rediss:// (TLS),\n"
         "unix:///path, redis+sentinel://[:password@]host:26379,host:26379/service_name[/db] (the\n"
@@ -316,7 +184,7 @@ class StoreConfig:
         f"A URL with a password belongs in {ENV_STORE_URL} or url_file, not here.\n"
         f"Give only one of url, url_file and {ENV_STORE_URL}. Messages show the password as ***.",
     )
-    prefix: str = key("gw", "Redis key prefix: letters, digits and _.:-", read=_key_prefix)
+    prefix: str = key("gw", "Redis key prefix: letters, digits and _.:-", read=key_prefix)
     cache_ttl: float = key(
         1.0,
         low=0.0,
@@ -353,14 +221,14 @@ class EncryptionConfig:
         "one key per line",
         env=(ENV_KEYS, "comma-separated Fernet keys, newest first"),
         file_sample="/run/secrets/gateway_keys",
-        read=_encryption_keys,
+        read=encryption_keys,
     )
     recovery_pepper: bytes = key(
         b"",
         "at least 32 characters",
         env=(ENV_PEPPER, "≥ 32 random characters"),
         file_sample="/run/secrets/gateway_pepper",
-        read=_pepper,
+        read=pepper,
     )
 
 
@@ -379,10 +247,10 @@ class JwtConfig:
         None, "RS*/ES*/PS*/EdDSA: a PEM public key", file_sample="/etc/gateway/jwt.pem", read=secret_value(None)
     )
     algorithms: tuple[str, ...] = key(
-        ("HS256",), 'never mix HS* with RS*/ES*; "none" is never accepted', read=_algorithms
+        ("HS256",), 'never mix HS* with RS*/ES*; "none" is never accepted', read=algorithms
     )
     audience: tuple[str, ...] = key(
-        (), "required in the token when set", read=_audience, shown=("fastapi-users:auth",), commented=True
+        (), "required in the token when set", read=audience, shown=("fastapi-users:auth",), commented=True
     )
     issuer: str | None = key(None, shown="https://login.example.com")
     cookie: str | None = key(None, "also read the token from this cookie", shown="auth")
@@ -406,7 +274,7 @@ class IdentityConfig:
         None,
         doc="Where a browser with no (or an expired) first factor is sent, e.g. your app's login page.\n"
         '"{next}" is replaced by the percent-encoded local path to return to. Unset: a 401 page.',
-        read=_login_url,
+        read=login_url,
         shown="/login?next={next}",
     )
 
@@ -415,7 +283,7 @@ class IdentityConfig:
 class TotpConfig:
     """The one-time codes (RFC 6238) that authenticator apps make."""
 
-    issuer: str = key("Gateway", "shown in authenticator apps; no colon", read=_issuer)
+    issuer: str = key("Gateway", "shown in authenticator apps; no colon", read=issuer)
     digits: int = key(6, "apps support 6", low=6, high=8)
     period: int = key(30, "seconds per step", low=15, high=120)
     algorithm: str = key("SHA1", "SHA1 is what apps support", choices=("SHA1", "SHA256", "SHA512"))
@@ -433,7 +301,7 @@ class TotpConfig:
 class SessionConfig:
     """A valid code opens a 2FA session: an opaque id in this cookie, stored server-side (revocable)."""
 
-    cookie: str = key("gateway_session", read=_cookie_name)
+    cookie: str = key("gateway_session", read=cookie_name)
     ttl: int = key(43200, "seconds; 12 h", low=60, high=30 * 86400)
     secure: bool = key(True, "the Secure cookie flag; false only for plain-http development")
 
@@ -472,7 +340,7 @@ class RoutesConfig:
         "(forward-auth mode); not served in proxy mode, where every client comes through the trusted\n"
         "front proxy and could ask it about a path of its choosing. Set it to serve it anyway;\n"
         '"" switches it off in any mode.',
-        read=_switchable_route,
+        read=switchable_route,
         commented=True,
     )
     health: str = key("/_gateway/health", "liveness", read=route_path)
@@ -482,19 +350,8 @@ class RoutesConfig:
         doc="Prometheus metrics. Answered only to a server.trusted_proxies peer asking directly: a request\n"
         "carrying X-Forwarded-For, Forwarded, X-Real-IP, X-Original-URI or X-Forwarded-Uri was relayed\n"
         'from a client by a proxy and is refused. "" switches it off.',
-        read=_switchable_route,
+        read=switchable_route,
     )
-
-
-def _listen(t: Table, name: str, default: str | None) -> str | None:
-    value = t.opt_str(name)
-    if value is None:
-        return default
-    parsed = split_host(value)
-    if parsed is None or parsed[1] is None:
-        t.problem(name, f'"{value}" is not host:port (an IPv6 address goes in [])')
-        return default
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +362,7 @@ class MetricsConfig:
         None,
         doc='host:port of a separate metrics listener, e.g. "127.0.0.1:9100" (any path answers). It\n'
         "answers everyone who reaches it, unlike routes.metrics: keep it on loopback or a private network.",
-        read=_listen,
+        read=listen,
         shown="127.0.0.1:9100",
     )
 

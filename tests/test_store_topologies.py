@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store.redis import SOCKET_TIMEOUT, RedisStore
+from gateway.store.redis import RedisStore
+from gateway.store.redis_calls import SOCKET_TIMEOUT
 from tests.conftest import need_binary
 from tests.support.load import SESSION_COOKIE, Replica, enrol_user, fetch, who, wrong_code
 from tests.support.redis_topologies import Cluster, SentinelSet

@@ -1,26 +1,26 @@
 """The shared store on Redis (>= 7.0), for several gateway instances behind one balancer.
 
-The client side: the connection pools, the batching of attempts into one round trip, and the
-one boundary where redis errors become StoreError. What is kept under which key, and the Lua
-scripts, are in ``gateway.store.redis_layout``.
+The client side: the connection pools and the batching of attempts into one round trip. How
+each call is bounded in time and where redis errors become StoreError is
+``gateway.store.redis_calls``; what is kept under which key, and the Lua scripts,
+``gateway.store.redis_layout``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreError
 from gateway.store.base import Attempt, Quota, UserState, is_key_prefix
+from gateway.store.redis_calls import SOCKET_TIMEOUT, bounded, gated, translate_errors
 from gateway.store.redis_clients import Client, build_client, close_client
 from gateway.store.redis_layout import (
     ACTIVATE_LUA,
@@ -40,10 +40,6 @@ from gateway.store.redis_layout import (
 )
 from gateway.store.redis_topology import parse_redis_url
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
-SOCKET_TIMEOUT = 2.0
 # How long a write that must survive a failover waits for its replicas (store.replicas_ack).
 WAIT_MS = 100
 
@@ -66,67 +62,6 @@ def _hand_out(waiters: list[tuple[float, asyncio.Future[tuple[bool, bytes]]]], r
             future.set_result((True, until if i == taken - 1 else b""))
         else:
             future.set_result((False, until))
-
-
-def _translate_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """The one boundary where redis and socket errors become StoreError.
-
-    Only connection-level messages (host, port, errno) are kept; a server reply could in
-    principle echo arguments, so for those only the exception's class is named.
-    """
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreError(f"redis store: {name} failed: {exc}") from exc
-        except (RedisError, RedisClusterException, UnicodeError) as exc:
-            raise StoreError(f"redis store: {name} failed ({type(exc).__name__})") from exc
-
-    return wrapper
-
-
-def _bounded(
-    fn: Callable[Concatenate[RedisStore, P], Awaitable[T]],
-) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]]:
-    """One store timeout (SOCKET_TIMEOUT) for the whole call, queueing included: a socket
-    timeout bounds each read, not a call, and redis-py's cluster client retries and re-reads the
-    slot map under one lock, so with a master frozen the reads of every caller queued behind it
-    added up (the fourth attack: answers after 4, 8 ... 34 s). On a Cluster, also at most
-    max_connections unbatched calls in flight, the rest waiting within that timeout: redis-py's
-    cluster pools fail a call that finds no free connection, where the others wait."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        async with asyncio.timeout(SOCKET_TIMEOUT):
-            if self._gate is None:
-                return await fn(self, *args, **kwargs)
-            async with self._gate:
-                return await fn(self, *args, **kwargs)
-
-    return wrapper
-
-
-def _gated(
-    fn: Callable[Concatenate[RedisStore, P], Awaitable[T]],
-) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, T]]:
-    """The Cluster gate of ``_bounded`` without its deadline, for the administration commands'
-    scans over every user (a million users take longer than one store timeout)."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        if self._gate is None:
-            return await fn(self, *args, **kwargs)
-        async with asyncio.timeout(SOCKET_TIMEOUT):
-            await self._gate.acquire()
-        try:
-            return await fn(self, *args, **kwargs)
-        finally:
-            self._gate.release()
-
-    return wrapper
 
 
 class RedisStore:
@@ -210,8 +145,8 @@ class RedisStore:
         return replies[:-1]
 
     # -- lifecycle -------------------------------------------------------------------------
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def open(self) -> None:
         if self._open:
             return
@@ -230,38 +165,38 @@ class RedisStore:
         with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await close_client(self._batch_client)
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def ping(self) -> None:
         await self._r.ping()
 
     # -- secrets ---------------------------------------------------------------------------
-    @_translate_errors
+    @translate_errors
     async def get_secret(self, user: str) -> bytes | None:
         # Batched: a flood of codes for many users reads their secrets beside their attempts.
         [value] = await self._pipelined([("GET", self._key(user, "secret"))])
         return value if isinstance(value, bytes) else None
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def set_secret(self, user: str, ciphertext: bytes) -> None:
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.set(self._key(user, "secret"), ciphertext)
             pipe.delete(self._key(user, "pending"))
             await pipe.execute()
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def get_pending(self, user: str, now: float) -> bytes | None:
         return unpack_live(await self._r.get(self._key(user, "pending")), now)
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None:
         await self._r.set(self._key(user, "pending"), pack_expiring(expires_at, ciphertext), pxat=to_ms(expires_at))
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
         args = [b"0", b"", new] if expected is None else [b"1", expected, new]
         keys = [self._key(user, "secret"), self._key(user, "pending"), self._key(user, "recovery")]
@@ -274,14 +209,14 @@ class RedisStore:
             (done,) = self._check_acked("an enrolment", await pipe.execute())
         return bool(done)
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def replace_secret(self, user: str, old: bytes, new: bytes) -> bool:
         return bool(await self._lua_replace_secret(client=self._r, keys=[self._key(user, "secret")], args=[old, new]))
 
     # -- replay guard ----------------------------------------------------------------------
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def advance_step(self, user: str, step: int) -> bool:
         keys, args = [self._key(user, "step")], [step]
         if not self._replicas_ack:
@@ -294,7 +229,7 @@ class RedisStore:
         return bool(recorded)
 
     # -- failures and lockouts -------------------------------------------------------------
-    @_translate_errors
+    @translate_errors
     async def take_attempt(self, quotas: Sequence[Quota], now: float) -> Attempt:
         # One script per quota, each on its own key (its own cluster slot), so each is atomic
         # alone; all of them in the shared pipeline of this event-loop turn (_flush), where
@@ -410,13 +345,13 @@ class RedisStore:
         for waiters, reply in zip(takes.values(), replies[at:], strict=True):
             _hand_out(waiters, reply)
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def release_attempt(self, scope: str) -> None:
         await self._lua_release_attempt(client=self._r, keys=[self._key(scope, "attempts")])
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def locked_until(self, scope: str, now: float) -> float | None:
         value = await self._r.hget(self._key(scope, "attempts"), "locked_until")
         if value is None:
@@ -424,14 +359,14 @@ class RedisStore:
         until = float(value)
         return until if until > now else None
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def clear_failures(self, scope: str) -> None:
         await self._r.delete(self._key(scope, "attempts"))
 
     # -- recovery codes --------------------------------------------------------------------
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def set_recovery_codes(self, user: str, hashes: list[str]) -> None:
         key = self._key(user, "recovery")
         async with self._r.pipeline(transaction=True) as pipe:
@@ -440,14 +375,14 @@ class RedisStore:
                 pipe.sadd(key, *hashes)
             await pipe.execute()
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def consume_recovery_code(self, user: str, code_hash: str) -> bool:
         return bool(await self._r.srem(self._key(user, "recovery"), code_hash))
 
     # -- sessions --------------------------------------------------------------------------
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def create_session(self, session_hash: str, user: str, expires_at: float) -> bool:
         # Index first: a session must never exist that delete_user cannot find. The index and
         # the session live in two slots, so this is two steps, and a revoke_user_sessions or a
@@ -463,14 +398,14 @@ class RedisStore:
             return False
         return True
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def get_session(self, session_hash: str, now: float) -> str | None:
         user = unpack_live(await self._r.get(self._session_key(session_hash)), now)
         return None if user is None else user.decode()
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def revoke_session(self, session_hash: str) -> None:
         value = await self._r.getdel(self._session_key(session_hash))
         user = unpack_live(value, float("-inf"))
@@ -481,8 +416,8 @@ class RedisStore:
                 self._wait_for_replicas(pipe)
                 self._check_acked("a logout", await pipe.execute())
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def revoke_user_sessions(self, user: str) -> int:
         sessions = await self._lua_take_sessions(client=self._r, keys=[self._key(user, "sessions")])
         # One DEL per session: their keys live in other cluster slots.
@@ -495,8 +430,8 @@ class RedisStore:
         return len(sessions)
 
     # -- users -----------------------------------------------------------------------------
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def delete_user(self, user: str) -> None:
         # The user's own keys go in one script (one slot); sessions and the failure scope
         # live in other slots, so they follow in one pipeline.
@@ -510,8 +445,8 @@ class RedisStore:
             self._wait_for_replicas(pipe)
             self._check_acked("a reset of a user", await pipe.execute())
 
-    @_translate_errors
-    @_gated
+    @translate_errors
+    @gated
     async def list_users(self) -> list[str]:
         users = {user async for user, _ in self._scan_users("secret")}
         users.update([user async for user, _ in self._scan_users("pending")])
@@ -529,8 +464,8 @@ class RedisStore:
             if "}" not in escaped:  # a foreign key that merely matches the pattern
                 yield unescape_name(escaped), key
 
-    @_translate_errors
-    @_bounded
+    @translate_errors
+    @bounded
     async def user_state(self, user: str, now: float) -> UserState:
         scope = f"user:{user}"
         async with self._r.pipeline(transaction=False) as pipe:
@@ -565,8 +500,8 @@ class RedisStore:
             sessions=live,
         )
 
-    @_translate_errors
-    @_gated
+    @translate_errors
+    @gated
     async def iter_secrets(self) -> list[tuple[str, bytes]]:
         found = sorted([item async for item in self._scan_users("secret")])
         if not found:

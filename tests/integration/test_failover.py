@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store.redis import SOCKET_TIMEOUT
+from gateway.store.redis_calls import SOCKET_TIMEOUT
 from tests.conftest import RedisServer, need_binary
 from tests.support.failover import announcements, kill, master_port
 from tests.support.load import (
