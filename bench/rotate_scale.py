@@ -10,7 +10,6 @@ with the new key first and the old one kept. tests/test_bench_rotate.py runs a 1
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 import time
 import uuid
@@ -21,7 +20,7 @@ from typing import TextIO
 
 from cryptography.fernet import Fernet
 
-from bench.seed import _resp
+from bench.seed import _resp, pipe_to_redis
 from gateway import admin
 from gateway.config import ENV_KEYS, Config
 from gateway.crypto import SecretBox
@@ -52,24 +51,7 @@ def _seed(redis_port: int, config: Config, count: int) -> float:
             user = f"rot-{i:07d}"
             yield _resp(b"SET", user_key(config.store.prefix, user, "secret").encode(), box.encrypt(user, secret))
 
-    with subprocess.Popen(
-        ["redis-cli", "-p", str(redis_port), "--pipe"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-        batch: list[bytes] = []
-        for command in commands():
-            batch.append(command)
-            if len(batch) >= 10_000:
-                proc.stdin.write(b"".join(batch))
-                batch.clear()
-        proc.stdin.write(b"".join(batch))
-        proc.stdin.close()
-        report = proc.stdout.read().decode(errors="replace")
-        if proc.wait(timeout=600) != 0 or "errors: 0" not in report:
-            raise RuntimeError(f"redis-cli --pipe failed: {report}")
+    pipe_to_redis(redis_port, commands())
     return time.monotonic() - started
 
 

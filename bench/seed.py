@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,27 +145,32 @@ def bulk_seed(redis_port: int, config: Config, count: int, sessions: bool = True
                     str(int(expires * 1000)).encode(),
                 )
 
-    proc = subprocess.Popen(
+    pipe_to_redis(redis_port, commands())
+    _check_layout(config, count - 1, ciphertext, expires, sessions)
+    return time.monotonic() - started
+
+
+def pipe_to_redis(redis_port: int, commands: Iterable[bytes]) -> None:
+    """Feed RESP ``commands`` to ``redis-cli --pipe`` (Redis's mass insertion), 10,000 at a
+    time; raise if any failed."""
+    with subprocess.Popen(
         ["redis-cli", "-p", str(redis_port), "--pipe"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-    )
-    assert proc.stdin is not None
-    batch: list[bytes] = []
-    for command in commands():
-        batch.append(command)
-        if len(batch) >= 10_000:
-            proc.stdin.write(b"".join(batch))
-            batch.clear()
-    proc.stdin.write(b"".join(batch))
-    proc.stdin.close()
-    assert proc.stdout is not None
-    report = proc.stdout.read().decode(errors="replace")
-    if proc.wait(timeout=600) != 0 or "errors: 0" not in report:
-        raise RuntimeError(f"redis-cli --pipe failed: {report}")
-    _check_layout(config, count - 1, ciphertext, expires, sessions)
-    return time.monotonic() - started
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        batch: list[bytes] = []
+        for command in commands:
+            batch.append(command)
+            if len(batch) >= 10_000:
+                proc.stdin.write(b"".join(batch))
+                batch.clear()
+        proc.stdin.write(b"".join(batch))
+        proc.stdin.close()
+        report = proc.stdout.read().decode(errors="replace")
+        if proc.wait(timeout=600) != 0 or "errors: 0" not in report:
+            raise RuntimeError(f"redis-cli --pipe failed: {report}")
 
 
 def _check_layout(config: Config, i: int, ciphertext: bytes, expires: float, sessions: bool) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pyotp
 
-from tests.support.servers import ROOT, free_port, fresh_keys, gateway_process, wait_for_port
+from tests.support.servers import ROOT, free_port, fresh_keys, gateway_process, gateway_users, wait_for_port
 
 ADMIN_USER = "admin"
 # store.cache_ttl of every ProxyGateway (its default, written out): an ended 2FA session closes
@@ -266,17 +266,7 @@ cookie = "{SESSION_COOKIE}"
 
     def users(self, *args: str) -> str:
         """``gateway users ARGS`` against this gateway's store, as an operator runs it; its output."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway", "users", *args, "--config", str(self.config_path)],
-            env={**env, **self.keys},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return gateway_users(self.config_path, self.keys, *args)
 
 
 def _toml(value: Any) -> str:

@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -29,7 +26,7 @@ import httpx
 import pyotp
 
 from tests.support.recorder import SEQ_HEADER
-from tests.support.servers import ROOT, free_port, gateway_process
+from tests.support.servers import free_port, gateway_process, gateway_users
 
 SESSION_COOKIE = "gateway_session"
 # The store's per-worker caches (store.cache_ttl): a revocation reaches every replica within it.
@@ -88,17 +85,7 @@ exclude = ["/public/*"]
 
     def users(self, *args: str) -> str:
         """``gateway users ARGS`` against this replica's store, as an operator runs it."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway", "users", *args, "--config", str(self.config_path)],
-            env={**env, **self.keys},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return gateway_users(self.config_path, self.keys, *args)
 
 
 @contextlib.contextmanager

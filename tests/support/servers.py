@@ -200,3 +200,19 @@ def gateway_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def gateway_users(config_path: Path, keys: dict[str, str], *args: str) -> str:
+    """``gateway users ARGS`` against the store of the config at ``config_path``, as an operator
+    runs it (no GATEWAY_* of the test's own environment, ``keys`` instead); its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "users", *args, "--config", str(config_path)],
+        env={**env, **keys},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
