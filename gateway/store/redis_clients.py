@@ -92,6 +92,8 @@ async def close_client(client: Client) -> None:
     await client.aclose()
     pool = getattr(client, "connection_pool", None)
     if isinstance(pool, SentinelConnectionPool):
+        # master_for's client does not own its pool: aclose leaves the pool's sockets open.
+        await pool.disconnect()
         manager: Sentinel = pool.sentinel_manager
         for sentinel in manager.sentinels:
             await sentinel.aclose()

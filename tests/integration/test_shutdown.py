@@ -144,14 +144,23 @@ def _expected_digest(size: int) -> str:
     return digest.hexdigest()
 
 
-def _ready(port: int) -> int | None:
-    """The status of ``GET /_gateway/ready`` on a new connection; None if the connection is refused."""
+def _ready(port: int, retry: bool = True) -> int | None:
+    """The status of ``GET /_gateway/ready`` on a new connection; None if the connection is refused.
+
+    A connection that lands in the listen backlog in the instant the listener closes is reset
+    by the kernel rather than refused: asked again, a closed listener refuses. A listener that
+    stays open and resets every connection (the supervisor keeping its copy) resets both."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", "/_gateway/ready")
         return conn.getresponse().status
     except ConnectionRefusedError:
         return None
+    except ConnectionResetError:
+        if not retry:
+            raise
+        time.sleep(0.2)
+        return _ready(port, retry=False)
     finally:
         conn.close()
 
