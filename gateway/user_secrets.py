@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from gateway import totp
 from gateway.cache import MISS, TtlCache
+from gateway.config import ENV_KEYS
 from gateway.crypto import SecretBox
 from gateway.errors import DecryptError
 from gateway.store import Store
@@ -37,6 +38,17 @@ def proof_of(secret: str) -> str:
     """Which secret a code was judged against, as an accepted code carries it: a digest, never
     the secret itself."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _log_undecryptable(user: str, outcome: str) -> None:
+    """One line an operator can act on: whose record, which setting; never a key or a secret."""
+    log.error(
+        "secret of user=%r does not decrypt with any key in %s (the key that encrypted it is missing, "
+        "or the record is bound to another user); %s, the stored record is left as it is",
+        user,
+        ENV_KEYS,
+        outcome,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +98,10 @@ class Secrets:
             try:
                 secret = self._decrypt(user, token)
             except DecryptError:
-                # The record is left untouched: a key may just be missing from this replica's config.
-                log.error("secret of user=%r does not decrypt (wrong key or record bound to another user)", user)
+                # The record is left untouched and the user denied, never taken for "not
+                # enrolled": enrolment would then let the first factor alone replace the
+                # victim's authenticator. A key may just be missing from this replica's config.
+                _log_undecryptable(user, "denied")
                 raise
         self._active.put(user, secret)
         return secret
@@ -100,7 +114,7 @@ class Secrets:
         try:
             record = self._decrypt(user, token)
         except DecryptError:
-            log.error("secret of user=%r does not decrypt (wrong key or record bound to another user)", user)
+            _log_undecryptable(user, "pending enrolment ignored")
             # A pending secret grants nothing: one made under a key removed since is treated
             # as absent, so the user starts setup again instead of meeting an error page.
             return None
