@@ -74,9 +74,16 @@ class Lifespan:
     ``drain`` through the lifespan state (gateway/shutdown.py)."""
 
     def __init__(
-        self, store: Store, forwarder: Forwarder | None, sessions: SessionWatch, summary: str, drain: Drain
+        self,
+        store: Store,
+        forwarder: Forwarder | None,
+        sessions: SessionWatch,
+        summary: str,
+        drain: Drain,
+        metrics: Metrics,
     ) -> None:
         self.drain = drain
+        self.metrics = metrics
         self.store = store
         self.forwarder = forwarder
         self.sessions = sessions
@@ -96,6 +103,7 @@ class Lifespan:
                 # Everything loaded so far lives as long as the process: keep it out of the
                 # cyclic collector's full passes, which otherwise stall every request in flight.
                 gc.freeze()
+                self.metrics.watch_event_loop()
                 log.info("gateway ready: %s", self.summary)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -296,7 +304,7 @@ def create_app(
         routes,
         protect,
         websocket,
-        Lifespan(store, forwarder, sessions, config.summary(), drain),
+        Lifespan(store, forwarder, sessions, config.summary(), drain, metrics),
         hosts if forwarder is not None else None,
         trust,
         unchecked=frozenset(p for p in (r.health, r.ready, r.metrics, r.auth) if p),

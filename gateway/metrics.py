@@ -19,10 +19,19 @@ With ``server.workers > 1`` every worker writes its samples to files in
 ``metrics_export.prepare_multiprocess_dir`` before the workers start) and a scrape of any
 worker adds them up (``MultiProcessCollector``). Gauges say how: open WebSockets are summed
 over the live workers, readiness is the most recent check, build info the same on all.
+
+The process itself, for a soak or a 3 a.m. page (is it leaking?): prometheus-client's
+``ProcessCollector`` (``process_resident_memory_bytes``, ``process_open_fds``, CPU seconds, ...)
+and ``gateway_event_loop_tasks``, the asyncio tasks of the serving loop, counted at each scrape.
+Both are read live from this process, so with ``server.workers > 1`` they are left out: the
+multiprocess files hold only what was written to them, and prometheus-client does not support
+process metrics there (a per-worker series would be a pid label that changes on every restart).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import importlib.metadata
 import inspect
@@ -33,8 +42,8 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -63,6 +72,9 @@ UPSTREAM_ERROR_KINDS = ("timeout", "pool_timeout", "connect", "error")
 # Seconds. A store call is a round trip on a LAN (~0.2-2 ms); the upstream is an app.
 _STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Seconds a scrape from another thread (the metrics listener) waits for the loop to count its
+# tasks; a loop that cannot answer in this time is blocked, and the sample is left out.
+_TASKS_WAIT = 1.0
 
 
 def version() -> str:
@@ -139,6 +151,10 @@ class Metrics:
             registry=r,
         )
         build.labels(version()).set(1)
+        self.event_loop = EventLoopCollector()
+        if self.multiprocess_dir is None:  # live values of this process: see the module docstring
+            ProcessCollector(registry=r)
+            r.register(self.event_loop)
         self._scraped = self.registry if self.multiprocess_dir is None else multiprocess_registry(self.multiprocess_dir)
 
     def count(self, mode: str, reason: Reason) -> None:
@@ -166,6 +182,10 @@ class Metrics:
         elif event == "enrolment.confirmed":
             self.enrolments.inc()
 
+    def watch_event_loop(self) -> None:
+        """Count the tasks of the running loop from now on (called once it serves: the lifespan)."""
+        self.event_loop.loop = asyncio.get_running_loop()
+
     @contextmanager
     def websocket_open(self) -> Iterator[None]:
         self.websockets.inc()
@@ -181,6 +201,48 @@ class Metrics:
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = generate_latest(self.scrape_registry())
         await send_response(send, 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], body)
+
+
+class EventLoopCollector(Collector):
+    """``gateway_event_loop_tasks``: the asyncio tasks of the serving loop at scrape time (each
+    request, WebSocket relay and background job is one; a number that only grows is a leak).
+    Left out until a loop is watched, after it closes, and when it is too busy to answer."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        loop = self.loop
+        count = None if loop is None or loop.is_closed() else _count_tasks(loop)
+        if count is None:
+            return []
+        return [GaugeMetricFamily("gateway_event_loop_tasks", "asyncio tasks of the serving event loop.", count)]
+
+
+def _count_tasks(loop: asyncio.AbstractEventLoop) -> int | None:
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:  # a scrape of routes.metrics: on the loop itself
+        return len(asyncio.all_tasks(loop))
+    # Another thread (the metrics listener): asyncio's task set belongs to the loop's thread
+    # (all_tasks from outside races the loop adding and removing tasks), so the loop counts.
+    counted: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    def count() -> None:
+        if counted.set_running_or_notify_cancel():
+            counted.set_result(len(asyncio.all_tasks(loop)))
+
+    try:
+        loop.call_soon_threadsafe(count)
+    except RuntimeError:  # closed in the meantime
+        return None
+    try:
+        return counted.result(timeout=_TASKS_WAIT)
+    except concurrent.futures.TimeoutError:
+        counted.cancel()
+        return None
 
 
 class WorkersCollector(Collector):

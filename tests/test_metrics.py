@@ -6,8 +6,12 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
@@ -26,7 +30,15 @@ from gateway.metrics_export import multiprocess_dir, start_listener
 from gateway.store import Store
 from tests.support.clock import Clock
 from tests.support.inprocess import UPSTREAM, in_process
-from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, free_port, make_config
+from tests.support.servers import (
+    ROOT,
+    GatewayServer,
+    UpstreamProcess,
+    free_port,
+    fresh_keys,
+    gateway_process,
+    make_config,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -229,7 +241,7 @@ def test_a_listen_address_without_host_and_port_is_refused_at_load(tmp_path: Pat
 
 DASHBOARD = ROOT / "config" / "grafana" / "gateway-dashboard.json"
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
-_NAME = re.compile(r"\bgateway_[a-z0-9_]+")
+_NAME = re.compile(r"\b(?:gateway|process)_[a-z0-9_]+")
 
 
 def used_names() -> set[str]:
@@ -326,3 +338,121 @@ async def test_a_real_websocket_is_open_while_it_is_served(tmp_path: Path, upstr
         assert await open_websockets() == 0
     finally:
         server.stop()
+
+
+# -- the process and its event loop ------------------------------------------------------------------
+
+PROCESS_FAMILIES = {"process_resident_memory_bytes", "process_open_fds", "gateway_event_loop_tasks"}
+
+
+@pytest.fixture(scope="module")
+def gateway_and_listener(
+    tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamProcess
+) -> Iterator[tuple[str, str]]:
+    """``gateway run`` in a process of its own (its fds and tasks are its own), with a metrics
+    listener; yields the URLs of its metrics route and of the listener."""
+    tmp = tmp_path_factory.mktemp("metrics-process")
+    port, listen = free_port(), free_port()
+    path = tmp / "gateway.toml"
+    path.write_text(
+        f'[server]\nport = {port}\n\n[upstream]\nurl = "{upstream.url}"\n\n'
+        f'[store]\nurl = "sqlite:///{tmp}/gateway.db"\n\n[session]\nsecure = false\n\n'
+        f'[paths]\nexclude = ["/public/*"]\n\n[metrics]\nlisten = "127.0.0.1:{listen}"\n'
+    )
+    with gateway_process(path, port, fresh_keys(), tmp / "output.log"):
+        yield f"http://127.0.0.1:{port}/_gateway/metrics", f"http://127.0.0.1:{listen}/metrics"
+
+
+def _scrape(url: str) -> Samples:
+    response = httpx.get(url, timeout=5)
+    assert response.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _until(read: Callable[[], float], done: Callable[[float], bool], seconds: float = 5.0) -> float:
+    """``read()`` until ``done`` holds of it or ``seconds`` pass; the last value."""
+    deadline = time.monotonic() + seconds
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = read()
+    return value
+
+
+@pytest.mark.parametrize("where", ["route", "listener"])
+def test_the_process_and_its_event_loop_are_measured(gateway_and_listener: tuple[str, str], where: str) -> None:
+    """Both scrapes see the serving process: the route runs on the loop, the listener on a
+    thread of its own (it asks the loop to count its tasks)."""
+    url = gateway_and_listener[0 if where == "route" else 1]
+    samples = _scrape(url)
+    assert samples[("process_resident_memory_bytes", ())] > 10 * 2**20  # a Python process with its imports
+    assert samples[("process_open_fds", ())] >= 4  # stdio and the listening socket at least
+    # The server's own tasks (uvicorn's main loop, the session watch, this scrape's request on
+    # the route): a few, not none and not thousands.
+    assert 1 <= samples[("gateway_event_loop_tasks", ())] < 100
+
+
+def test_open_connections_show_as_open_fds(gateway_and_listener: tuple[str, str]) -> None:
+    route, listener = gateway_and_listener
+    before = _scrape(listener)[("process_open_fds", ())]
+    port = int(route.split(":")[2].split("/")[0])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+    try:
+        during = _until(lambda: _scrape(listener)[("process_open_fds", ())], lambda fds: fds >= before + 5)
+    finally:
+        for sock in held:
+            sock.close()
+    assert during >= before + 5
+    after = _until(lambda: _scrape(listener)[("process_open_fds", ())], lambda fds: fds <= before)
+    assert after <= before  # each connection's fd is closed with it
+
+
+def test_requests_in_flight_show_as_event_loop_tasks(
+    gateway_and_listener: tuple[str, str], upstream: UpstreamProcess
+) -> None:
+    route, listener = gateway_and_listener
+    base = route.removesuffix("/_gateway/metrics")
+    tasks = ("gateway_event_loop_tasks", ())
+    before = _scrape(listener)[tasks]
+    with ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(httpx.get, base + "/public/slow?s=2", timeout=10) for _ in range(4)]
+        during = _until(lambda: _scrape(listener)[tasks], lambda n: n >= before + 4)
+        assert [f.result().status_code for f in slow] == [200] * 4
+    assert during >= before + 4  # one task per request being served
+    after = _until(lambda: _scrape(listener)[tasks], lambda n: n <= before)
+    assert after <= before
+
+
+def test_workers_leave_the_live_process_series_out() -> None:
+    """With workers the scrape adds up files; process values would be one worker's: left out."""
+    with multiprocess_dir():
+        served = generate_latest(Metrics().registry).decode()
+    single = generate_latest(Metrics().registry).decode()
+    assert "process_open_fds" in single
+    assert "process_open_fds" not in served
+    assert "gateway_event_loop_tasks" not in served
+
+
+async def test_the_loop_is_counted_on_itself_and_from_another_thread() -> None:
+    metrics = Metrics()
+    assert ("gateway_event_loop_tasks", ()) not in await scrape(metrics)  # no loop watched yet
+    metrics.watch_event_loop()
+    idle = [asyncio.create_task(asyncio.sleep(5)) for _ in range(3)]
+    try:
+        on_loop = (await scrape(metrics))[("gateway_event_loop_tasks", ())]
+        from_thread = await asyncio.to_thread(generate_latest, metrics.registry)
+    finally:
+        for task in idle:
+            task.cancel()
+    assert on_loop >= 4  # the three sleeping and this test's own
+    counted = [
+        s.value
+        for f in text_string_to_metric_families(from_thread.decode())
+        for s in f.samples
+        if s.name == "gateway_event_loop_tasks"
+    ]
+    assert len(counted) == 1 and counted[0] >= 4
