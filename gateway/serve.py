@@ -1,4 +1,4 @@
-"""Serving a checked config: logging, the store's first ping, the app, uvicorn.
+"""Serving a checked config: logging, the store's first ping and key check, the app, uvicorn.
 
 The entry point that serves the app, and so the only module (with tests and bench) that imports
 ``gateway.app``: ``gateway run`` and ``gateway demo`` both come through :func:`serve`, so both
@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.errors import StoreError
+from gateway.crypto import SecretBox
+from gateway.errors import DecryptError, StoreError
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics, multiprocess_registry
 from gateway.metrics_export import multiprocess_dir, start_listener
@@ -76,15 +77,43 @@ def uvicorn_config(config: Config, app: object) -> LimitedConfig:
     )
 
 
-async def _ping_store(config: Config) -> None:
+# How many stored secrets the start-up check tries to decrypt: enough that a store written
+# under other keys shows, few enough to cost nothing on a store of millions.
+KEY_CHECK_SAMPLE = 20
+
+
+async def _check_store(config: Config) -> str | None:
+    """Ping the store, then decrypt a few stored secrets; a message when none of them opens
+    with the configured keys (None: fine, or nothing stored yet).
+
+    A gateway started without the key that encrypted the store would deny every enrolled user;
+    better to refuse to start, naming the setting. A store where only some do not open (a mix:
+    records bound to another user, or a key dropped too early) starts, and those users are
+    denied one by one with a log line each (user_secrets), their records left intact."""
     store = open_store_from_url(
         config.store.url, config.store.prefix, config.store.max_connections, config.store.replicas_ack
     )
     await store.open()
     try:
         await store.ping()
+        sample = await store.sample_secrets(KEY_CHECK_SAMPLE)
     finally:
         await store.close()
+    box = SecretBox(config.encryption.keys)
+    opened = 0
+    for user, token in sample:
+        try:
+            box.decrypt(user, token)
+        except DecryptError:
+            continue
+        opened += 1
+    if sample and not opened:
+        return (
+            f"none of {len(sample)} stored secrets decrypts with the keys in {config_module.ENV_KEYS} "
+            f"(encryption.keys): the key that encrypted them is missing; configure it again "
+            f"(after the new one, then run 'gateway keys rotate')"
+        )
+    return None
 
 
 def serve_uvicorn(config: LimitedConfig) -> bool:
@@ -104,9 +133,12 @@ def serve(config: Config, config_path: str | None = None) -> int:
     line, not a traceback on the first request."""
     configure_logging_for(config)
     try:
-        asyncio.run(_ping_store(config))
+        refused = asyncio.run(_check_store(config))
     except StoreError as exc:
         print(f"gateway: the store at {redact_url(config.store.url)} is unreachable: {exc}", file=sys.stderr)
+        return 1
+    if refused is not None:
+        print(f"gateway: {refused}", file=sys.stderr)
         return 1
     if config.server.workers > 1:
         if config_path:

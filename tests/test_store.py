@@ -390,6 +390,17 @@ async def test_iter_secrets(store: Store, now: float) -> None:
     assert sorted(await store.iter_secrets()) == [("alice", b"a"), ("bob", b"b")]
 
 
+async def test_sample_secrets(store: Store, now: float) -> None:
+    # The start-up key check (gateway/serve.py) reads at most `limit` active secrets.
+    assert await store.sample_secrets(2) == []
+    for user in ("alice", "bob", "carol"):
+        await store.set_secret(user, user.encode())
+    await store.set_pending("dave", b"d", now + 300)
+    sample = await store.sample_secrets(2)
+    assert len(sample) == 2 and all(token == user.encode() for user, token in sample)
+    assert sorted(await store.sample_secrets(10)) == [("alice", b"alice"), ("bob", b"bob"), ("carol", b"carol")]
+
+
 async def test_awkward_user_names_do_not_collide(store: Store, now: float) -> None:
     for i, user in enumerate(AWKWARD_USERS):
         await store.set_secret(user, f"c{i}".encode())

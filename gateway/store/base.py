@@ -153,3 +153,7 @@ class Store(Protocol):
 
     async def iter_secrets(self) -> list[tuple[str, bytes]]:
         """Every (user, active ciphertext) pair, for key rotation."""
+
+    async def sample_secrets(self, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` (user, active ciphertext) pairs, any of them: the start-up key check
+        (gateway/serve.py) reads a few, never the whole store."""

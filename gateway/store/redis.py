@@ -503,7 +503,20 @@ class RedisStore:
     @translate_errors
     @gated
     async def iter_secrets(self) -> list[tuple[str, bytes]]:
-        found = sorted([item async for item in self._scan_users("secret")])
+        return await self._read_secrets(sorted([item async for item in self._scan_users("secret")]))
+
+    @translate_errors
+    @gated
+    async def sample_secrets(self, limit: int) -> list[tuple[str, bytes]]:
+        found: list[tuple[str, str]] = []
+        async for item in self._scan_users("secret"):
+            if len(found) >= limit:
+                break
+            found.append(item)
+        return await self._read_secrets(found)
+
+    async def _read_secrets(self, found: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+        """The ciphertexts at the (user, key) pairs of ``found``; a key deleted meanwhile is left out."""
         if not found:
             return []
         async with self._r.pipeline(transaction=False) as pipe:

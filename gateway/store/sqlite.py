@@ -381,6 +381,13 @@ class SqliteStore:
         rows = self._db.execute("SELECT user, secret FROM secrets ORDER BY user")
         return [(str(u), bytes(s)) for u, s in rows]
 
+    async def sample_secrets(self, limit: int) -> list[tuple[str, bytes]]:
+        return await self._run(self._sample_secrets, limit)
+
+    def _sample_secrets(self, limit: int) -> list[tuple[str, bytes]]:
+        rows = self._db.execute("SELECT user, secret FROM secrets LIMIT ?", (limit,))
+        return [(str(u), bytes(s)) for u, s in rows]
+
     # -- housekeeping ----------------------------------------------------------------------
     def _maybe_purge(self, now: float) -> None:
         """Delete rows that can no longer matter; at most once per PURGE_INTERVAL."""

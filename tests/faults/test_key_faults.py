@@ -86,6 +86,9 @@ def test_missing_key_denies_the_user_keeps_the_data_and_recovers(recorder: Recor
     store_url = f"sqlite:///{db}"
     _start_once(tmp_path, db, recorder, {ENV_KEYS: old_key, ENV_PEPPER: pepper})
     secrets = _seed(db, old_key, ["victim"])
+    # A mix: the store also holds a secret under the key the gateway will have, so the start-up
+    # check (none opens: refuse) lets it start, and the victim is denied on its own.
+    secrets |= _seed(db, other_key, ["bystander"])
     before = _stored(db)
     seen_before = len(recorder.snapshot()[0])
 
@@ -97,7 +100,8 @@ def test_missing_key_denies_the_user_keeps_the_data_and_recovers(recorder: Recor
         # The attack: first factor only, asking to enrol a new authenticator.
         setup = http.post(gw.url + "/setup-2fa", headers=who("victim"))
         verify = http.post(gw.url + "/verify-2fa", headers=who("victim"), json={"code": _code(secrets["victim"], 1)})
-        # A user unaffected by the missing key is still told to enrol, as before.
+        # Users unaffected by the missing key: one verifies, one is told to enrol, as before.
+        bystander = http.get(gw.url + "/app", headers={**who("bystander"), "X-2FA-Code": _code(secrets["bystander"])})
         stranger = http.get(gw.url + "/app", headers=who("stranger"))
     log = gw.output.read_text()
 
@@ -105,7 +109,9 @@ def test_missing_key_denies_the_user_keeps_the_data_and_recovers(recorder: Recor
         assert (r.status_code, r.json()["error"]) == (500, "internal_error"), r.text
     assert setup.status_code == 500 and "otpauth_uri" not in setup.text, setup.text
     assert (stranger.status_code, stranger.json()["error"]) == (403, "2fa_not_enrolled")
-    assert len(recorder.snapshot()[0]) == seen_before  # nothing reached the upstream
+    assert bystander.status_code == 200, bystander.text
+    reached = recorder.snapshot()[0][seen_before:]
+    assert [r.header("remote-user") for r in reached] == [["bystander"]]  # the victim reached nothing
     assert _stored(db) == before  # the ciphertext is untouched
     assert _pending(db) == 0  # no enrolment was begun over it
     lines = [line for line in log.splitlines() if "does not decrypt" in line]
@@ -119,6 +125,35 @@ def test_missing_key_denies_the_user_keeps_the_data_and_recovers(recorder: Recor
         ok = http.get(gw.url + "/app", headers={**who("victim"), "X-2FA-Code": _code(secrets["victim"], 1)})
     assert ok.status_code == 200, ok.text
     assert _stored(db) == before
+
+
+def test_start_refused_when_no_stored_secret_opens_with_the_keys(recorder: Recorder, tmp_path: Path) -> None:
+    old_key, other_key, pepper = _key(), _key(), _key()
+    db = tmp_path / "gateway.db"
+    _start_once(tmp_path, db, recorder, {ENV_KEYS: old_key, ENV_PEPPER: pepper})
+    secrets = _seed(db, old_key, [f"user-{i}" for i in range(30)])
+    before = _stored(db)
+    gw = Replica(tmp_path, "refused", f"sqlite:///{db}", recorder.url, {ENV_KEYS: other_key, ENV_PEPPER: pepper})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(gw.config_path)],
+        env={**env, ENV_KEYS: other_key, ENV_PEPPER: pepper},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"none of 20 stored secrets decrypts with the keys in {ENV_KEYS}" in done.stderr, done.stderr
+    output = done.stdout + done.stderr
+    assert all(s not in output for s in (old_key, other_key, pepper, *secrets.values())), output
+    assert "Traceback" not in output, output
+    assert _stored(db) == before
+    # With the key back (second, after the new one) it starts and the users verify.
+    keys = {ENV_KEYS: f"{other_key},{old_key}", ENV_PEPPER: pepper}
+    with Replica(tmp_path, "back", f"sqlite:///{db}", recorder.url, keys) as gw, httpx.Client(timeout=10) as http:
+        ok = http.get(gw.url + "/app", headers={**who("user-7"), "X-2FA-Code": _code(secrets["user-7"])})
+    assert ok.status_code == 200, ok.text
 
 
 # -- rotation under load -------------------------------------------------------------------------
