@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 from functools import partial
-from pathlib import Path
 
 from gateway.crypto import SecretBox
 from gateway.http import is_token, split_host
@@ -77,10 +76,8 @@ def encryption_keys(t: Table, name: str, default: tuple[str, ...]) -> tuple[str,
     if len(given) > 1:
         t.problem(name, f"given more than once ({', '.join(given)}); choose one")
     elif path:
-        try:
-            keys = split_keys(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            t.problem(f"{name}_file", f"cannot read {path}: {exc.strerror or exc}")
+        text = t.read_file(f"{name}_file", path)
+        keys = split_keys(text) if text is not None else []
     elif inline:
         keys = list(inline)
     elif from_env:

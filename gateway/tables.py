@@ -106,15 +106,28 @@ class Table:
             self.problem(key, f"given more than once ({', '.join(str(g) for g in given)}); choose one")
             return None
         if path:
-            try:
-                text = Path(path).read_text(encoding="utf-8").strip()
+            text = self.read_file(f"{key}_file", path)
+            if text is not None:
+                text = text.strip()
                 if not text:
                     self.problem(f"{key}_file", "the file is empty")
-                return text or None
-            except OSError as exc:
-                self.problem(f"{key}_file", f"cannot read {path}: {exc.strerror or exc}")
-                return None
+            return text or None
         return inline or from_env or None
+
+    def read_file(self, key: str, path: str) -> str | None:
+        """The UTF-8 text of the file ``key`` names, or None with the problem recorded. Every
+        failure is a problem with the key, never an exception out of the loader (issue 14: a
+        NUL in the path and a file that is not UTF-8 raise ValueError, not OSError). The
+        message never quotes the file's bytes: it may be a secret."""
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            self.problem(key, f"cannot read {path}: {exc.strerror or exc}")
+        except UnicodeDecodeError:
+            self.problem(key, f"{path} is not UTF-8 text")
+        except ValueError:  # os.fspath refuses an embedded NUL
+            self.problem(key, "the path holds a NUL character")
+        return None
 
     def finish(self) -> None:
         """Name every key no getter asked for: a typo must never switch a protection off."""
