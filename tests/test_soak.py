@@ -1,0 +1,118 @@
+"""soak/: the schedule, percentiles, buckets and the growth verdict on made-up numbers, and one
+short real run of ``python -m soak`` (every process it starts, stopped)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from soak.report import Gauges, markdown, summarise, verdicts
+from soak.run import main
+from soak.stats import KINDS, MIX, buckets, cycle, growth, percentile, schedule, window_median
+
+
+def test_a_cycle_holds_each_kind_as_often_as_its_weight_and_spreads_it() -> None:
+    assert Counter(cycle(MIX)) == MIX
+    assert cycle({"a": 1, "b": 3}) == ["b", "a", "b", "b"]  # not "a b b b": spread, not a run
+    sessions = [i for i, kind in enumerate(cycle(MIX)) if kind == "session"]
+    assert max(b - a for a, b in itertools.pairwise(sessions)) <= 5
+
+
+def test_the_schedule_is_open_loop_at_the_rate() -> None:
+    planned = schedule(4, 1.0, {"a": 1, "b": 1})
+    assert planned == [(0.0, "a"), (0.25, "b"), (0.5, "a"), (0.75, "b")]
+    assert len(schedule(150, 60)) == 9000
+    with pytest.raises(ValueError):
+        schedule(0, 10)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(100, 0, -1)]  # unsorted on purpose
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 99) == 7
+    assert math.isnan(percentile([], 50))
+
+
+def test_buckets_are_by_start_time_and_keep_a_gap() -> None:
+    found = buckets([(0.1, 1.0), (29.9, 3.0), (65.0, 2.0), (0.2, 2.0)], 30)
+    assert [(b.start, b.count) for b in found] == [(0, 3), (30, 0), (60, 1)]
+    assert (found[0].p50, found[0].p99) == (2.0, 3.0)
+    assert math.isnan(found[1].p50)  # a stall shows as an empty bucket, not a missing one
+
+
+def test_growth_is_ten_percent_plus_the_slack() -> None:
+    assert growth("rss", 100, 110).ok
+    assert not growth("rss", 100, 110.5).ok
+    assert growth("fds", 40, 54, slack=10).ok  # 40 * 1.1 + 10 = 54
+    assert not growth("fds", 40, 55, slack=10).ok
+    assert growth("rss", 100, 80).percent == -20
+
+
+def gauges(rss: list[float], step: float = 1.0) -> Gauges:
+    return [(1000 + i * step, {"rss": value, "fds": 50.0, "tasks": 5.0}) for i, value in enumerate(rss)]
+
+
+def test_the_verdict_compares_medians_after_warm_up_and_at_the_end() -> None:
+    steady = [200.0] * 5 + [100.0] * 55  # warm-up above the rest: not growth
+    steady[45] = 500.0  # one spike in the end window: the median ignores it
+    assert all(g.ok for g in verdicts(gauges(steady), 1000, 60, 30))
+    leaking = [100.0 + i for i in range(60)]  # one unit a second: +43 % from 30 s to 60 s
+    rss = next(g for g in verdicts(gauges(leaking), 1000, 60, 30) if g.name == "rss")
+    assert (rss.warm, rss.end, rss.ok) == (134.5, 154.5, False)
+    with pytest.raises(ValueError):
+        window_median([(1.0, 1.0)], 2, 3)
+
+
+def results(errors: dict[str, Any] | None = None, skipped: dict[str, int] | None = None) -> dict[str, Any]:
+    return {
+        "capacity": 400.0,
+        "rate": 200.0,
+        "started": 1000.0,
+        "seconds": 60,
+        "kinds": list(KINDS),
+        "records": [[i % len(KINDS), i * 0.01, 0.005] for i in range(6000)],
+        "errors": errors or {},
+        "skipped": skipped or {},
+    }
+
+
+def test_a_clean_run_passes_and_any_unexpected_answer_fails_it() -> None:
+    flat = gauges([100.0] * 60)
+    clean = summarise(results(), flat, {"rss": 100.0}, 30)
+    assert clean["passed"] and clean["unexpected"] == 0
+    assert clean["counts"]["websocket"] == 6000 // len(KINDS)
+    assert [b["count"] for b in clean["buckets"]] == [3000, 3000]
+    assert "## Soak: PASSED" in markdown(clean)
+
+    error = {"session: status 503": {"count": 2, "sample": "/echo/app -> 503 store_unavailable"}}
+    failed = summarise(results(errors=error), flat, {}, 30)
+    assert not failed["passed"] and failed["unexpected"] == 2
+    assert "/echo/app -> 503 store_unavailable" in markdown(failed)
+
+    short = summarise(results(skipped={"code": 3}), flat, {}, 30)
+    assert not short["passed"] and short["unexpected"] == 3
+
+    unmeasured = summarise(results(), [], {}, 30)  # no gauge at all: no verdict, no pass
+    assert not unmeasured["passed"] and unmeasured["growth_problem"]
+
+
+def test_a_short_real_soak_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "soak.json"
+    argv = ["--seconds", "5", "--rate", "40", "--bucket", "2", "--code-users", "100", "--download-bytes", "65536"]
+    status = main([*argv, "--out", str(out)])
+    printed = capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    assert summary["errors"] == {}, printed
+    assert status == 0, printed
+    assert summary["requests"] == 200  # 40/s for 5 s, every one answered as expected
+    assert set(summary["counts"]) == set(KINDS) and all(summary["counts"].values())
+    assert {g["gauge"] for g in summary["growth"]} == {"rss", "fds", "tasks"}
+    assert "## Soak: PASSED" in printed
