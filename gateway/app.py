@@ -183,7 +183,8 @@ class Gateway:
         self.unchecked = unchecked
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await (self.lifespan if scope["type"] == "lifespan" else self.serve)(scope, receive, send)
+        # The lifespan too goes through the context: at shutdown it logs the audit counts it holds.
+        await self.serve(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -21,16 +21,28 @@ is replaced, never passed on) and back on the answer, where nginx's ``auth_reque
 read it from ``/auth``'s.
 
 An event never carries a secret: no code, session id, recovery code, key or cookie is a field.
+
+A brute-force flood must not be a log flood (one line per refused code was ~11k lines/s per
+worker). While a user is locked out, the refusal that locked it (or the first one this worker
+saw) is logged; the next ones refused for the lock (``code.rejected`` with reason
+``2fa_locked``) are counted, and one ``code.rejected.suppressed`` line per user says how many,
+when the lock ends or ``SUMMARY_INTERVAL`` seconds have passed, whichever comes first (and at
+the lifespan's shutdown). Each app's :class:`RequestContext` keeps its own tally. Metrics still
+count every refusal (``observe`` sees each event); no other event is held back: a wrong code
+before the lock, an accepted code, an enrolment, a lockout are each a line.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +53,15 @@ REQUEST_ID_HEADER = b"x-request-id"
 MODES = ("proxy", "auth", "page", "cli")
 # What an operator watching for attacks or outages wants to see at server.log_level = "warning".
 WARNING_EVENTS = frozenset(
-    {"code.replayed", "lockout.started", "recovery_code.used", "identity.ambiguous", "store.error", "csrf.refused"}
+    {
+        "code.replayed",
+        "lockout.started",
+        "recovery_code.used",
+        "identity.ambiguous",
+        "store.error",
+        "csrf.refused",
+        "code.rejected.suppressed",
+    }
 )
 
 # At most 128 visible ASCII characters (RFC 5234 VCHAR, no space): what nginx's $request_id,
@@ -55,7 +75,7 @@ class Context:
     """One request's part of every event; ``client`` is resolved only when an event needs it.
     (A plain slotted class: a frozen dataclass costs 3x to build, on every request.)"""
 
-    __slots__ = ("mode", "observe", "request_id", "resolve_client", "scope")
+    __slots__ = ("mode", "observe", "refusals", "request_id", "resolve_client", "scope")
 
     def __init__(
         self,
@@ -64,6 +84,7 @@ class Context:
         scope: Scope | None = None,
         resolve_client: Callable[[Scope], str | None] | None = None,
         observe: Callable[[str, dict[str, Any]], None] | None = None,
+        refusals: LockedRefusals | None = None,
     ) -> None:
         self.request_id = request_id
         self.mode = mode
@@ -71,6 +92,8 @@ class Context:
         self.resolve_client = resolve_client
         # The app's counter of events (metrics.Metrics.observe): each event is counted where it is logged.
         self.observe = observe
+        # The app's tally of refusals held back during a lockout (None: every one is a line).
+        self.refusals = refusals
 
     @property
     def client(self) -> str | None:
@@ -135,6 +158,90 @@ def _shown(name: str, value: Any) -> str:
     return str(value)
 
 
+# The reason of a refusal for a lock (errors.Reason.LOCKED's error code; audit sits below errors).
+LOCKED_REASON = "2fa_locked"
+SUMMARY_EVENT = "code.rejected.suppressed"
+SUMMARY_INTERVAL = 60.0
+
+
+class _Flood:
+    __slots__ = ("client", "count", "mode", "request_id", "until")
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.count = 0
+        self.client: str | None = None
+        self.request_id: str | None = None
+        self.mode: str | None = None
+
+
+class LockedRefusals:
+    """The refusals of a locked-out user's codes, held back and summed up (module docstring).
+
+    At most ``capacity`` users are tracked at once; beyond that a refusal is logged in full
+    (a log line too many, never a refusal unseen). The clock is injected for the tests."""
+
+    def __init__(
+        self,
+        interval: float = SUMMARY_INTERVAL,
+        capacity: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.capacity = capacity
+        self.clock = clock
+        self._floods: dict[str, _Flood] = {}
+
+    def admit(self, user: str, record: dict[str, Any]) -> bool:
+        """True when this refusal is to be logged; False when it was counted instead."""
+        now = self.clock()
+        flood = self._floods.get(user)
+        if flood is not None and now < flood.until:
+            flood.count += 1
+            flood.client, flood.request_id, flood.mode = record["client"], record["request_id"], record["mode"]
+            return False
+        if flood is not None:  # the window ended and no timer said so (no running loop)
+            self._summarise(user)
+        if len(self._floods) >= self.capacity:
+            return True
+        # The window: until the lock ends (the refusal's retry_after), at most the interval.
+        retry_after = record.get("retry_after")
+        window = self.interval
+        if isinstance(retry_after, (int, float)) and 0 < retry_after < window:
+            window = float(retry_after)
+        self._floods[user] = _Flood(now + window)
+        with contextlib.suppress(RuntimeError):  # no loop: the next refusal or the shutdown says it
+            asyncio.get_running_loop().call_later(window, self._summarise, user)
+        return True
+
+    def _summarise(self, user: str) -> None:
+        flood = self._floods.pop(user, None)
+        if flood is None or flood.count == 0:
+            return
+        record = {
+            "event": SUMMARY_EVENT,
+            "user": user,
+            "client": flood.client,
+            "request_id": flood.request_id,
+            "mode": flood.mode,
+            "reason": LOCKED_REASON,
+            "count": flood.count,
+        }
+        _log_event(record)
+
+    def flush(self) -> None:
+        """Say every count held (at shutdown: a count is never lost with the process)."""
+        for user in list(self._floods):
+            self._summarise(user)
+
+
+def _log_event(record: dict[str, Any]) -> None:
+    event = record["event"]
+    shown = " ".join(f"{k}={_shown(k, v)}" for k, v in record.items() if k != "event")
+    level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
+    log.log(level, "%s %s", event, shown, extra={"audit": record})
+
+
 def audit(event: str, user: str | None = None, *, client: str | None = None, **fields: Any) -> None:
     """Log one audit event; the request id, mode and client come from the request's context
     unless given. ``fields`` are plain values (a reason, a count), never a secret."""
@@ -149,9 +256,10 @@ def audit(event: str, user: str | None = None, *, client: str | None = None, **f
         "mode": context.mode if context else None,
         **fields,
     }
-    shown = " ".join(f"{k}={_shown(k, v)}" for k, v in record.items() if k != "event")
-    level = logging.WARNING if event in WARNING_EVENTS else logging.INFO
-    log.log(level, "%s %s", event, shown, extra={"audit": record})
+    refusals = context.refusals if context is not None else None
+    held = event == "code.rejected" and fields.get("reason") == LOCKED_REASON
+    if not (held and refusals is not None and user is not None and not refusals.admit(user, record)):
+        _log_event(record)
     if context is not None and context.observe is not None:
         context.observe(event, record)
 
@@ -173,8 +281,12 @@ class RequestContext:
         self.trusts = trusts
         self.resolve_client = resolve_client
         self.mode_of = mode_of
+        self.refusals = LockedRefusals()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._flushing(send))
+            return
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -191,7 +303,8 @@ class RequestContext:
         header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         kept.append(header)
         scope = {**scope, "headers": kept}
-        token = _current.set(Context(request_id, self.mode_of(scope["path"]), scope, self.resolve_client, self.observe))
+        mode = self.mode_of(scope["path"])
+        token = _current.set(Context(request_id, mode, scope, self.resolve_client, self.observe, self.refusals))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -202,3 +315,13 @@ class RequestContext:
             await self.app(scope, receive, send_with_id if scope["type"] == "http" else send)
         finally:
             _current.reset(token)
+
+    def _flushing(self, send: Send) -> Send:
+        """The lifespan's ``send``: the counts held are logged before the app says it stopped."""
+
+        async def flushing(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self.refusals.flush()
+            await send(message)
+
+        return flushing

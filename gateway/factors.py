@@ -98,7 +98,9 @@ def _audited(accepted_event: str) -> Callable[[_Judge], _Judge]:
                 audit(accepted_event, user, client=client, **skew)
             else:
                 event = _REFUSED_EVENTS.get(outcome.reason, "code.rejected")
-                audit(event, user, client=client, reason=outcome.reason.value)
+                # retry_after: when a lockout ends (audit.py sums up the refusals until then).
+                locked = {} if outcome.retry_after is None else {"retry_after": outcome.retry_after}
+                audit(event, user, client=client, reason=outcome.reason.value, **locked)
             return outcome
 
         return judged

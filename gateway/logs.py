@@ -115,14 +115,33 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-# C0 controls and DEL, written as escapes: a message is one line whatever it quotes.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+# What a client-controlled string could break or disguise a line with, in either format:
+# - C0 controls and DEL (a newline starts a forged line; ESC starts an ANSI sequence that
+#   rewrites what a terminal shows: CWE-117, CWE-150);
+# - C1 controls, U+0080..U+009F (U+0085 NEL is a line break to Python's ``str.splitlines``
+#   and to many log shippers; U+009B is CSI, an 8-bit ANSI escape to a terminal);
+# - U+2028 and U+2029, the Unicode line and paragraph separators (line breaks to
+#   ``splitlines``, to JavaScript before ES2019 and to editors; legal unescaped in JSON,
+#   RFC 8259 §7, which is why ``json.dumps`` leaves them);
+# - the bidirectional embeddings, overrides and isolates (U+202A..U+202E, U+2066..U+2069):
+#   they reorder what a reader sees, so a line can show a user or an address it does not hold
+#   (CVE-2021-42574, "Trojan Source").
+# A path or a header reaches a message decoded (a percent-encoded U+2028, a latin-1 byte 0x85),
+# so every one is written as an escape: one record is one line, and shows what it holds.
+_UNSAFE = (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSAFE} | {
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+}
+# In JSON the same characters as JSON escapes (json.dumps has already escaped C0 and the quote).
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x7F}
 
 
 class TextFormatter(logging.Formatter):
     """``time LEVEL logger: message``, and ``request_id=...`` at the end of a request's lines
-    (an audit event's message already names it). A newline or other control character in the
-    message is escaped, so a message quoting what a client sent (a header, a decoded path) cannot
+    (an audit event's message already names it). A newline or other character of ``_UNSAFE``
+    (above) in the message is escaped, so a message quoting what a client sent (a header, a decoded path) cannot
     start a forged line (CWE-117; uvicorn's access line already quotes its path, not every
     library does). A traceback keeps its lines, after the message."""
 
@@ -139,7 +158,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, on one line (``json.dumps`` escapes every newline)."""
+    """One JSON object per record, on one line: ``json.dumps`` escapes C0 controls, and the
+    characters it leaves (``_UNSAFE`` above: C1, U+2028/U+2029, bidi controls) are escaped after."""
 
     def format(self, record: logging.LogRecord) -> str:
         created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -161,7 +181,9 @@ class JsonFormatter(logging.Formatter):
             line["exception"] = record.exc_text
         if record.stack_info:
             line["stack"] = record.stack_info
-        return json.dumps(line, default=str, ensure_ascii=False)
+        # Only inside strings can these characters occur (the rest of the line is ASCII), and
+        # there a \\uXXXX escape means the same character: the object is unchanged.
+        return json.dumps(line, default=str, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
 FORMATTERS: dict[str, type[logging.Formatter]] = {"text": TextFormatter, "json": JsonFormatter}

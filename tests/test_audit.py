@@ -3,6 +3,7 @@ believed only from a trusted peer, passed upstream and onto every line the reque
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,6 +17,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from gateway import audit as audit_module
+from gateway import config as config_module
 from gateway.audit import RequestContext, accepted_request_id, audit, current, use_context
 from gateway.errors import StoreError
 from tests.support.inprocess import UPSTREAM, in_process
@@ -326,3 +328,105 @@ async def test_an_ambiguous_identity_is_an_event_at_every_door(
         ("identity.ambiguous", mode, r.headers["x-request-id"], "127.0.0.1")
         for mode, r in zip(("proxy", "page"), answers, strict=True)
     ]
+
+
+# -- a brute-force flood is not a log flood -------------------------------------------------------
+
+
+def _locked(user: str = "alice", client: str = "10.0.0.7", retry_after: int = 900) -> dict[str, Any]:
+    return {"event": "code.rejected", "user": user, "client": client, "request_id": "r", "mode": "proxy",
+            "reason": audit_module.LOCKED_REASON, "retry_after": retry_after}  # fmt: skip
+
+
+def test_a_locked_users_refusals_are_one_line_then_one_count(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    now = [1000.0]
+    refusals = audit_module.LockedRefusals(interval=60, clock=lambda: now[0])
+    assert refusals.admit("alice", _locked()) is True  # the first refusal of the lock: a line
+    assert [refusals.admit("alice", _locked(client=f"10.0.0.{i}")) for i in range(250)] == [False] * 250
+    assert refusals.admit("bob", _locked("bob")) is True  # another user: his own line
+    assert caplog.records == []
+    now[0] += 60  # the interval passed: the next refusal says how many were held, and is a line
+    assert refusals.admit("alice", _locked()) is True
+    [summary] = [r.audit for r in caplog.records]  # type: ignore[attr-defined]
+    assert summary == {"event": "code.rejected.suppressed", "user": "alice", "client": "10.0.0.249",
+                       "request_id": "r", "mode": "proxy", "reason": "2fa_locked", "count": 250}  # fmt: skip
+    assert caplog.records[0].levelno == logging.WARNING
+    # A lock shorter than the interval: its window ends with it.
+    assert refusals.admit("carol", _locked("carol", retry_after=5)) is True
+    assert refusals.admit("carol", _locked("carol", retry_after=4)) is False
+    now[0] += 5
+    assert refusals.admit("carol", _locked("carol", retry_after=900)) is True
+    assert [r.audit["count"] for r in caplog.records[1:]] == [1]  # type: ignore[attr-defined]
+    refusals.flush()  # alice's new window and bob's held nothing: no line; carol's held none yet
+    assert len(caplog.records) == 2
+
+
+async def test_only_lock_refusals_are_held_and_a_timer_sums_them_up(caplog: pytest.LogCaptureFixture) -> None:
+    """Within a request context: a wrong code, a lockout, an acceptance are lines whatever the
+    tally; the held count comes out on the running loop when the window ends; metrics (observe)
+    see every event."""
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    observed: list[str] = []
+    refusals = audit_module.LockedRefusals(interval=0.2)
+    context = audit_module.Context("r-1", "auth", observe=lambda event, _: observed.append(event), refusals=refusals)
+    token = audit_module._current.set(context)
+    try:
+        audit("code.rejected", "alice", reason="2fa_invalid")
+        audit("lockout.started", "alice", scope="user", seconds=900)
+        for _ in range(100):
+            audit("code.rejected", "alice", reason="2fa_locked", retry_after=900)
+        audit("code.rejected", "alice", reason="2fa_invalid")
+        audit("code.accepted", "alice")
+        audit("enrolment.confirmed", "alice")
+    finally:
+        audit_module._current.reset(token)
+    logged = [r.audit["event"] for r in caplog.records]  # type: ignore[attr-defined]
+    assert logged == ["code.rejected", "lockout.started", "code.rejected", "code.rejected", "code.accepted",
+                      "enrolment.confirmed"]  # fmt: skip
+    assert observed.count("code.rejected") == 102
+    await asyncio.sleep(0.5)  # the window (0.2 s) ends on the loop: its summary, unasked
+    summary = caplog.records[-1].audit  # type: ignore[attr-defined]
+    assert (summary["event"], summary["count"], summary["request_id"]) == ("code.rejected.suppressed", 99, "r-1")
+
+
+def test_a_burst_of_wrong_codes_is_a_bounded_number_of_lines(upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """2,000 wrong codes against a real ``gateway run``: 4 refused as wrong, the 5th locks, the
+    1,995 refused for the lock are held and summed up in one line (at shutdown at the latest);
+    the metrics count all 2,000."""
+    port = free_port()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'[server]\nport = {port}\nlog_format = "json"\n[upstream]\nurl = "{upstream.url}"\n'
+        f'[store]\nurl = "sqlite:///{tmp_path}/gateway.db"\n[session]\nsecure = false\n'
+        "[limits]\nmax_failures = 5\nlockout = 900\n"
+    )
+    keys, output = fresh_keys(), tmp_path / "output.log"
+    secret = enrol(config_module.load(path, env=keys), "alice")
+    wrong = f"{(int(pyotp.TOTP(secret).now()) + 500_000) % 1_000_000:06d}"
+
+    async def burst(url: str) -> list[int]:
+        limit = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def one() -> int:
+                async with limit:
+                    r = await client.get("/private", headers={"Remote-User": "alice", "X-2FA-Code": wrong})
+                    return r.status_code
+
+            return await asyncio.gather(*(one() for _ in range(2000)))
+
+    url = f"http://127.0.0.1:{port}"
+    with gateway_process(path, port, keys, output):
+        statuses = asyncio.run(burst(url))
+        metrics = httpx.get(url + "/_gateway/metrics", timeout=30).text
+    assert statuses.count(401) == 4 and statuses.count(429) == 1996, sorted(set(statuses))
+    assert 'gateway_code_checks_total{result="invalid"} 4.0' in metrics
+    assert 'gateway_code_checks_total{result="locked"} 1996.0' in metrics
+    events = [line for line in _lines(output) if line["logger"] == "gateway.audit"]
+    rejected = [e["reason"] for e in events if e["event"] == "code.rejected"]
+    # (The 5th code's refusal and the first one refused for the lock race: whichever is logged first is the line.)
+    assert sorted(rejected) == ["2fa_invalid"] * 4 + ["2fa_locked"]
+    assert [e["event"] for e in events].count("lockout.started") == 1
+    [summary] = [e for e in events if e["event"] == "code.rejected.suppressed"]
+    assert (summary["user"], summary["count"], summary["client"]) == ("alice", 1995, "127.0.0.1")

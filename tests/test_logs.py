@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -134,6 +135,65 @@ def test_a_text_message_is_one_line_whatever_it_quotes() -> None:
     assert line.count("\n") == 0 and "\x1b" not in line
     assert line.endswith("gateway.proxy: " + forged.replace("\n", "\\n").replace("\x1b", "\\x1b"))
     assert _emit(TextFormatter(), _record("failed", exc=True)).count("\n") >= 2
+
+
+# What could split or disguise a line (gateway/logs.py _UNSAFE), each as a client can send it:
+# ESC (ANSI), NEL and CSI (C1), the Unicode line and paragraph separators, a bidi override.
+_UNSAFE = ["\x1b[2K", "\x85", "\x9b", "\u2028", "\u2029", "\u202e", "\x7f"]
+
+
+@pytest.mark.parametrize("unsafe", _UNSAFE)
+def test_no_character_that_breaks_a_line_is_written_raw(unsafe: str) -> None:
+    message = f"GET /a{unsafe}b INFO gateway.audit: code.accepted user='admin'"
+    text = _emit(TextFormatter(), _record("%s", message))
+    obj = _emit(JsonFormatter(), _record("%s", message))
+    for line in (text, obj):
+        assert len(line.splitlines()) == 1 and unsafe[0] not in line and line.isascii()
+    assert json.loads(obj)["message"] == message  # escaped, not lost: the JSON means the same text
+    assert "user='admin'" in text and ("\\x" in text or "\\u" in text)
+
+
+def _unsafe_in(text: str) -> list[str]:
+    return sorted({f"U+{ord(c):04X}" for c in text if c in {u[0] for u in _UNSAFE}})
+
+
+def test_a_real_gateway_writes_no_client_character_that_breaks_a_line(
+    debug_gateway: tuple[str, Path, dict[str, str], Path],
+) -> None:
+    """Hostile bytes where a client can put them (a header value the websockets library logs at
+    debug, a path, X-Original-URI, the user header): every line of the output stays one line
+    and no raw control character reaches it, in both formats."""
+    address, _, _, output = debug_gateway
+    host, port = address.split(":")
+    raw = "\x1b[2K\x85\x9b\u2028\u2029\u202e".encode("utf-8") + b"\x85\x9b"  # + latin-1 C1 bytes
+    encoded = b"%1B%5B2K%C2%85%C2%9B%E2%80%A8%E2%80%A9%E2%80%AE"
+    requests = [
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"User-Agent: w" + raw.replace(b"\x1b", b"") + b"\r\nRemote-User: bob" + raw[-2:] + b"\r\n\r\n",
+        b"GET /public/" + encoded[3:] + b" HTTP/1.1\r\nHost: a\r\nUser-Agent: u" + raw[-2:] + b"\r\n"
+        b"Connection: close\r\n\r\n",
+        b"GET /x" + encoded + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /auth HTTP/1.1\r\nHost: a\r\nX-Original-URI: /y" + encoded + b"\r\nX-Original-Method: GET\r\n"
+        b"Remote-User: bob\r\nConnection: close\r\n\r\n",
+    ]
+    heads = []
+    for request in requests:
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(request)
+            heads.append(conn.recv(64).split(b"\r\n")[0])
+    # (A path holding a control character is refused: gateway/inputs.py, gateway/paths.py.)
+    assert heads == [b"HTTP/1.1 403 Forbidden", b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 400 Bad Request",
+                     b"HTTP/1.1 403 Forbidden"]  # fmt: skip
+    deadline = time.monotonic() + 10
+    while "user-agent" not in output.read_text("utf-8").lower() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the lines reach the file (not a timing assertion)
+    text = output.read_text("utf-8")
+    assert "user-agent: w" in text.lower()  # the websockets library logged the header: the test saw it
+    assert _unsafe_in(text) == []
+    assert text.splitlines() == text.split("\n")[:-1]  # only "\n" ends a line
+    if text.startswith("{"):
+        assert all(json.loads(line)["message"] is not None for line in text.splitlines())
 
 
 # -- the real process, every secret it handles -------------------------------------------------
