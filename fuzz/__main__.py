@@ -11,6 +11,7 @@ every test run. The exit status is 1 when any target crashed.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-fuzz-") as scratch:
         failed = _run_all(names, args, Path(scratch), extra)
     for name in failed:
-        print(f"fuzz: {name} CRASHED; the input is in {CASES / name}/ (replayed by tests/test_fuzz_cases.py)")
+        print(f"fuzz: {name} FAILED; a crash input is saved in {CASES / name}/, replayed by tests/test_fuzz_cases.py")
     return 1 if failed else 0
 
 
@@ -80,8 +81,21 @@ def _run_all(names: list[str], args: argparse.Namespace, scratch: Path, extra: l
             before = set((CASES / name).glob("*"))
             log = (scratch / f"{name}.log").open("wb")
             print(f"fuzz: {name} for {args.seconds} s", flush=True)
+            # libFuzzer's -jobs writes fuzz-<n>.log into the working directory: the corpus's
+            # parent, never the checkout. The checkout is on the path for `-m fuzz.run`.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            # libFuzzer's -jobs/-fork start workers by running its argv[0] again: a script that
+            # starts this interpreter on this target (fuzz/run.py hands it to libFuzzer).
+            launcher = corpus.parent / f"run-{name}.sh"
+            launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fuzz.run {name} "$@"\n')
+            launcher.chmod(0o755)
+            env["GATEWAY_FUZZ_LAUNCHER"] = str(launcher)
             process = subprocess.Popen(
-                command(name, args.seconds, corpus, extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+                command(name, args.seconds, corpus, extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=corpus.parent,
+                env=env,
             )
             log.close()
             running[name] = (process, before)

@@ -5,6 +5,7 @@ only to pass libFuzzer something the wrapper does not."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import atheris
@@ -25,7 +26,9 @@ def main() -> None:
     # The audit trail and the decision's "denying" log would print a line per input. A logged
     # unexpected error still shows: each target checks the answer it leads to (a 5xx, a denial).
     logging.disable(logging.CRITICAL)
-    atheris.Setup([sys.argv[0], *sys.argv[2:]], test_one_input)
+    # argv[0] is what libFuzzer runs again for -jobs/-fork: python -m fuzz's launcher script.
+    argv0 = os.environ.get("GATEWAY_FUZZ_LAUNCHER", sys.argv[0])
+    atheris.Setup([argv0, *sys.argv[2:]], test_one_input)
     atheris.Fuzz()
 
 
