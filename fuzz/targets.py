@@ -246,15 +246,23 @@ def _forward_auth(decisions: list[tuple[Facts, Decision]]) -> ForwardAuth:
 
 def fuzz_x_original_uri(data: bytes) -> None:
     """``/auth`` with the front proxy's X-Original-URI / X-Forwarded-Uri / X-Original-URL and
-    method headers: never a 5xx, and a 200 only for a path that is excluded as it came."""
-    uri, forwarded_uri, url, method, accept = _fields(data, 5)
+    method headers (and a user, a code, a cookie): never a 5xx, and a 200 only for a path that
+    is excluded as it came (no session is known and every code is wrong here)."""
+    uri, forwarded_uri, url, method, accept, user, code, cookie = _fields(data, 8)
     path, query = split_target(uri)
     assert "?" not in path
     if uri.startswith("/"):
         assert path + ("?" + query if "?" in uri else "") == uri, "split_target lost part of the target"
 
     headers = [(b"accept", accept.encode("latin-1"))]
-    for name, value in ((b"x-original-uri", uri), (b"x-forwarded-uri", forwarded_uri), (b"x-original-url", url)):
+    for name, value in (
+        (b"x-original-uri", uri),
+        (b"x-forwarded-uri", forwarded_uri),
+        (b"x-original-url", url),
+        (b"remote-user", user),
+        (b"x-2fa-code", code),
+        (b"cookie", cookie),
+    ):
         if value:
             headers.append((name, value.encode("latin-1")))
     if method:
