@@ -20,6 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 import jwt
 from cryptography.fernet import Fernet
+from jwt import api_jws as jws
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Message, Scope
@@ -294,13 +295,16 @@ def fuzz_x_original_uri(data: bytes) -> None:
 
 def fuzz_jwt_cookie(data: bytes) -> None:
     """Bearer and cookie extraction and PyJWT verification with a fixed key: an identity only
-    from exactly one candidate token that verifies with that key, with that token's subject;
-    the cookie readers agree with each other."""
-    authorization, cookie, cookie2 = _fields(data, 3)
+    from exactly one candidate token that verifies with that key, with that token's subject (a
+    string, or an integer read as one); the cookie readers agree with each other. A fourth
+    field is a payload the target signs with the key (as a third cookie), so the fuzzer also
+    reaches the claims the gateway reads after the signature (exp, sub, label)."""
+    authorization, cookie, cookie2, payload = _fields(data, 4)
     raw = []
     if authorization:
         raw.append((b"authorization", authorization.encode("latin-1")))
-    for value in (cookie, cookie2):
+    signed = jws.encode(payload.encode("latin-1"), JWT_SECRET, algorithm="HS256") if payload else ""
+    for value in (cookie, cookie2, f"{JWT_COOKIE}={signed}" if signed else ""):
         if value:
             raw.append((b"cookie", value.encode("latin-1")))
     headers = Headers(raw=raw)
@@ -312,7 +316,10 @@ def fuzz_jwt_cookie(data: bytes) -> None:
             candidates.add(parts[1])
         assert len(candidates) == 1, "an identity from more than one candidate"
         claims = jwt.decode(candidates.pop(), JWT_SECRET, algorithms=["HS256"], options={"require": ["exp"]})
-        assert claims["sub"] == found.user and valid_user(found.user)
+        sub = claims["sub"]
+        assert isinstance(sub, str) or (isinstance(sub, int) and not isinstance(sub, bool)), "a subject of another type"
+        assert str(sub) == found.user and valid_user(found.user)
+        assert isinstance(claims["exp"], int | float) and not isinstance(claims["exp"], bool), "no numeric exp"
 
     for header in (cookie, cookie2):
         stripped = without_cookie(header, JWT_COOKIE)
