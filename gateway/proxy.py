@@ -38,7 +38,8 @@ parameter, so tests can put another under httpx.
   or ``.`` (``Remote_User``: CGI-style apps read it as ``Remote-User``); the verified user
   goes upstream in ``upstream.user_header``.
 * httpx's errors are translated here, once: refused/reset → 502, timeout → 504, no free
-  pooled connection → 503.
+  pooled connection → 503; once the response has started, any of them ends the client's
+  connection mid-body (an incomplete answer, never one that looks whole).
 """
 
 from __future__ import annotations
@@ -293,9 +294,26 @@ class Forwarder:
             stream=stream,
             extensions={"timeout": self.timeout, "target": target},
         )
+        # A client that leaves before the answer's head (a slow app) cancels the upstream
+        # request then, as nginx does (proxy_ignore_client_abort off), instead of holding an
+        # upstream connection for nobody until read_timeout. The watcher reads the client's
+        # receive only once the body is all read: until then the body stream is its reader.
+        # It starts only for an answer slower than _WATCH_AFTER: a timer costs ~1 us a
+        # request, a task ~10 us.
+        task = asyncio.current_task()
+        assert task is not None
+        watchers: list[asyncio.Future[None]] = []
+        later = asyncio.get_running_loop().call_later(
+            _WATCH_AFTER, lambda: watchers.append(asyncio.ensure_future(_cancel_when_gone(receive, task, stream)))
+        )
         try:
             response = await self.transport.handle_async_request(request)
         except ClientDisconnected:
+            return
+        except asyncio.CancelledError:
+            if not watchers or not watchers[0].done() or task.uncancel() > 0:
+                raise
+            log.info("client disconnected before the response; upstream request cancelled")
             return
         except httpx.PoolTimeout:
             log.warning("upstream pool exhausted")
@@ -310,9 +328,19 @@ class Forwarder:
             # Nothing has been sent yet: an answer the client can read, never a bare 500.
             log.exception("forwarding failed before the response")
             return await send_denial(send, Reason.UPSTREAM_UNREACHABLE, _accept(scope))
+        finally:
+            later.cancel()
+            for watcher in watchers:
+                watcher.cancel()
 
         try:
             await self._respond(scope, receive, send, response, where, extra_headers)
+        except httpx.TransportError as exc:
+            # The head has gone to the client: the one way left to say the answer is incomplete
+            # is to end the connection before the body's end (RFC 9112 §8: a short read against
+            # Content-Length, a chunked body without its last chunk). Returning mid-body makes
+            # the ASGI server close it; an upstream's failure is a warning, not a stack trace.
+            log.warning("upstream response cut off after its head: %s", type(exc).__name__)
         finally:
             await response.aclose()
 
@@ -397,6 +425,19 @@ class Forwarder:
                 await watcher
 
 
+# How slow an upstream answer must be before the client is watched for leaving (seconds).
+_WATCH_AFTER = 0.1
+
+
+async def _cancel_when_gone(receive: Receive, task: asyncio.Task[None], body: httpx.AsyncByteStream) -> None:
+    """Cancel ``task`` when the client disconnects, listening once ``body`` is all read."""
+    if isinstance(body, _RequestBody):
+        await body.read.wait()
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    task.cancel()
+
+
 class _RequestBody(httpx.AsyncByteStream):
     """The client's request body, read from ASGI as the upstream connection takes it. With a
     ``length`` (the Content-Length sent upstream) it never yields more or fewer bytes: a body
@@ -405,6 +446,7 @@ class _RequestBody(httpx.AsyncByteStream):
     def __init__(self, receive: Receive, length: int | None) -> None:
         self.receive = receive
         self.length = length
+        self.read = asyncio.Event()  # set once the last of the body is read (_cancel_when_gone)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         left = self.length
@@ -422,6 +464,7 @@ class _RequestBody(httpx.AsyncByteStream):
             if not message.get("more_body", False):
                 if left:
                     raise ClientDisconnected
+                self.read.set()
                 return
 
 

@@ -37,6 +37,9 @@ SEND_TIMEOUT = 1.0
 # How long the faults may take to settle (connections closed, tasks ended) before counting.
 SETTLE = 5.0
 CHUNK = b"d" * 65536
+# How long the upstream's /slow thinks: well under the gateway's read_timeout (60 s), well over
+# the time it should take the gateway to notice its client left.
+SLOW = 8.0
 DOWNLOAD_CHUNKS = 1024  # 64 MiB: more than every socket buffer between upstream and client
 
 
@@ -112,6 +115,22 @@ def upstream_app(observer: Observer) -> Any:
         finally:
             watcher.cancel()
 
+    async def slow(path: str, receive: Any, send: Any) -> None:
+        # Thinks for up to SLOW seconds before answering; stops as soon as its client is gone.
+        seen = observer.start(path)
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(watch(receive, gone))
+        try:
+            await asyncio.wait_for(gone.wait(), SLOW)
+        except TimeoutError:
+            observer.end(seen, "complete")
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+        else:
+            observer.end(seen, "aborted")
+        finally:
+            watcher.cancel()
+
     async def echo(path: str, receive: Any, send: Any) -> None:
         seen = observer.start(path)
         await receive()  # websocket.connect
@@ -131,6 +150,8 @@ def upstream_app(observer: Observer) -> Any:
             return await upload(path, receive, send)
         if path.startswith("/download"):
             return await download(path, receive, send)
+        if path.startswith("/slow"):
+            return await slow(path, receive, send)
         body = b"ok"
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": body})
@@ -364,3 +385,17 @@ def test_websocket_client_gone_closes_the_upstream_websocket(gateway: Gateway, u
             asyncio.run(_relay_and_vanish(gateway, path))
             seen = upstream.observer.wait(path, ended=True)
             assert (seen.outcome, seen.size) == ("aborted", 1), seen
+
+
+def test_client_gone_before_the_answer_cancels_the_upstream_request(gateway: Gateway, upstream: Upstream) -> None:
+    # The client gives up while the upstream is still thinking (no response head yet): the
+    # upstream request is cancelled then, as nginx's does (proxy_ignore_client_abort off), not
+    # left to run to its end, holding an upstream connection for nobody.
+    with no_leak(gateway, upstream):
+        for i in range(REPEAT):
+            path = f"/slow/{i}"
+            with gateway.connect() as sock:
+                sock.sendall(gateway.head("GET", path))
+                started = upstream.observer.wait(path, ended=False)
+            seen = upstream.observer.wait(path, ended=True, timeout=SLOW + SETTLE)
+            assert (seen.outcome, seen.ended - started.started < SLOW / 2) == ("aborted", True), seen
