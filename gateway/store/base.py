@@ -72,7 +72,10 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise StoreError unless the backend answers (readiness)."""
+        """Raise StoreError unless the backend answers AND takes a write (readiness). A store
+        that only reads (Redis out of memory with noeviction, a READONLY replica, a read-only or
+        full disk) cannot take a code's attempt or used step, so every code is denied there:
+        readiness says so instead of sending traffic to a gateway that can only refuse it."""
 
     # -- secrets ---------------------------------------------------------------------------
     async def get_secret(self, user: str) -> bytes | None:

@@ -64,6 +64,10 @@ def _hand_out(waiters: list[tuple[float, asyncio.Future[tuple[bool, bytes]]]], r
             future.set_result((False, until))
 
 
+# The readiness probe's key lives this long: it is rewritten by every probe, never read.
+READY_PROBE_MS = 60_000
+
+
 class RedisStore:
     """:class:`gateway.store.base.Store` on Redis at ``url``: one server, a Sentinel set or a
     Cluster (the forms of ``gateway.store.redis_topology``).
@@ -168,7 +172,9 @@ class RedisStore:
     @translate_errors
     @bounded
     async def ping(self) -> None:
-        await self._r.ping()
+        # A write, not PING: Redis answers PING when out of memory (noeviction) and as a
+        # READONLY replica, where every code check fails (issue 14: readiness must see it).
+        await self._r.set(f"{self.prefix}:ready", b"1", px=READY_PROBE_MS)
 
     # -- secrets ---------------------------------------------------------------------------
     @translate_errors

@@ -13,6 +13,7 @@ so every key of one user lives in one slot and the Lua scripts stay cluster-safe
                               ending at reset_at, when the key also expires (scope escaped
                               like a user: "user%3Aalice"); locked_until while n is at its limit
     P:s:<hash>        string  packed (expires_at, user), expires at expires_at
+    P:ready           string  written by each readiness probe (store.ping), expires in 60 s
 
 On a Redis Cluster every multi-key step stays in one slot, so it runs as one step there too:
 the scripts (ACTIVATE_LUA and DELETE_USER_LUA touch several keys, all ``P:{u}:*``), and the

@@ -14,12 +14,25 @@ Expired rows (pending secrets, sessions, attempt windows, locks) are ignored by 
 with ``now`` and deleted lazily, at most once a minute, from ``create_session`` and
 ``take_attempt``. The ``failures`` table counts attempts (``count`` within the window that
 ends at ``reset_at``); ``locked_until`` is set while the count is at its limit.
+
+Faults (issue 14, tests/faults/test_sqlite_faults.py). The store timeout is BUSY_TIMEOUT_MS
+over a whole call, waiting in the thread's queue included: one call stuck behind another
+process's lock must not make every request queued behind it wait its whole timeout again, so a
+call whose deadline passed before its turn is dropped, never run late. A file deleted (or
+replaced) under a running gateway is the other trap: SQLite keeps using the unlinked inode, so
+the gateway would "work" and lose every write at the next restart, every user unenrolled and
+free to enrol anew with only a password. The store checks, at most once per FILE_CHECK_INTERVAL
+(a clock read per call, a stat per second), that its path still names the file it opened; if
+not, it denies every call until the path names a database again, then reopens it, never
+creating one in its place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +46,9 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
 PURGE_INTERVAL = 60.0
+FILE_CHECK_INTERVAL = 1.0
+
+log = logging.getLogger("gateway.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (user TEXT PRIMARY KEY, secret BLOB NOT NULL) WITHOUT ROWID;
@@ -48,6 +64,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     hash TEXT PRIMARY KEY, user TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
 CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
 
 
@@ -59,6 +76,9 @@ class SqliteStore:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._next_check = 0.0
+        self._lost = False  # the path no longer names the file opened: deny until it does
 
     # -- the one boundary to sqlite3 ---------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
@@ -69,12 +89,58 @@ class SqliteStore:
         """
         if self._executor is None:
             raise StoreError("sqlite store is not open")
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            async with asyncio.timeout(BUSY_TIMEOUT_MS / 1000):
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._executor, self._checked, deadline, fn, *args)
+        except TimeoutError as exc:  # an OSError too: named before it
+            raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} timed out") from exc
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed: {exc}") from exc
         except UnicodeError as exc:  # a name with a lone surrogate; its text would quote it
             raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed ({type(exc).__name__})") from exc
+
+    def _checked(self, deadline: float, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the store's thread, unless its caller has given up waiting or the
+        path no longer names the file this connection opened."""
+        now = time.monotonic()
+        if now > deadline:  # its caller was told "timed out": running it now would surprise it
+            raise sqlite3.OperationalError("timed out waiting for the store's thread")
+        if self._file is not None and (self._lost or now >= self._next_check):
+            self._next_check = now + FILE_CHECK_INTERVAL
+            self._check_file()
+        return fn(*args)
+
+    def _check_file(self) -> None:
+        """Raise unless the path still names the file opened; reopen it once it does again.
+        (A file replaced at once, ``mv restored.db gateway.db``, is reopened at once.)"""
+        if self._file is None:  # not opened yet: open() creates it
+            return
+        try:
+            st = os.stat(self.path)
+            found: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            found = None
+        if found is not None and found == self._file and not self._lost:
+            return
+        if found is None or found != self._file:
+            if not self._lost:
+                # One line per outage, naming the path (the operator's, no secret in it).
+                log.error(
+                    "store: the SQLite file %s was deleted or replaced under the running gateway;"
+                    " denying every request until it is back (restore it; it is never re-created)",
+                    self.path,
+                )
+                self._lost = True
+                self._disconnect()
+            if found is None:
+                raise sqlite3.OperationalError("the database file was deleted")
+        # A database at the path again (restored, or moved back): open it, never create one.
+        self._disconnect()
+        self._connect(create=False)
+        self._lost = False
+        log.warning("store: the SQLite file %s is back; serving again", self.path)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -108,21 +174,27 @@ class SqliteStore:
             await self.close()
             raise
 
-    def _connect(self) -> None:
+    def _connect(self, create: bool = True) -> None:
         # isolation_level=None: autocommit, so single statements are atomic on their own and
         # transactions are exactly the ones we open. `timeout` is SQLite's busy_timeout: wait
         # for another process's write lock rather than fail. Made on the store's thread, used
         # only there.
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        # create=False (reopening a restored file): mode=rw fails on a missing file rather than
+        # start an empty store in its place (every user unenrolled).
+        target, uri = (self.path, False) if create else (f"file:{_quote_path(self.path)}?mode=rw", True)
+        conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, uri=uri)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL survives process crashes; a power cut may lose the last commits.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            st = os.stat(self.path)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+        self._file = (st.st_dev, st.st_ino)
+        self._next_check = time.monotonic() + FILE_CHECK_INTERVAL
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
@@ -142,7 +214,12 @@ class SqliteStore:
         await self._run(self._ping)
 
     def _ping(self) -> None:
-        self._db.execute("SELECT 1 FROM secrets LIMIT 1").fetchall()
+        # A write lock, not a read (base.Store.ping): a read-only or full file, or another
+        # process holding the lock, lets reads pass while every code check fails.
+        self._check_file()
+        self._db.execute(
+            "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)
+        )
 
     # -- secrets ---------------------------------------------------------------------------
     async def get_secret(self, user: str) -> bytes | None:
@@ -398,3 +475,8 @@ class SqliteStore:
             db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
             db.execute("DELETE FROM pending WHERE expires_at <= ?", (now,))
             db.execute("DELETE FROM failures WHERE reset_at <= ? AND coalesce(locked_until, 0) <= ?", (now, now))
+
+
+def _quote_path(path: str) -> str:
+    """``path`` for a ``file:`` URI: ``?`` and ``#`` would start its query or fragment."""
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")

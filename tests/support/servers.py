@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,17 +174,18 @@ def enrol(config: Config, user: str, secret: str | None = None) -> str:
 
 @contextlib.contextmanager
 def gateway_process(
-    config_path: Path, port: int, keys: dict[str, str], output: Path | None = None
+    config_path: Path, port: int, keys: dict[str, str], output: Path | None = None, wrap: Sequence[str] = ()
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``gateway run --config PATH`` as a real process, with ``keys`` as its only ``GATEWAY_*``
     environment (none inherited from the caller's) and its output in ``output`` if given;
-    yields once it listens on ``port``, and stops it afterwards."""
+    yields once it listens on ``port``, and stops it afterwards. ``wrap``: a command that
+    execs the rest (``unshare ... sh -c '...; exec "$@"'``), so the process is still the gateway."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(keys)
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(output.open("wb")) if output is not None else None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
+            [*wrap, sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
             env=env,
             cwd=ROOT,
             stdout=sink,

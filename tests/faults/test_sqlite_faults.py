@@ -1,0 +1,153 @@
+"""SQLite faults against a real ``gateway run`` whose database lives on a small tmpfs of its own
+(issue 14 §1 "Store faults").
+
+The gateway runs in a private mount namespace (``unshare --mount``) where a 4 MB tmpfs is
+mounted over its data directory, so a test can make the file system read-only under the
+running process (``mount -o remount,ro``: what a kernel does to a file system after an I/O
+error; a chmod would not do, since the open file descriptor keeps its write access) or full,
+without touching the machine's. The test reaches the files through ``/proc/PID/root``.
+
+What is right for each fault (README "Security defaults"):
+* read-only file system, full disk: reads work, so a live session passes; every code is
+  denied (503): it takes an attempt and spends its time step, which are writes; readiness
+  writes, so it says not ready.
+* locked by another process (BEGIN EXCLUSIVE): in WAL mode readers are not blocked, so a
+  session may pass; a code waits the store timeout (SQLite's busy timeout) and is denied; so is
+  every request queued behind it on the store's one thread (a session too), each within that
+  timeout, not one timeout after the other.
+* the file deleted (with its -wal and -shm): SQLite would go on with the unlinked inode and lose
+  every write at the next restart (every user unenrolled). The store notices within a second,
+  logs it once and denies everything until the file is back, then serves again on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store.sqlite import BUSY_TIMEOUT_MS, FILE_CHECK_INTERVAL
+from tests.conftest import need_binary
+from tests.support.recorder import Recorder
+from tests.support.store_faults import FaultGateway, Prober, recording
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = BUSY_TIMEOUT_MS / 1000
+
+
+class Site:
+    """The gateway, its data directory as the test sees it, and the namespace's mounts."""
+
+    def __init__(self, gateway: FaultGateway, data: Path) -> None:
+        self.gateway = gateway
+        self.data = data  # the path inside the namespace
+        self.seen = Path(f"/proc/{gateway.pid}/root{data}")  # the same directory, from outside
+
+    @property
+    def db(self) -> Path:
+        return self.seen / "gateway.db"
+
+    def inside(self, *command: str) -> list[str]:
+        """``command`` run in the gateway's mount namespace. (SQLite resolves the symbolic link
+        /proc/PID/root to "/" of the caller: opened from outside, the database would be another.)"""
+        return [need_binary("nsenter"), "--target", str(self.gateway.pid), "--mount", *command]
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[Recorder]:
+    with recording() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def site(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    unshare = need_binary("unshare")
+    base = tmp_path_factory.mktemp("sqlite-faults")
+    data = base / "data"
+    data.mkdir()
+    # unshare and sh exec the rest: the process stays the gateway (gateway_process stops it).
+    wrap = [
+        unshare,
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"',
+        str(data),
+    ]
+    with FaultGateway(base, f"sqlite:///{data}/gateway.db", recorder.url, wrap=wrap) as gw:
+        yield Site(gw, data)
+
+
+@pytest.fixture
+async def prober(site: Site, recorder: Recorder) -> Prober:
+    probe = Prober(site.gateway, recorder, TIMEOUT)
+    await probe.enrol()
+    await probe.serving()
+    return probe
+
+
+async def test_the_disk_full(site: Site, prober: Prober) -> None:
+    filler = site.seen / "filler"
+    with pytest.raises(OSError, match="No space left"), filler.open("wb") as f:
+        for _ in range(10_000):
+            f.write(b"\0" * 65536)
+            f.flush()
+    try:
+        await prober.denied(reads_work=True)
+    finally:
+        filler.unlink()
+    await prober.serving()
+
+
+async def test_the_database_locked_by_another_process(site: Site, prober: Prober) -> None:
+    holder = subprocess.Popen(
+        site.inside(need_binary("sqlite3"), str(site.data / "gateway.db")),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("BEGIN EXCLUSIVE;\nSELECT 'locked';\n")
+        holder.stdin.flush()
+        assert (await asyncio.to_thread(holder.stdout.readline)).strip() == "locked"
+        # More codes at once: they queue on the store's one thread behind the first; each is
+        # answered within the store timeout, not one timeout after the other.
+        crowd = asyncio.gather(*(prober.code() for _ in range(3)))
+        await prober.denied(reads_work=None)
+        for reply in await crowd:
+            assert (reply.status, reply.error, reply.seq) == (503, "store_unavailable", None), reply
+            assert reply.latency < prober.bound, reply
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()  # the CLI ends, and the lock with it
+        holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    await prober.serving()
+
+
+async def test_the_database_deleted_under_the_running_gateway(site: Site, prober: Prober) -> None:
+    # What an operator restores from, with the sessions opened so far (SQLite's online backup).
+    db = str(site.data / "gateway.db")
+    subprocess.run(site.inside(need_binary("sqlite3"), db, f".backup {site.data / 'backup.db'}"), check=True)
+    for name in ("gateway.db", "gateway.db-wal", "gateway.db-shm"):
+        (site.seen / name).unlink(missing_ok=True)
+    await asyncio.sleep(FILE_CHECK_INTERVAL + 0.2)  # the store checks its file once a second
+    await prober.denied()
+    await prober.denied()  # it stays denied: no empty database was created in the file's place
+    assert not site.db.exists()
+    lines = [line for line in site.gateway.log().splitlines() if "deleted or replaced" in line]
+    assert len(lines) == 1, lines
+    shutil.copyfile(site.seen / "backup.db", site.seen / "restoring.db")
+    os.rename(site.seen / "restoring.db", site.db)  # whole, in one step
+    await prober.serving()
+    assert sum("is back; serving again" in line for line in site.gateway.log().splitlines()) == 1
