@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     names = list(TARGETS) if args.target == "all" else [args.target]
     with tempfile.TemporaryDirectory(prefix="gateway-fuzz-") as scratch:
         failed = _run_all(names, args, Path(scratch), extra)
-    for name in failed:
-        print(f"fuzz: {name} FAILED; a crash input is saved in {CASES / name}/, replayed by tests/test_fuzz_cases.py")
+    for message in failed:
+        print(f"fuzz: {message}")
     return 1 if failed else 0
 
 
@@ -110,10 +110,12 @@ def _run_all(names: list[str], args: argparse.Namespace, scratch: Path, extra: l
             ]
             new = sorted(set((CASES / name).glob("*")) - before)
             if process.returncode != 0 or new:
-                failed.append(name)
                 print(output[-6000:], flush=True)
-                for path in new:
-                    print(f"fuzz: {name}: saved {path.relative_to(ROOT)}", flush=True)
+                if new:
+                    saved = ", ".join(str(path.relative_to(ROOT)) for path in new)
+                    failed.append(f"{name} FAILED: saved {saved} (tests/test_fuzz_cases.py replays it)")
+                else:
+                    failed.append(f"{name} FAILED: exit status {process.returncode}, no input saved (see above)")
             else:
                 print(f"fuzz: {name} ok: {'; '.join(stats) or 'done'}", flush=True)
     return failed
