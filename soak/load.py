@@ -234,10 +234,9 @@ async def _timed(driver: Driver, kind: str, start: float, origin: float, outcome
         outcome.skipped[kind] = outcome.skipped.get(kind, 0) + 1
 
 
-async def closed_loop(driver: Driver, seconds: float, concurrency: int) -> float:
+async def closed_loop(driver: Driver, seconds: float, concurrency: int, outcome: Outcome) -> float:
     """Capacity: ``concurrency`` clients, each sending the mix back to back; requests per second."""
     kinds = cycle(driver.plan["mix"])
-    outcome = Outcome()
     origin = time.monotonic()
     deadline = origin + seconds
 
@@ -268,27 +267,42 @@ async def open_loop(driver: Driver, rate: float, seconds: float, outcome: Outcom
     return started
 
 
-async def main_async(plan: dict[str, Any], out: Path, announce: Callable[[str], Awaitable[None]]) -> None:
+def _client(plan: dict[str, Any]) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=plan["connections"])
     timeout = aiohttp.ClientTimeout(total=_HOLD_TIMEOUT)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as http:
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
+
+
+async def main_async(plan: dict[str, Any], out: Path, announce: Callable[[str], Awaitable[None]]) -> None:
+    """Warm-up (the capacity run, or ``bucket`` seconds at the given rate), a pause with every
+    client connection closed (the gateway's idle fds and tasks after warm-up), the run itself."""
+    warmup = Outcome()
+    capacity = None
+    rate = plan["rate"]
+    async with _client(plan) as http:
         driver = Driver(plan, http)
-        capacity = None
-        rate = plan["rate"]
         if rate is None:
-            capacity = await closed_loop(driver, plan["capacity_seconds"], plan["concurrency"])
+            capacity = await closed_loop(driver, plan["capacity_seconds"], plan["concurrency"], warmup)
             rate = capacity / 2
             await announce(f"capacity as measured by this run: {capacity:.0f} requests/s; driving {rate:.0f}/s")
-        outcome = Outcome()
+        else:
+            await open_loop(driver, rate, plan["warmup_seconds"], warmup)
+    idle_before = time.time()
+    await asyncio.sleep(plan["idle_seconds"])
+    outcome = Outcome()
+    async with _client(plan) as http:
+        driver.http = http
         started = await open_loop(driver, rate, plan["seconds"], outcome)
+    errors = {**{f"warm-up, {what}": entry for what, entry in warmup.errors.items()}, **outcome.errors}
     result = {
         "capacity": capacity,
         "rate": rate,
         "started": started,
         "seconds": plan["seconds"],
+        "idle_before": [idle_before, idle_before + plan["idle_seconds"]],
         "kinds": list(KINDS),
         "records": outcome.records,
-        "errors": outcome.errors,
+        "errors": errors,
         "skipped": outcome.skipped,
     }
     out.write_text(json.dumps(result))

@@ -42,6 +42,9 @@ GAUGES = {
 SESSION_USERS = 200
 LOCKED_USERS = 20
 MAX_FAILURES = 5
+# Seconds with no client connection open, after warm-up and after the run: fds and tasks are
+# compared there (under load they follow the requests in flight, not leaks).
+IDLE_SECONDS = 4.0
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -103,6 +106,26 @@ def _pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task), cpus)
 
 
+def fds_by_peer(pid: int, peers: dict[int, str]) -> dict[str, int]:
+    """The process's open fds by what they are (Linux /proc): a socket by the port of its peer
+    (``peers`` names them), a listening socket, anything else. Says where a grown count went."""
+    inodes: dict[str, str] = {}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                port = int(fields[2].rsplit(":", 1)[1], 16)
+                inodes[fields[9]] = "listening" if fields[3] == "0A" else peers.get(port, "client")
+    counts: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                kind = inodes.get(target[8:-1], "other socket") if target.startswith("socket:[") else "other"
+                counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def scrape(url: str) -> dict[str, float]:
     text = httpx.get(url, timeout=5).text
     values = {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
@@ -122,11 +145,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
     env = seed.key_env()
+    peers: dict[int, str] = {}
     if args.store == "redis":
-        store_url = f"redis://127.0.0.1:{start_redis(procs)}/0"
+        redis_port = start_redis(procs)
+        peers[redis_port] = "store"
+        store_url = f"redis://127.0.0.1:{redis_port}/0"
     else:
         store_url = f"sqlite:///{workdir}/gateway.db"
     upstream_port, port = free_port(), free_port()
+    peers[upstream_port] = "upstream"
     procs.start(
         "upstream", uvicorn_argv(sys.executable, "tests.support.upstream_app:app", upstream_port), [upstream_port]
     )
@@ -161,6 +188,8 @@ def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
         "rate": args.rate,
         "seconds": args.seconds,
         "capacity_seconds": args.capacity_seconds,
+        "warmup_seconds": min(args.bucket, 10.0),
+        "idle_seconds": IDLE_SECONDS,
         "concurrency": 32,
         "connections": 256,
     }
@@ -176,7 +205,7 @@ def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
                 _pin(proc.pid, set(cpus[1:]))
 
     metrics_url = url + config.routes.metrics
-    interval = min(2.0, args.bucket / 6)
+    interval = min(1.0, args.bucket / 6)
     gauges: Gauges = []
     last_progress = time.monotonic()
     while load.poll() is None:
@@ -190,9 +219,14 @@ def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
     if load.returncode != 0 or not results_path.exists():
         print(f"soak: the load generator failed ({load.returncode}):\n{procs.tail('load')}", file=sys.stderr)
         return 1
-    idle = scrape(metrics_url)
+    idle_after = time.time()
+    while time.time() < idle_after + IDLE_SECONDS:
+        gauges.append((time.time(), scrape(metrics_url)))
+        time.sleep(interval)
     results = json.loads(results_path.read_text())
-    summary = summarise(results, gauges, idle, args.bucket)
+    results["idle_after"] = [idle_after, idle_after + IDLE_SECONDS]
+    results["fds_after"] = fds_by_peer(gateway.pid, peers)
+    summary = summarise(results, gauges, args.bucket)
     summary["store"] = args.store
     summary["cpus"] = len(cpus)
     print(markdown(summary))

@@ -56,27 +56,21 @@ def test_growth_is_ten_percent_plus_the_slack() -> None:
     assert growth("rss", 100, 80).percent == -20
 
 
-def gauges(rss: list[float], step: float = 1.0) -> Gauges:
-    return [(1000 + i * step, {"rss": value, "fds": 50.0, "tasks": 5.0}) for i, value in enumerate(rss)]
-
-
-def test_the_verdict_compares_medians_after_warm_up_and_at_the_end() -> None:
-    steady = [200.0] * 5 + [100.0] * 55  # warm-up above the rest: not growth
-    steady[45] = 500.0  # one spike in the end window: the median ignores it
-    assert all(g.ok for g in verdicts(gauges(steady), 1000, 60, 30))
-    leaking = [100.0 + i for i in range(60)]  # one unit a second: +43 % from 30 s to 60 s
-    rss = next(g for g in verdicts(gauges(leaking), 1000, 60, 30) if g.name == "rss")
-    assert (rss.warm, rss.end, rss.ok) == (134.5, 154.5, False)
-    with pytest.raises(ValueError):
-        window_median([(1.0, 1.0)], 2, 3)
+def gauges(rss: list[float], fds: list[float] | None = None) -> Gauges:
+    """One sample a second from t = 1000, the run itself from 1010 (see ``results``)."""
+    fds = fds or [50.0] * len(rss)
+    return [(1000.0 + i, {"rss": r, "fds": f, "tasks": 5.0}) for i, (r, f) in enumerate(zip(rss, fds, strict=True))]
 
 
 def results(errors: dict[str, Any] | None = None, skipped: dict[str, int] | None = None) -> dict[str, Any]:
+    """A 60 s run from t = 1010, idle 1004-1008 before it and 1072-1076 after it."""
     return {
         "capacity": 400.0,
         "rate": 200.0,
-        "started": 1000.0,
+        "started": 1010.0,
         "seconds": 60,
+        "idle_before": [1004.0, 1008.0],
+        "idle_after": [1072.0, 1076.0],
         "kinds": list(KINDS),
         "records": [[i % len(KINDS), i * 0.01, 0.005] for i in range(6000)],
         "errors": errors or {},
@@ -84,23 +78,43 @@ def results(errors: dict[str, Any] | None = None, skipped: dict[str, int] | None
     }
 
 
+def test_rss_is_compared_under_load_by_medians_after_warm_up_and_at_the_end() -> None:
+    steady = [100.0] * 80
+    steady[0:10] = [200.0] * 10  # warm-up above the rest: not growth
+    steady[10 + 55] = 500.0  # one spike in the end window: the median ignores it
+    assert all(g.ok for g in verdicts(gauges(steady), results(), 30))
+    leaking = [100.0 + i for i in range(80)]  # one unit a second: +14 % from 30-40 s to 50-60 s of the run
+    rss = next(g for g in verdicts(gauges(leaking), results(), 30) if g.name == "rss")
+    assert (rss.warm, rss.end, rss.ok) == (144.5, 164.5, False)
+    with pytest.raises(ValueError):
+        window_median([(1.0, 1.0)], 2, 3)
+
+
+def test_fds_are_compared_at_idle_not_under_load() -> None:
+    busy = [40.0] * 10 + [300.0] * 62 + [40.0] * 8  # connections open only while the load runs
+    assert next(g for g in verdicts(gauges([100.0] * 80, busy), results(), 30) if g.name == "fds").ok
+    leaked = [40.0] * 10 + [300.0] * 62 + [60.0] * 8  # 20 left open after the run
+    fds = next(g for g in verdicts(gauges([100.0] * 80, leaked), results(), 30) if g.name == "fds")
+    assert (fds.warm, fds.end, fds.ok) == (40.0, 60.0, False)
+
+
 def test_a_clean_run_passes_and_any_unexpected_answer_fails_it() -> None:
-    flat = gauges([100.0] * 60)
-    clean = summarise(results(), flat, {"rss": 100.0}, 30)
+    flat = gauges([100.0] * 80)
+    clean = summarise(results(), flat, 30)
     assert clean["passed"] and clean["unexpected"] == 0
     assert clean["counts"]["websocket"] == 6000 // len(KINDS)
     assert [b["count"] for b in clean["buckets"]] == [3000, 3000]
     assert "## Soak: PASSED" in markdown(clean)
 
     error = {"session: status 503": {"count": 2, "sample": "/echo/app -> 503 store_unavailable"}}
-    failed = summarise(results(errors=error), flat, {}, 30)
+    failed = summarise(results(errors=error), flat, 30)
     assert not failed["passed"] and failed["unexpected"] == 2
     assert "/echo/app -> 503 store_unavailable" in markdown(failed)
 
-    short = summarise(results(skipped={"code": 3}), flat, {}, 30)
+    short = summarise(results(skipped={"code": 3}), flat, 30)
     assert not short["passed"] and short["unexpected"] == 3
 
-    unmeasured = summarise(results(), [], {}, 30)  # no gauge at all: no verdict, no pass
+    unmeasured = summarise(results(), [], 30)  # no gauge at all: no verdict, no pass
     assert not unmeasured["passed"] and unmeasured["growth_problem"]
 
 
