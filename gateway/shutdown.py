@@ -32,6 +32,7 @@ import socket
 from types import FrameType
 
 import uvicorn
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.supervisors import multiprocess
 
@@ -60,6 +61,14 @@ class Drain:
 
 class GoingAwayWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, closing open sockets with 1001 when the server stops."""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        # uvicorn (0.54) marks the handshake done after an accept or a close but not after a
+        # denial response (the "websocket.http.response" extension, websocket.refuse_handshake),
+        # and then logs "returned without completing handshake" at ERROR for one it answered.
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True
 
     def shutdown(self) -> None:
         if self.close_sent or not self.handshake_complete:

@@ -6,7 +6,8 @@ the ASGI server answers with HTTP 403 (RFC 6455 §4.2.2 lets the server refuse w
 After the upstream accepts, messages are relayed both ways unchanged; the subprotocol the
 upstream chose is passed on, and so are close codes and reasons (RFC 6455 §7.4), except the
 codes that only report a closure and may never be sent, which are translated. Whatever ends the
-relay, the upstream connection is closed.
+relay, the upstream connection is closed. An upstream that cannot be reached or does not complete
+the handshake is refused as an HTTP request would be: 502, or 504 past ``connect_timeout``.
 
 A socket lives only as long as the 2FA session that admitted it (``revocation.py``): when that
 session ends, the client is closed with :data:`SESSION_ENDED` (4401) and the upstream with 1001
@@ -45,7 +46,6 @@ _HANDSHAKE = frozenset(
     {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol"}
 )
 _POLICY_VIOLATION = 1008
-_BAD_GATEWAY = 1014
 # The 2FA session that admitted the socket has ended. RFC 6455 §7.4.2 leaves 4000-4999 to
 # applications; 4401 echoes HTTP 401, and unlike 1008 (which an upstream may send too, and is
 # relayed unchanged) it comes only from the gateway: get a new session, then reconnect.
@@ -139,12 +139,22 @@ async def proxy_websocket(
             create_connection=_with_host(host),
         )
     except InvalidStatus as exc:
-        log.warning("upstream refused the websocket handshake: %s", exc.response.status_code)
-        await send({"type": "websocket.close", "code": _POLICY_VIOLATION})
+        status = exc.response.status_code
+        log.warning("upstream refused the websocket handshake: %s", status)
+        if 400 <= status < 500:  # the app's own refusal of this client (RFC 6455 §4.2.2)
+            await send({"type": "websocket.close", "code": _POLICY_VIOLATION})
+        else:  # not an answer to a handshake (a 200 from a plain HTTP app, a 5xx): bad gateway
+            await refuse_handshake(scope, send, Reason.UPSTREAM_UNREACHABLE)
         return
-    except (OSError, InvalidHandshake, TimeoutError) as exc:
+    except TimeoutError:
+        # Issue 14: an upstream that accepts the connection and never completes the handshake is
+        # a 504, as an HTTP request's would be (the handshake is bounded by connect_timeout).
+        log.warning("upstream websocket handshake timed out")
+        await refuse_handshake(scope, send, Reason.UPSTREAM_TIMEOUT)
+        return
+    except (OSError, InvalidHandshake) as exc:
         log.warning("upstream websocket unreachable: %s", type(exc).__name__)
-        await send({"type": "websocket.close", "code": _BAD_GATEWAY})
+        await refuse_handshake(scope, send, Reason.UPSTREAM_UNREACHABLE)
         return
 
     accept: dict[str, Any] = {"type": "websocket.accept", "subprotocol": upstream.subprotocol}

@@ -1,0 +1,345 @@
+"""Upstream faults against a real ``gateway run`` process in proxy mode (issue 14 §1 "Upstream
+faults"): a client with a valid 2FA session asks for paths that make the upstream
+(tests/support/faulty_upstream.py, a raw TCP server) refuse, hang, dawdle, reset, or answer with
+bytes that are not HTTP.
+
+For each fault, ``REPEAT`` requests at once (so a leak of one per request shows):
+* before the response started, the right status: 502 (unreachable, reset, malformed) or 504 (no
+  answer within ``upstream.read_timeout``), a JSON ``{"error", "detail"}`` with none of the
+  upstream's bytes in it, within the timeout + 2 s; never a 500;
+* once the response started, an aborted stream: the client reads a status and part of the body
+  and then the connection ends (a short read against Content-Length, a chunked body without its
+  last chunk), never a truncated body that looks whole;
+* nothing leaks: the gateway's file descriptors (``/proc/PID/fd``) and event-loop tasks
+  (``gateway_event_loop_tasks``, gateway/metrics.py) and the upstream's open connections (its
+  own view: the gateway must close a connection it gave up on, not pool it) come back to their
+  count before the faults, and no request arrives on a connection after its fault;
+* the next ordinary request works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.config import ENV_KEYS, ENV_PEPPER
+from tests.support.faulty_upstream import BODY_SENT, FaultyUpstream
+from tests.support.load import SESSION_COOKIE, enrol_user
+from tests.support.servers import free_port, gateway_process
+
+REPEAT = 20
+READ_TIMEOUT = 1.0
+CONNECT_TIMEOUT = 1.0
+# How long the faults may take to settle (connections closed, tasks ended) before counting: the
+# slow faults' upstream threads hold their socket for faulty_upstream.SLOW.
+SETTLE = 6.0
+# Bytes of the upstream's that must never reach the client in a denial.
+UPSTREAM_SECRETS = (b"secret", b"garbage", b"upstream-detail")
+
+
+@dataclass
+class Gateway:
+    port: int
+    pid: int
+    session: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Remote-User": "alice", "Cookie": f"{SESSION_COOKIE}={self.session}"}
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def tasks(self) -> int:
+        """``gateway_event_loop_tasks`` (the scrape's own request is one of them)."""
+        text = httpx.get(self.url + "/_gateway/metrics", headers=self.headers).text
+        for line in text.splitlines():
+            if line.startswith("gateway_event_loop_tasks "):
+                return int(float(line.split()[1]))
+        raise AssertionError("the gateway reports no gateway_event_loop_tasks")
+
+    def ok(self, path: str) -> bool:
+        answer = httpx.get(self.url + path, headers=self.headers, timeout=10)
+        return (answer.status_code, answer.content) == (200, b"ok")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FaultyUpstream]:
+    with FaultyUpstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: FaultyUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    base = tmp_path_factory.mktemp("upstream-faults")
+    port = free_port()
+    config = base / "gateway.toml"
+    config.write_text(
+        f"""
+[server]
+port = {port}
+log_level = "warning"
+
+[upstream]
+url = "{upstream.url}"
+read_timeout = {READ_TIMEOUT}
+connect_timeout = {CONNECT_TIMEOUT}
+write_timeout = {READ_TIMEOUT}
+
+[store]
+url = "sqlite:///{base}/gateway.db"
+
+[session]
+secure = false
+cookie = "{SESSION_COOKIE}"
+"""
+    )
+    keys = {ENV_KEYS: Fernet.generate_key().decode(), ENV_PEPPER: Fernet.generate_key().decode()}
+    with gateway_process(config, port, keys, base / "gateway.log") as proc:
+        _, session = asyncio.run(enrol_user(f"http://127.0.0.1:{port}", "alice"))
+        yield Gateway(port, proc.pid, session)
+    log = (base / "gateway.log").read_text()
+    # An upstream's failure is a warning line, not a stack trace (nor a 500). The one ERROR line
+    # left is uvicorn's, for each response the gateway cut off on purpose (an aborted stream).
+    assert "Traceback" not in log, log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert all("ASGI callable returned without completing response" in line for line in errors), errors
+
+
+@dataclass
+class Counts:
+    fds: int
+    upstream_connections: int
+    tasks: int
+
+    def within(self, before: Counts) -> bool:
+        return (
+            self.fds <= before.fds
+            and self.upstream_connections <= before.upstream_connections
+            and self.tasks <= before.tasks
+        )
+
+
+def counts(gateway: Gateway, upstream: FaultyUpstream) -> Counts:
+    return Counts(gateway.fds(), upstream.open_connections(), gateway.tasks())
+
+
+def settled(gateway: Gateway, upstream: FaultyUpstream, before: Counts) -> Counts:
+    """The counts once they are back to ``before`` (or SETTLE has passed: then as they are)."""
+    deadline = time.monotonic() + SETTLE
+    while True:
+        now = counts(gateway, upstream)
+        if now.within(before) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def no_leak(gateway: Gateway, upstream: FaultyUpstream) -> Iterator[None]:
+    """Nothing the block did is left open once settled, nothing was sent on a connection after
+    its fault, and an ordinary request through the same gateway works afterwards."""
+    assert gateway.ok("/ok/warm")
+    before = settled(gateway, upstream, counts(gateway, upstream))
+    reused = upstream.reused
+    yield
+    after = settled(gateway, upstream, before)
+    assert gateway.ok("/ok/after")
+    print(f"before {before}, after {after}")
+    assert after.within(before), (before, after)
+    assert upstream.reused == reused, "a request came on a connection the upstream had broken"
+
+
+@dataclass
+class Outcome:
+    status: int
+    kind: str  # "denied" (a whole JSON denial), "aborted" (cut off after the head), "complete"
+    body: bytes
+    elapsed: float
+
+
+async def _one(client: httpx.AsyncClient, method: str, path: str) -> Outcome:
+    start = time.monotonic()
+    async with client.stream(method, path) as response:
+        body = bytearray()
+        kind = "complete"
+        try:
+            async for chunk in response.aiter_raw():
+                body += chunk
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            kind = "aborted"
+    elapsed = time.monotonic() - start
+    if kind == "complete" and response.headers.get("content-type") == "application/json":
+        kind = "denied"
+    return Outcome(response.status_code, kind, bytes(body), elapsed)
+
+
+async def _many(gateway: Gateway, method: str, fault: str) -> list[Outcome]:
+    async with httpx.AsyncClient(base_url=gateway.url, headers=gateway.headers, timeout=15) as client:
+        return await asyncio.gather(*(_one(client, method, f"/{fault}/{i}") for i in range(REPEAT)))
+
+
+def fire(gateway: Gateway, fault: str, method: str = "GET") -> list[Outcome]:
+    return asyncio.run(_many(gateway, method, fault))
+
+
+def assert_denied(outcomes: list[Outcome], status: int, error: str, within: float) -> None:
+    """Every answer the whole JSON denial, in time, with nothing of the upstream's in it."""
+    for outcome in outcomes:
+        assert (outcome.status, outcome.kind) == (status, "denied"), outcome
+        denial = json.loads(outcome.body)
+        assert sorted(denial) == ["detail", "error"] and denial["error"] == error, denial
+        assert not any(secret in outcome.body.lower() for secret in UPSTREAM_SECRETS), outcome
+        assert outcome.elapsed < within, outcome
+
+
+def assert_aborted(outcomes: list[Outcome], most: int) -> None:
+    """Every answer started (200) and was cut off: fewer than ``most`` body bytes, no clean end."""
+    for outcome in outcomes:
+        assert (outcome.status, outcome.kind) == (200, "aborted"), outcome
+        assert len(outcome.body) < most, outcome
+
+
+def test_refused_connections_are_502_and_service_resumes(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    with no_leak(gateway, upstream), upstream.refusing():
+        assert_denied(fire(gateway, "ok"), 502, "upstream_unreachable", CONNECT_TIMEOUT + 2)
+
+
+def test_upstream_that_never_answers_is_504(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    with no_leak(gateway, upstream):
+        outcomes = fire(gateway, "hang")
+        assert_denied(outcomes, 504, "upstream_timeout", READ_TIMEOUT + 2)
+        assert all(o.elapsed >= READ_TIMEOUT for o in outcomes), outcomes
+
+
+def test_answer_slower_than_read_timeout_is_504(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    with no_leak(gateway, upstream):
+        assert_denied(fire(gateway, "slow-head"), 504, "upstream_timeout", READ_TIMEOUT + 2)
+
+
+def test_body_stalled_past_read_timeout_is_an_aborted_stream(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    with no_leak(gateway, upstream):
+        outcomes = fire(gateway, "slow-body")
+        assert_aborted(outcomes, BODY_SENT + 1)
+        assert all(o.elapsed < READ_TIMEOUT + 2 for o in outcomes), outcomes
+
+
+def test_reset_in_the_head_is_502(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    with no_leak(gateway, upstream):
+        assert_denied(fire(gateway, "reset-head"), 502, "upstream_unreachable", 2)
+        # POST too: never resent (RFC 9110 §9.2.2), a 502 all the same.
+        assert_denied(fire(gateway, "reset-head", "POST"), 502, "upstream_unreachable", 2)
+
+
+@pytest.mark.parametrize("fault", ["reset-body-length", "reset-body-chunked"])
+def test_reset_in_the_body_is_an_aborted_stream(gateway: Gateway, upstream: FaultyUpstream, fault: str) -> None:
+    with no_leak(gateway, upstream):
+        assert_aborted(fire(gateway, fault), BODY_SENT + 1)
+
+
+@pytest.mark.parametrize("fault", ["bad-status", "bad-status-line"])
+def test_malformed_status_line_is_502(gateway: Gateway, upstream: FaultyUpstream, fault: str) -> None:
+    with no_leak(gateway, upstream):
+        assert_denied(fire(gateway, fault), 502, "upstream_unreachable", 2)
+
+
+@pytest.mark.parametrize("fault", ["bad-chunk-size", "chunk-missing-crlf", "chunk-size-overflow", "chunk-overrun"])
+def test_invalid_chunked_encoding_is_never_relayed_as_whole(
+    gateway: Gateway, upstream: FaultyUpstream, fault: str
+) -> None:
+    # The head was valid, so the answer may have started (then it is cut off after the first,
+    # valid 16-byte chunk, or in the overrun one) or the parser may have refused the lot first (then a 502).
+    with no_leak(gateway, upstream):
+        for outcome in fire(gateway, fault):
+            if outcome.kind == "denied":
+                assert_denied([outcome], 502, "upstream_unreachable", 2)
+            else:
+                assert_aborted([outcome], 33)
+
+
+def _expect_continue(gateway: Gateway, path: str) -> bytes:
+    """A POST with ``Expect: 100-continue``: the body is sent once the gateway says 100 (or not
+    at all if it answers first); everything the gateway sent, to the end of the connection."""
+    body = b"b" * 1000
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        cookie = f"{SESSION_COOKIE}={gateway.session}"
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\nRemote-User: alice\r\n"
+            f"Cookie: {cookie}\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        answer = sock.recv(65536)
+        if answer.startswith(b"HTTP/1.1 100 "):
+            with contextlib.suppress(OSError):
+                sock.sendall(body)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_upstream_closing_after_100_continue_is_502(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    with no_leak(gateway, upstream):
+        for i in range(REPEAT):
+            answer = _expect_continue(gateway, f"/continue-close/{i}")
+            final = answer.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n")
+            head, _, body = final.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 502 "), answer
+            assert json.loads(body)["error"] == "upstream_unreachable", answer
+
+
+async def _ws_refused(gateway: Gateway, path: str) -> tuple[int, bytes, float]:
+    start = time.monotonic()
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"ws://127.0.0.1:{gateway.port}{path}", additional_headers=gateway.headers, open_timeout=10):
+            pass
+    return refused.value.response.status_code, bytes(refused.value.response.body or b""), time.monotonic() - start
+
+
+async def _ws_many(gateway: Gateway, fault: str) -> list[tuple[int, bytes, float]]:
+    return await asyncio.gather(*(_ws_refused(gateway, f"/{fault}/{i}") for i in range(REPEAT)))
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "error"),
+    [("ws-hang", 504, "upstream_timeout"), ("ws-200", 502, "upstream_unreachable")],
+)
+def test_websocket_upstream_that_does_not_complete_the_handshake(
+    gateway: Gateway, upstream: FaultyUpstream, fault: str, status: int, error: str
+) -> None:
+    with no_leak(gateway, upstream):
+        for got, body, elapsed in asyncio.run(_ws_many(gateway, fault)):
+            assert (got, json.loads(body)["error"]) == (status, error), body
+            assert elapsed < CONNECT_TIMEOUT + 2, elapsed
+
+
+async def _ws_upstream_dies(gateway: Gateway, path: str) -> int | None:
+    """The close code the client gets when the upstream resets mid-relay (None: no close frame)."""
+    async with connect(f"ws://127.0.0.1:{gateway.port}{path}", additional_headers=gateway.headers) as ws:
+        await ws.send("ping")
+        assert await asyncio.wait_for(ws.recv(), 5) == "ping"
+        await ws.send("boom")  # the upstream resets on its second message
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        return ws.protocol.close_rcvd.code if ws.protocol.close_rcvd is not None else None
+
+
+def test_websocket_upstream_reset_mid_relay_closes_the_client(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    with no_leak(gateway, upstream):
+        for i in range(REPEAT):
+            code = asyncio.run(_ws_upstream_dies(gateway, f"/ws-echo-reset/{i}"))
+            assert code in (1011, 1014, None), code
