@@ -1,14 +1,14 @@
-"""SQLite faults against a real ``gateway run`` whose database lives on a small tmpfs of its own
-(issue 14 §1 "Store faults").
+"""SQLite faults against a real ``gateway run`` (issue 14 §1 "Store faults").
 
-The gateway runs in a private mount namespace (``unshare --mount``) where a 4 MB tmpfs is
-mounted over its data directory, so a test can make the file system read-only under the
-running process (``mount -o remount,ro``: what a kernel does to a file system after an I/O
-error; a chmod would not do, since the open file descriptor keeps its write access) or full,
-without touching the machine's. The test reaches the files through ``/proc/PID/root``.
+Most run with the database on a 4 MB tmpfs of the gateway's own: the process runs in a private
+mount namespace (``unshare --mount``), so a test can fill that file system without touching the
+machine's; the test reaches the files through ``/proc/PID/root``. The read-only case runs on the
+machine's disk: ``chattr +i`` makes the file and its WAL read-only under the running process,
+even to root and through its open descriptors (a chmod binds neither, and a file system cannot
+be remounted read-only under a writer: mount answers "busy").
 
 What is right for each fault (README "Security defaults"):
-* read-only file system, full disk: reads work, so a live session passes; every code is
+* read-only files, full disk: reads work, so a live session passes; every code is
   denied (503): it takes an attempt and spends its time step, which are writes; readiness
   writes, so it says not ready.
 * locked by another process (BEGIN EXCLUSIVE): in WAL mode readers are not blocked, so a
@@ -151,3 +151,28 @@ async def test_the_database_deleted_under_the_running_gateway(site: Site, prober
     os.rename(site.seen / "restoring.db", site.db)  # whole, in one step
     await prober.serving()
     assert sum("is back; serving again" in line for line in site.gateway.log().splitlines()) == 1
+
+
+@pytest.fixture
+def disk_site(recorder: Recorder, tmp_path: Path) -> Iterator[Site]:
+    """A gateway with its database on the machine's own disk (ext4: tmpfs has no chattr)."""
+    with FaultGateway(tmp_path, f"sqlite:///{tmp_path}/gateway.db", recorder.url) as gw:
+        yield Site(gw, tmp_path)
+
+
+async def test_the_database_files_made_read_only(disk_site: Site, recorder: Recorder) -> None:
+    """``chattr +i``: the file and its WAL become read-only under the running gateway, even to
+    root and through the descriptors it has open (a chmod would bind neither; a file system
+    cannot be remounted read-only under a writer: mount answers "busy")."""
+    chattr = need_binary("chattr")
+    site = disk_site
+    prober = Prober(site.gateway, recorder, TIMEOUT)
+    await prober.enrol(sessions=1, coders=3)
+    await prober.serving()
+    files = [str(site.data / name) for name in ("gateway.db", "gateway.db-wal")]
+    subprocess.run([chattr, "+i", *files], check=True)
+    try:
+        await prober.denied(reads_work=True)
+    finally:
+        subprocess.run([chattr, "-i", *files], check=True)
+    await prober.serving()
