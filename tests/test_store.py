@@ -7,6 +7,7 @@ near the real clock (Redis expires keys in real time, so they must not lie in th
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import sqlite3
 import time
@@ -19,6 +20,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import gateway.store.redis as redis_module
+import gateway.store.sqlite as sqlite_module
 from gateway.errors import StoreError
 from gateway.store import Attempt, Quota, Store, UserState, open_store_from_url
 from gateway.store.redis import RedisStore
@@ -783,3 +785,52 @@ async def test_redis_a_session_opened_across_a_revocation_is_not_left_open(
 async def test_create_session_reports_an_open_session(store: Store, now: float) -> None:
     assert await store.create_session("s1", "alice", now + 300) is True
     assert await store.get_session("s1", now) == "alice"
+
+
+# -- SQLite faults (tests/faults/test_sqlite_faults.py has them against a real gateway) -------
+async def test_a_deleted_sqlite_file_is_noticed_denied_and_never_created_again(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    store = SqliteStore(str(db))
+    await store.open()
+    try:
+        await store.set_secret("alice", b"a")
+        with sqlite3.connect(db) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+            source.backup(copy)
+        source.close()
+        copy.close()
+        for name in ("gateway.db", "gateway.db-wal", "gateway.db-shm"):
+            (tmp_path / name).unlink(missing_ok=True)
+        with pytest.raises(StoreError, match="deleted"):
+            await store.ping()  # readiness checks the file at once; requests within a second
+        with pytest.raises(StoreError, match="deleted"):
+            await store.get_secret("alice")  # and everything after, until it is back
+        assert not db.exists()  # no empty store in its place: every user would be unenrolled
+        shutil.copyfile(tmp_path / "backup.db", db)
+        assert await store.get_secret("alice") == b"a"
+        await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_sqlite_calls_queued_behind_a_lock_wait_one_store_timeout_in_all(
+    tmp_path: Path, now: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call queued on the store's one thread behind a call that waits for another
+    process's lock is answered within the store timeout, not one timeout after the other."""
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_MS", 400)
+    store = SqliteStore(str(tmp_path / "gateway.db"))
+    await store.open()
+    holder = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        calls = [store.take_attempt([_quota(f"user:u{i}")], now) for i in range(4)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        elapsed = time.monotonic() - started
+        assert all(isinstance(r, StoreError) for r in results), results
+        assert elapsed < 1.0, elapsed  # the timeout and some slack bound a hang; before: 4 x 0.4 s
+        holder.execute("ROLLBACK")
+        assert (await store.take_attempt([_quota("user:u9")], now)).allowed
+    finally:
+        holder.close()
+        await store.close()
