@@ -237,17 +237,42 @@ class FaultyUpstream:
     @contextlib.contextmanager
     def refusing(self) -> Iterator[None]:
         """Nothing listens on the port, and the connections open now are closed (FIN), so the
-        gateway's pooled ones are gone too; listening again afterwards."""
+        gateway's pooled ones are gone too; listening again afterwards. With nothing inside the
+        block, an upstream restart."""
+        self._close_all()
+        try:
+            yield
+        finally:
+            self.listen()
+
+    @contextlib.contextmanager
+    def blackholing(self) -> Iterator[None]:
+        """A listener whose accept queue is full: Linux drops further SYNs (tcp_abort_on_overflow
+        0), so a connect hangs, as to a host behind a firewall that drops packets."""
+        self._close_all()
+        full = socket.socket()
+        full.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        full.bind(("127.0.0.1", self.port))
+        full.listen(0)
+        fillers = [socket.socket() for _ in range(2)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+        time.sleep(2 * _HOLD_POLL)  # the first is queued, the second's SYN dropped
+        try:
+            yield
+        finally:
+            for sock in (*fillers, full):
+                sock.close()
+            self.listen()
+
+    def _close_all(self) -> None:
         self.stop_listening()
         time.sleep(2 * _HOLD_POLL)  # the accept thread has seen its listener go
         with self._lock:
             for sock in self._open:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-        try:
-            yield
-        finally:
-            self.listen()
 
     def _start(self, target: Callable[[socket.socket], None], sock: socket.socket) -> None:
         thread = threading.Thread(target=target, args=(sock,), daemon=True)
