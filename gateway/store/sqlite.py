@@ -82,16 +82,25 @@ class SqliteStore:
 
     # -- the one boundary to sqlite3 ---------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on the store's thread; sqlite3, OS and encoding errors become StoreError.
+        """Run ``fn(*args)`` on the store's thread within the store timeout, queueing included;
+        sqlite3, OS and encoding errors become StoreError.
 
         The message names the operation and SQLite's own text, which never includes bound
         parameters, so no secret, code or session id can leak into it.
         """
+        return await self._call(BUSY_TIMEOUT_MS / 1000, fn, *args)
+
+    async def _run_long(self, fn: Callable[..., T], *args: object) -> T:
+        """``_run`` without the deadline, for the administration commands' reads of every user
+        (a million users take longer than one store timeout), as redis_calls.gated."""
+        return await self._call(None, fn, *args)
+
+    async def _call(self, timeout: float | None, fn: Callable[..., T], *args: object) -> T:
         if self._executor is None:
             raise StoreError("sqlite store is not open")
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            async with asyncio.timeout(BUSY_TIMEOUT_MS / 1000):
+            async with asyncio.timeout(timeout):
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._executor, self._checked, deadline, fn, *args)
         except TimeoutError as exc:  # an OSError too: named before it
@@ -101,11 +110,11 @@ class SqliteStore:
         except UnicodeError as exc:  # a name with a lone surrogate; its text would quote it
             raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed ({type(exc).__name__})") from exc
 
-    def _checked(self, deadline: float, fn: Callable[..., T], *args: object) -> T:
+    def _checked(self, deadline: float | None, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on the store's thread, unless its caller has given up waiting or the
         path no longer names the file this connection opened."""
         now = time.monotonic()
-        if now > deadline:  # its caller was told "timed out": running it now would surprise it
+        if deadline is not None and now > deadline:  # its caller was told "timed out": running it now would surprise it
             raise sqlite3.OperationalError("timed out waiting for the store's thread")
         if self._file is not None and (self._lost or now >= self._next_check):
             self._next_check = now + FILE_CHECK_INTERVAL
@@ -214,8 +223,8 @@ class SqliteStore:
         await self._run(self._ping)
 
     def _ping(self) -> None:
-        # A write lock, not a read (base.Store.ping): a read-only or full file, or another
-        # process holding the lock, lets reads pass while every code check fails.
+        # A write, not a read (base.Store.ping): a read-only or full file, or another process
+        # holding the lock, lets reads pass while every code check fails.
         self._check_file()
         self._db.execute(
             "INSERT INTO probe (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),)
@@ -417,7 +426,7 @@ class SqliteStore:
             db.execute("DELETE FROM failures WHERE scope = ?", (f"user:{user}",))
 
     async def list_users(self) -> list[str]:
-        return await self._run(self._list_users)
+        return await self._run_long(self._list_users)
 
     def _list_users(self) -> list[str]:
         rows = self._db.execute(
@@ -452,7 +461,7 @@ class SqliteStore:
         )
 
     async def iter_secrets(self) -> list[tuple[str, bytes]]:
-        return await self._run(self._iter_secrets)
+        return await self._run_long(self._iter_secrets)
 
     def _iter_secrets(self) -> list[tuple[str, bytes]]:
         rows = self._db.execute("SELECT user, secret FROM secrets ORDER BY user")
