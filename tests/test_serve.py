@@ -12,7 +12,7 @@ from gateway import config as config_module
 from gateway import serve as serve_module
 from gateway.config import Config
 from gateway.serve import APP_FACTORY, app_factory, uvicorn_config
-from gateway.server import LimitedHttpToolsProtocol
+from gateway.server import LimitedHttpToolsProtocol, LimitedWebSocketProtocol
 from gateway.shutdown import GoingAwayWebSocketProtocol
 from tests.support.servers import ROOT, fresh_keys
 
@@ -52,4 +52,5 @@ def test_the_shutdown_keys_reach_uvicorn(tmp_path: Path) -> None:
     built = uvicorn_config(config_module.load(path, env=fresh_keys()), APP_FACTORY)
     assert built.timeout_graceful_shutdown == 30.0  # the default grace
     assert built.shutdown_delay == 5.0
-    assert built.ws is GoingAwayWebSocketProtocol
+    # The 1001 protocol, with send_timeout for a client that stops reading (gateway/server.py).
+    assert built.ws is LimitedWebSocketProtocol and issubclass(built.ws, GoingAwayWebSocketProtocol)

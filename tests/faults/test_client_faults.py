@@ -37,6 +37,10 @@ SEND_TIMEOUT = 1.0
 # How long the faults may take to settle (connections closed, tasks ended) before counting.
 SETTLE = 5.0
 CHUNK = b"d" * 65536
+# The websockets library's close_timeout, the gateway's upstream WebSocket's (gateway/websocket.py).
+WS_CLOSE_TIMEOUT = 10.0
+# What a WebSocket floods with: random, so no compression could shrink it to nothing.
+NOISE = os.urandom(65536)
 # How long the upstream's /slow thinks: well under the gateway's read_timeout (60 s), well over
 # the time it should take the gateway to notice its client left.
 SLOW = 8.0
@@ -131,10 +135,37 @@ def upstream_app(observer: Observer) -> Any:
         finally:
             watcher.cancel()
 
-    async def echo(path: str, receive: Any, send: Any) -> None:
+    async def flood(path: str, receive: Any, send: Any) -> None:
+        # Sends until the client is gone (a feed, a log tail): what a stalled reader is sent.
         seen = observer.start(path)
+        gone = asyncio.Event()
+
+        async def watch_ws() -> None:
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch_ws())
+        try:
+            while not gone.is_set():
+                sending = asyncio.ensure_future(send({"type": "websocket.send", "bytes": NOISE}))
+                await asyncio.wait([sending, watcher], return_when=asyncio.FIRST_COMPLETED)
+                if not sending.done():
+                    sending.cancel()
+                    break
+                if sending.exception() is not None:
+                    break
+                seen.size += 1
+        finally:
+            watcher.cancel()
+        observer.end(seen, "aborted")
+
+    async def echo(path: str, receive: Any, send: Any) -> None:
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
+        if path.startswith("/wsflood"):
+            return await flood(path, receive, send)
+        seen = observer.start(path)
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
@@ -284,9 +315,9 @@ def counts(gateway: Gateway, upstream: Upstream) -> Counts:
     return Counts(gateway.fds(), upstream.connections(), gateway.tasks())
 
 
-def settled(gateway: Gateway, upstream: Upstream, before: Counts) -> Counts:
-    """The counts once they are back to ``before`` (or SETTLE has passed: then as they are)."""
-    deadline = time.monotonic() + SETTLE
+def settled(gateway: Gateway, upstream: Upstream, before: Counts, settle: float = SETTLE) -> Counts:
+    """The counts once they are back to ``before`` (or ``settle`` has passed: then as they are)."""
+    deadline = time.monotonic() + settle
     while True:
         now = counts(gateway, upstream)
         if now.within(before) or time.monotonic() > deadline:
@@ -295,13 +326,13 @@ def settled(gateway: Gateway, upstream: Upstream, before: Counts) -> Counts:
 
 
 @contextlib.contextmanager
-def no_leak(gateway: Gateway, upstream: Upstream) -> Iterator[None]:
+def no_leak(gateway: Gateway, upstream: Upstream, settle: float = SETTLE) -> Iterator[None]:
     """The gateway's fds and the upstream's connections after the block are no more than before
     it, once settled; and an ordinary request through the same gateway works afterwards."""
     assert gateway.get("/warm").endswith(b"ok")
     before = settled(gateway, upstream, counts(gateway, upstream))
     yield
-    after = settled(gateway, upstream, before)
+    after = settled(gateway, upstream, before, settle)
     assert gateway.get("/after").endswith(b"ok")
     print(f"before {before}, after {after}")
     assert after.within(before), (before, after)
@@ -399,3 +430,37 @@ def test_client_gone_before_the_answer_cancels_the_upstream_request(gateway: Gat
                 started = upstream.observer.wait(path, ended=False)
             seen = upstream.observer.wait(path, ended=True, timeout=SLOW + SETTLE)
             assert (seen.outcome, seen.ended - started.started < SLOW / 2) == ("aborted", True), seen
+
+
+async def _stall(gateway: Gateway, path: str) -> Any:
+    """A WebSocket through the gateway whose client reads nothing (the library's queue of one
+    message fills, then it stops reading the socket) but keeps the connection open."""
+    url = f"ws://127.0.0.1:{gateway.port}{path}"
+    headers = {"Remote-User": "alice", "Cookie": f"{SESSION_COOKIE}={gateway.session}"}
+    # No permessage-deflate: the buffers fill with the flood itself, not after minutes of
+    # compressing it.
+    return await connect(url, additional_headers=headers, open_timeout=5, max_queue=1, compression=None)
+
+
+def test_websocket_client_that_stops_reading_is_dropped_after_send_timeout(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    paths = [f"/wsflood/{i}" for i in range(REPEAT)]
+
+    async def stall_all() -> list[Seen]:
+        clients = [await _stall(gateway, path) for path in paths]
+        try:
+            return [
+                await asyncio.to_thread(upstream.observer.wait, path, True, SEND_TIMEOUT + SETTLE) for path in paths
+            ]
+        finally:
+            for ws in clients:
+                ws.transport.abort()
+
+    # Closing the upstream WebSocket waits for its close frame, which is behind the flood the
+    # gateway stopped reading: the websockets library gives up after its close_timeout.
+    with no_leak(gateway, upstream, settle=WS_CLOSE_TIMEOUT + SETTLE):
+        ended = asyncio.run(stall_all())
+    assert all(seen.outcome == "aborted" for seen in ended), ended
+    waited = [seen.ended - seen.started for seen in ended]
+    assert all(w < SEND_TIMEOUT + SETTLE for w in waited), waited
