@@ -327,6 +327,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        # A WebSocket upgrade has no cycle of its own (the first request of a connection: none at
+        # all) and goes on as a WebSocket: uvicorn's own check, first, as in its method.
+        upgrading = self.parser.should_upgrade() and self._should_upgrade()
+        if (
+            not upgrading
+            and self.cycle.response_complete
+            and self.timeout_keep_alive_task is None
+            and not self.pipeline
+        ):
+            # Answered before its body was read (a denial, a 504): uvicorn reads the rest and drops
+            # it, cancelling the keep-alive timer at each read, and arms it only when a response
+            # completes, so such a connection was never closed (issue 14: held 40 s and more with
+            # keepalive_timeout 5 s). It is idle from here: the timer starts now.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
         self._body_pending = False
         # The next bytes on this connection start a new head (and its deadline).
         self._awaiting_head = True

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +41,10 @@ from tests.support.load import SESSION_COOKIE, enrol_user
 from tests.support.servers import free_port, gateway_process
 
 REPEAT = 20
+UNREAD_REPEAT = 5  # POSTs of UNREAD_SIZE bytes at once
+UNREAD_SIZE = 32 * 2**20  # more than the socket buffers between the gateway and the upstream hold
 READ_TIMEOUT = 1.0
+KEEPALIVE = 1.0  # server.keepalive_timeout
 CONNECT_TIMEOUT = 1.0
 # How long the faults may take to settle (connections closed, tasks ended) before counting: the
 # slow faults' upstream threads hold their socket for faulty_upstream.SLOW.
@@ -95,6 +99,7 @@ def gateway(upstream: FaultyUpstream, tmp_path_factory: pytest.TempPathFactory) 
 [server]
 port = {port}
 log_level = "warning"
+keepalive_timeout = {KEEPALIVE}
 
 [upstream]
 url = "{upstream.url}"
@@ -321,6 +326,62 @@ def test_upstream_closing_after_100_continue_is_502(gateway: Gateway, upstream: 
             head, _, body = final.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 502 "), answer
             assert json.loads(body)["error"] == "upstream_unreachable", answer
+
+
+def _post_unread(gateway: Gateway, path: str, size: int, session: bool) -> tuple[bytes, float]:
+    """A POST whose body the gateway answers before reading it all; (the answer, the seconds from
+    the answer to the end of the connection: the client sends nothing after its body)."""
+    cookie = f"Cookie: {SESSION_COOKIE}={gateway.session}\r\n" if session else ""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=KEEPALIVE + 10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\nRemote-User: alice\r\n{cookie}"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        pump = threading.Thread(target=_send_quietly, args=(sock, b"x" * size), daemon=True)
+        pump.start()
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        answered = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            while sock.recv(65536):
+                pass
+        pump.join(timeout=10)
+        return answer, time.monotonic() - answered
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+async def _posts_unread(gateway: Gateway, path: str, size: int, session: bool) -> list[tuple[bytes, float]]:
+    return await asyncio.gather(
+        *(asyncio.to_thread(_post_unread, gateway, f"{path}/{i}", size, session) for i in range(UNREAD_REPEAT))
+    )
+
+
+def test_upstream_that_never_reads_the_body_is_504_and_the_client_is_let_go(
+    gateway: Gateway, upstream: FaultyUpstream
+) -> None:
+    # The upload stalls once every buffer between the gateway and the upstream is full: 504 after
+    # write_timeout. uvicorn then reads and drops the rest of the client's body; the connection is
+    # idle after it and must close after keepalive_timeout, not stay open for good.
+    with no_leak(gateway, upstream):
+        for answer, lingered in asyncio.run(_posts_unread(gateway, "/no-read", UNREAD_SIZE, session=True)):
+            assert answer.startswith(b"HTTP/1.1 504 ") and b'"upstream_timeout"' in answer, answer
+            assert lingered < KEEPALIVE + 2, lingered
+
+
+def test_denied_post_with_a_body_is_let_go_after_keepalive_timeout(gateway: Gateway, upstream: FaultyUpstream) -> None:
+    # No upstream involved: a denial sent before the body is read leaves the connection in the
+    # same state (a client could hold connections open that way, past keepalive_timeout).
+    with no_leak(gateway, upstream):
+        for answer, lingered in asyncio.run(_posts_unread(gateway, "/ok", 2**20, session=False)):
+            assert answer.startswith(b"HTTP/1.1 401 "), answer
+            assert lingered < KEEPALIVE + 2, lingered
 
 
 async def _ws_refused(gateway: Gateway, path: str) -> tuple[int, bytes, float]:

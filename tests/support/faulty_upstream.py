@@ -91,6 +91,14 @@ def _hang(conn: _Conn, head: bytes) -> str:
     return HOLD
 
 
+def _no_read(conn: _Conn, head: bytes) -> str:
+    """Read the head, never the body (the gateway's upload stalls once the buffers are full);
+    gone (a reset: its unread bytes) after SLOW."""
+    time.sleep(SLOW)
+    conn.reset()
+    return CLOSED
+
+
 def _slow_head(conn: _Conn, head: bytes) -> str:
     time.sleep(SLOW)
     with contextlib.suppress(OSError):
@@ -177,6 +185,7 @@ FAULTS: dict[str, Fault] = {
     "chunk-size-overflow": _answer(_CHUNKED_HEAD + b"10\r\n" + b"c" * 16 + b"\r\nffffffffffffffffffff\r\nc\r\n"),
     "chunk-overrun": _answer_and_close(_CHUNKED_HEAD + b"10\r\n" + b"c" * 16 + b"\r\n1000\r\n" + b"c" * 16),
     "continue-close": _answer_and_close(b"HTTP/1.1 100 Continue\r\n\r\n"),
+    "no-read": _no_read,
     "ws-hang": _hang,
     "ws-200": _answer(_OK),
     "ws-echo-reset": _ws_echo_reset,
