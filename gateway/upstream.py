@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -84,10 +85,15 @@ class _Connector(aiohttp.TCPConnector):
     connection (anything queued, an error, an unfinished body); aiohttp checks it only when
     the connection is released, so it is checked again here, when it is taken."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pooled: weakref.WeakSet[Connection] = weakref.WeakSet()  # taken from the pool
+
     async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
         while (conn := await super()._get(key, traces)) is not None:
             protocol = conn.protocol
             if protocol is not None and not protocol.should_close:
+                self.pooled.add(conn)
                 return conn
             conn.close()
         return None
@@ -302,10 +308,11 @@ async def _exchange(
     than the exchange itself.
 
     RFC 9110 §9.2.1: a safe request without a body is sent again, once, on a fresh connection
-    when the pooled one turns out dead (as aiohttp's own retry does); anything else is sent
-    once (RFC 9110 §9.2.2, RFC 9112 §9.3.1) and a dead connection is an error.
+    when the pooled one turns out dead (aiohttp's own retry also resends after a fresh one
+    failed); anything else is sent once (RFC 9110 §9.2.2, RFC 9112 §9.3.1) and a dead
+    connection is an error.
     """
-    retry = upload is None and method in _SAFE_METHODS
+    safe = upload is None and method in _SAFE_METHODS
     while True:
         request = _Request(
             method,
@@ -318,6 +325,9 @@ async def _exchange(
             conn = await connector.connect(request, traces=[], timeout=timeout)
         except TimeoutError as exc:
             raise aiohttp.ConnectionTimeoutError(f"connecting to {url.host} timed out") from exc
+        # Only a pooled connection may have died while idle; a fresh one that fails is the
+        # upstream's answer (issue 14: a resetting upstream got every GET twice).
+        retry = safe and conn in connector.pooled
         protocol = conn.protocol
         assert protocol is not None
         protocol.set_response_params(
@@ -341,7 +351,7 @@ async def _exchange(
             conn.close()
             if not retry:
                 raise
-            retry = False
+            safe = False
             continue
         except BaseException:
             conn.close()

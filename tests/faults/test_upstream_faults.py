@@ -267,7 +267,14 @@ def test_body_stalled_past_read_timeout_is_an_aborted_stream(gateway: Gateway, u
 
 def test_reset_in_the_head_is_502(gateway: Gateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream):
+        with upstream.refusing():
+            pass  # no pooled connection left: each GET below gets a fresh one
+        time.sleep(0.1)
+        sent = upstream.faults.get("reset-head", 0)
         assert_denied(fire(gateway, "reset-head"), 502, "upstream_unreachable", 2)
+        # A fresh connection that fails is the upstream's answer, not a dead pooled one: each GET
+        # reached it once (RFC 9110 §9.2.1 allows a retry; there was nothing to retry).
+        assert upstream.faults["reset-head"] - sent == REPEAT
         # POST too: never resent (RFC 9110 §9.2.2), a 502 all the same.
         assert_denied(fire(gateway, "reset-head", "POST"), 502, "upstream_unreachable", 2)
 
