@@ -56,6 +56,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bucket", type=float, default=30.0, help="seconds per latency bucket (default 30)")
     parser.add_argument("--download-bytes", type=int, default=1 << 20)
     parser.add_argument("--code-users", type=int, default=3000, help="users sending codes (one code per step each)")
+    parser.add_argument(
+        "--verdict",
+        choices=("all", "errors"),
+        default="all",
+        help="what fails the run: unexpected answers and growth (default), or unexpected answers only",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -226,7 +232,7 @@ def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
     results = json.loads(results_path.read_text())
     results["idle_after"] = [idle_after, idle_after + IDLE_SECONDS]
     results["fds_after"] = fds_by_peer(gateway.pid, peers)
-    summary = summarise(results, gauges, args.bucket)
+    summary = summarise(results, gauges, args.bucket, judge_growth=args.verdict == "all")
     summary["store"] = args.store
     summary["cpus"] = len(cpus)
     print(markdown(summary))

@@ -117,10 +117,19 @@ def test_a_clean_run_passes_and_any_unexpected_answer_fails_it() -> None:
     unmeasured = summarise(results(), [], 30)  # no gauge at all: no verdict, no pass
     assert not unmeasured["passed"] and unmeasured["growth_problem"]
 
+    grown = gauges([100.0] * 50 + [150.0] * 30)  # RSS +50 % between warm-up and the end
+    assert not summarise(results(), grown, 30)["passed"]
+    shown = summarise(results(), grown, 30, judge_growth=False)  # --verdict errors
+    assert shown["passed"] and not shown["growth"][0]["ok"]
+    assert not summarise(results(errors=error), grown, 30, judge_growth=False)["passed"]
+
 
 def test_a_short_real_soak_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "soak.json"
+    # Growth is judged by the unit tests above; 5 s is all warm-up (RSS still climbs), so here it
+    # is measured and shown, and every answer is judged.
     argv = ["--seconds", "5", "--rate", "40", "--bucket", "2", "--code-users", "100", "--download-bytes", "65536"]
+    argv += ["--verdict", "errors"]
     status = main([*argv, "--out", str(out)])
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
@@ -129,4 +138,5 @@ def test_a_short_real_soak_passes(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert summary["requests"] == 200  # 40/s for 5 s, every one answered as expected
     assert set(summary["counts"]) == set(KINDS) and all(summary["counts"].values())
     assert {g["gauge"] for g in summary["growth"]} == {"rss", "fds", "tasks"}
+    assert all(g["warm"] > 0 and g["end"] > 0 for g in summary["growth"])  # each gauge was scraped
     assert "## Soak: PASSED" in printed
