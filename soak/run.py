@@ -234,6 +234,7 @@ def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
     results["fds_after"] = fds_by_peer(gateway.pid, peers)
     summary = summarise(results, gauges, args.bucket, judge_growth=args.verdict == "all")
     summary["store"] = args.store
+    summary["gauges"] = gauges  # every scrape: (wall time, values), to plot
     summary["cpus"] = len(cpus)
     print(markdown(summary))
     if args.out:
