@@ -55,7 +55,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--capacity-seconds", type=float, default=10.0, help="closed-loop capacity run (default 10)")
     parser.add_argument("--bucket", type=float, default=30.0, help="seconds per latency bucket (default 30)")
     parser.add_argument("--download-bytes", type=int, default=1 << 20)
-    parser.add_argument("--code-users", type=int, default=3000, help="users sending codes (one code per step each)")
+    parser.add_argument(
+        "--code-users", type=int, default=6000, help="users sending codes: one per step each, enough up to 2,000 req/s"
+    )
     parser.add_argument(
         "--verdict",
         choices=("all", "errors"),
