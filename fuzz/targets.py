@@ -60,20 +60,27 @@ def _fields(data: bytes, n: int) -> list[str]:
     return parts + [""] * (n - len(parts))
 
 
-def _upstream_reads(wire: str) -> str:
-    """What an RFC 3986 upstream makes of a path the gateway sends it: percent-decoded once
-    as UTF-8, with dot segments removed (§5.2.4). No merging of slashes: the gateway never
-    sends ``//``."""
-    path = unquote_to_bytes(wire).decode("utf-8")
+def rfc3986_reading(raw: str, merge_slashes: bool) -> str:
+    """How a textbook server reads a wire path: the query cut off (RFC 3986 §3.4), decoded once
+    as UTF-8 (§2.1), runs of ``/`` merged or not (nginx ``merge_slashes``; most upstreams do
+    not), dot segments removed (§5.2.4). The oracle the gateway's canonical form is held to."""
+    path = unquote_to_bytes(raw.partition("?")[0]).decode("utf-8")
+    segments = path.split("/")[1:]
+    if merge_slashes:
+        segments = [s for s in segments if s]
+        if segments and path.endswith("/"):
+            segments.append("")
     out: list[str] = []
-    for segment in path.split("/")[1:]:
-        if segment == "..":
-            if out:
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment in (".", ".."):
+            if segment == ".." and out:
                 out.pop()
-        elif segment != ".":
+            if last:
+                out.append("")  # "/a/b/.." is "/a/": the path still names a directory
+        else:
             out.append(segment)
-    trailing = path.split("/")[-1] in (".", "..")
-    return "/" + "/".join(out) + ("/" if trailing and out else "")
+    return "/" + "/".join(out)
 
 
 # -- paths ------------------------------------------------------------------------------------------
@@ -102,7 +109,8 @@ def fuzz_paths(data: bytes) -> None:
     wire = encode_path(path)
     assert wire.isascii(), "encode_path left non-ASCII"
     assert canonical_path(wire) == path, "canonical_path(encode_path(p)) != p"
-    assert _upstream_reads(wire) == path, "the upstream would read another path than was checked"
+    assert rfc3986_reading(raw, merge_slashes=True) == path, "the canonical form is not the textbook reading"
+    assert rfc3986_reading(wire, merge_slashes=False) == path, "the upstream would read another path than was checked"
     for method in _METHODS:
         decision = _EXCLUSIONS.matches(method, path)
         assert _EXCLUSIONS.matches(method, canonical_path(wire)) == decision, "raw and canonical disagree"

@@ -16,10 +16,12 @@ from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz.targets import rfc3986_reading
 from gateway import config as config_module
 from gateway.config import JwtConfig
 from gateway.config_keys import TABLES
 from gateway.errors import AmbiguousPath, ConfigError
+from gateway.inputs import safe_target
 from gateway.paths import ExcludeRule, Exclusions, canonical_path, encode_path, parse_rule
 from gateway.tables import declared
 from gateway.totp import parse_code
@@ -40,23 +42,6 @@ PIECES = st.sampled_from(
 WIRE = st.lists(PIECES, max_size=12).map(lambda pieces: "/" + "".join(pieces))
 
 
-def _rfc3986_reading(raw: str) -> str:
-    """How a textbook server reads a path: the query cut off (RFC 3986 §3.4), decoded once as
-    UTF-8 (§2.1), slashes merged (nginx ``merge_slashes``), dot segments removed (§5.2.4)."""
-    path = unquote_to_bytes(raw.partition("?")[0]).decode("utf-8")
-    segments = [s for s in path.split("/")[1:] if s != ""]
-    out: list[str] = []
-    for segment in segments:
-        if segment == "..":
-            if out:
-                out.pop()
-        elif segment != ".":
-            out.append(segment)
-    last = path.rsplit("/", 1)[-1]
-    trailing = bool(out) and (path.endswith("/") or last in (".", ".."))
-    return "/" + "/".join(out) + ("/" if trailing else "")
-
-
 def _accepted(raw: str) -> str | None:
     try:
         return canonical_path(raw)
@@ -70,7 +55,7 @@ def test_canonical_form_is_what_a_textbook_server_reads(raw: str) -> None:
     path = _accepted(raw)
     if path is None:
         return
-    assert path == _rfc3986_reading(raw)
+    assert path == rfc3986_reading(raw, merge_slashes=True)
     assert "//" not in path
     assert all(segment not in (".", "..") for segment in path.split("/"))
 
@@ -85,7 +70,7 @@ def test_canonicalisation_is_idempotent(raw: str) -> None:
     assert canonical_path(path if path.isascii() else encode_path(path)) == path
     assert canonical_path(encode_path(path)) == path
     # What the upstream is sent reads back, by the textbook, as exactly what was checked.
-    assert _rfc3986_reading(encode_path(path)) == path
+    assert rfc3986_reading(encode_path(path), merge_slashes=False) == path
 
 
 @FAST
@@ -105,7 +90,31 @@ def test_an_accepted_path_leaves_the_checked_directory_only_by_climbing(pieces: 
 def test_any_latin1_path_is_canonical_or_refused(raw: str) -> None:
     path = _accepted(raw)  # AmbiguousPath is the only refusal: anything else fails here
     if path is not None:
-        assert path == _rfc3986_reading(raw)
+        assert path == rfc3986_reading(raw, merge_slashes=True)
+
+
+# -- return targets ---------------------------------------------------------------------------------
+
+# Visible ASCII, with the characters encode_path writes as %XX ('"', '<', '}', '|', '^' ...), in
+# runs long enough that re-encoding can take a target past the 2,048-character bound.
+RETURN_TARGETS = st.tuples(
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=6), st.integers(1, 700)
+).map(lambda piece: ("/" + piece[0] * piece[1])[:2048])
+
+
+@FAST
+@given(st.one_of(RETURN_TARGETS, st.text(max_size=40)))
+def test_safe_target_is_a_fixed_point(raw: str) -> None:
+    # The verify page hands its target on (a form field, a login_url's {next}) and reads it back
+    # with safe_target: what it answered once must pass again unchanged, or the user lands on "/".
+    target = safe_target(raw)
+    assert len(target) <= 2048
+    assert safe_target(target) == target
+
+
+def test_a_target_that_grows_past_the_bound_when_encoded_is_refused() -> None:
+    raw = "/" + "}" * 1000  # 1,001 characters; encoded, "%7D" each: 3,001
+    assert safe_target(raw) == "/"
 
 
 # -- exclusion rules --------------------------------------------------------------------------------
