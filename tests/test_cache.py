@@ -74,3 +74,26 @@ def test_drop_and_drop_value() -> None:
     assert cache.get("s2") is MISS
     cache.drop_value("alice")  # every session of alice, at once
     assert len(cache) == 0
+
+
+def test_expired_entries_are_swept_out_not_kept_until_the_cache_is_full() -> None:
+    # A soak found RSS growing: each session opened by a code left a dead entry behind until
+    # its key came back or 100,000 had piled up. Entries one second apart, each living 10 s:
+    # however many are put, only about the live ones (and at most twice the sweep size) stay.
+    clock = Clock()
+    cache: TtlCache[int, str] = TtlCache(10.0, 100_000, clock)
+    for i in range(20_000):
+        cache.put(i, "session")
+        clock.now += 1.0
+    assert len(cache) <= 2 * 1024
+    assert cache.get(19_999) == "session"  # a live entry survives every sweep
+    assert cache.get(19_990) is MISS
+
+
+def test_a_sweep_keeps_every_live_entry() -> None:
+    clock = Clock()
+    cache: TtlCache[int, int] = TtlCache(math.inf, 100_000, clock)
+    for i in range(5_000):
+        cache.put(i, i)
+    assert len(cache) == 5_000
+    assert all(cache.get(i) == i for i in range(5_000))
