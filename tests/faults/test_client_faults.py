@@ -25,12 +25,11 @@ from typing import Any
 
 import pytest
 import uvicorn
-from cryptography.fernet import Fernet
 from websockets.asyncio.client import connect
 
-from gateway.config import ENV_KEYS, ENV_PEPPER
-from tests.support.load import SESSION_COOKIE, enrol_user
-from tests.support.servers import free_port, gateway_process, wait_for_port
+from tests.support.leaks import SessionGateway, session_gateway
+from tests.support.load import SESSION_COOKIE
+from tests.support.servers import free_port, wait_for_port
 
 REPEAT = 20
 SEND_TIMEOUT = 1.0
@@ -219,22 +218,8 @@ class Upstream:
         self.thread.join(timeout=10)
 
 
-@dataclass
-class Gateway:
-    port: int
-    pid: int
-    session: str
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def tasks(self) -> int:
-        """The gateway's ``gateway_event_loop_tasks`` gauge (gateway/metrics.py), scraped from
-        routes.metrics as its trusted loopback peer; the scrape's own request is one of them."""
-        for line in self.get("/_gateway/metrics").decode("latin-1").splitlines():
-            if line.startswith("gateway_event_loop_tasks "):
-                return int(float(line.split()[1]))
-        raise AssertionError("the gateway reports no gateway_event_loop_tasks")
+class Gateway(SessionGateway):
+    """The gateway, spoken to over raw sockets: a client that can go away at any byte."""
 
     def head(self, method: str, path: str, extra: str = "") -> bytes:
         return (
@@ -269,73 +254,18 @@ def upstream() -> Iterator[Upstream]:
 @pytest.fixture(scope="module")
 def gateway(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     base = tmp_path_factory.mktemp("client-faults")
-    port = free_port()
-    config = base / "gateway.toml"
-    config.write_text(
-        f"""
-[server]
-port = {port}
-log_level = "warning"
-send_timeout = {SEND_TIMEOUT}
-
-[upstream]
-url = "{upstream.url}"
-
-[store]
-url = "sqlite:///{base}/gateway.db"
-
-[session]
-secure = false
-cookie = "{SESSION_COOKIE}"
-"""
-    )
-    keys = {ENV_KEYS: Fernet.generate_key().decode(), ENV_PEPPER: Fernet.generate_key().decode()}
-    with gateway_process(config, port, keys, base / "gateway.log") as proc:
-        _, session = asyncio.run(enrol_user(f"http://127.0.0.1:{port}", "alice"))
-        yield Gateway(port, proc.pid, session)
-    log = (base / "gateway.log").read_text()
+    with session_gateway(base, upstream.url, server=f"send_timeout = {SEND_TIMEOUT}") as running:
+        yield Gateway(running.port, running.pid, running.session, running.log)
+    log = running.log.read_text()
     assert "Traceback" not in log, log
-
-
-@dataclass
-class Counts:
-    fds: int
-    upstream_connections: int
-    tasks: int
-
-    def within(self, before: Counts) -> bool:
-        return (
-            self.fds <= before.fds
-            and self.upstream_connections <= before.upstream_connections
-            and self.tasks <= before.tasks
-        )
-
-
-def counts(gateway: Gateway, upstream: Upstream) -> Counts:
-    return Counts(gateway.fds(), upstream.connections(), gateway.tasks())
-
-
-def settled(gateway: Gateway, upstream: Upstream, before: Counts, settle: float = SETTLE) -> Counts:
-    """The counts once they are back to ``before`` (or ``settle`` has passed: then as they are)."""
-    deadline = time.monotonic() + settle
-    while True:
-        now = counts(gateway, upstream)
-        if now.within(before) or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager
 def no_leak(gateway: Gateway, upstream: Upstream, settle: float = SETTLE) -> Iterator[None]:
-    """The gateway's fds and the upstream's connections after the block are no more than before
-    it, once settled; and an ordinary request through the same gateway works afterwards."""
-    assert gateway.get("/warm").endswith(b"ok")
-    before = settled(gateway, upstream, counts(gateway, upstream))
-    yield
-    after = settled(gateway, upstream, before, settle)
-    assert gateway.get("/after").endswith(b"ok")
-    print(f"before {before}, after {after}")
-    assert after.within(before), (before, after)
+    """The gateway's fds and tasks and the upstream's connections after the block are no more
+    than before it, once settled; and an ordinary request through the same gateway works."""
+    with gateway.no_leak(upstream.connections, lambda name: gateway.get(f"/{name}").endswith(b"ok"), settle):
+        yield
 
 
 def _upload_and_vanish(gateway: Gateway, upstream: Upstream, path: str, extra: str, body: bytes) -> Seen:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import threading
 import time
@@ -31,14 +30,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from cryptography.fernet import Fernet
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.config import ENV_KEYS, ENV_PEPPER
 from tests.support.faulty_upstream import BODY_SENT, FaultyUpstream
-from tests.support.load import SESSION_COOKIE, enrol_user
-from tests.support.servers import free_port, gateway_process
+from tests.support.leaks import SessionGateway, session_gateway
+from tests.support.load import SESSION_COOKIE
 
 REPEAT = 20
 UNREAD_REPEAT = 5  # POSTs of UNREAD_SIZE bytes at once
@@ -53,34 +50,9 @@ SETTLE = 6.0
 UPSTREAM_SECRETS = (b"secret", b"garbage", b"upstream-detail")
 
 
-@dataclass
-class Gateway:
-    port: int
-    pid: int
-    session: str
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Remote-User": "alice", "Cookie": f"{SESSION_COOKIE}={self.session}"}
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def tasks(self) -> int:
-        """``gateway_event_loop_tasks`` (the scrape's own request is one of them)."""
-        text = httpx.get(self.url + "/_gateway/metrics", headers=self.headers).text
-        for line in text.splitlines():
-            if line.startswith("gateway_event_loop_tasks "):
-                return int(float(line.split()[1]))
-        raise AssertionError("the gateway reports no gateway_event_loop_tasks")
-
-    def ok(self, path: str) -> bool:
-        answer = httpx.get(self.url + path, headers=self.headers, timeout=10)
-        return (answer.status_code, answer.content) == (200, b"ok")
+def ok(gateway: SessionGateway, name: str) -> bool:
+    answer = httpx.get(f"{gateway.url}/ok/{name}", headers=gateway.headers, timeout=10)
+    return (answer.status_code, answer.content) == (200, b"ok")
 
 
 @pytest.fixture(scope="module")
@@ -90,36 +62,16 @@ def upstream() -> Iterator[FaultyUpstream]:
 
 
 @pytest.fixture(scope="module")
-def gateway(upstream: FaultyUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(upstream: FaultyUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SessionGateway]:
     base = tmp_path_factory.mktemp("upstream-faults")
-    port = free_port()
-    config = base / "gateway.toml"
-    config.write_text(
-        f"""
-[server]
-port = {port}
-log_level = "warning"
-keepalive_timeout = {KEEPALIVE}
-
-[upstream]
-url = "{upstream.url}"
-read_timeout = {READ_TIMEOUT}
-connect_timeout = {CONNECT_TIMEOUT}
-write_timeout = {READ_TIMEOUT}
-
-[store]
-url = "sqlite:///{base}/gateway.db"
-
-[session]
-secure = false
-cookie = "{SESSION_COOKIE}"
-"""
-    )
-    keys = {ENV_KEYS: Fernet.generate_key().decode(), ENV_PEPPER: Fernet.generate_key().decode()}
-    with gateway_process(config, port, keys, base / "gateway.log") as proc:
-        _, session = asyncio.run(enrol_user(f"http://127.0.0.1:{port}", "alice"))
-        yield Gateway(port, proc.pid, session)
-    log = (base / "gateway.log").read_text()
+    with session_gateway(
+        base,
+        upstream.url,
+        server=f"keepalive_timeout = {KEEPALIVE}",
+        upstream=f"read_timeout = {READ_TIMEOUT}\nconnect_timeout = {CONNECT_TIMEOUT}\nwrite_timeout = {READ_TIMEOUT}",
+    ) as gateway:
+        yield gateway
+    log = gateway.log.read_text()
     # An upstream's failure is a warning line, not a stack trace (nor a 500). The one ERROR line
     # left is uvicorn's, for each response the gateway cut off on purpose (an aborted stream).
     assert "Traceback" not in log, log
@@ -127,46 +79,13 @@ cookie = "{SESSION_COOKIE}"
     assert all("ASGI callable returned without completing response" in line for line in errors), errors
 
 
-@dataclass
-class Counts:
-    fds: int
-    upstream_connections: int
-    tasks: int
-
-    def within(self, before: Counts) -> bool:
-        return (
-            self.fds <= before.fds
-            and self.upstream_connections <= before.upstream_connections
-            and self.tasks <= before.tasks
-        )
-
-
-def counts(gateway: Gateway, upstream: FaultyUpstream) -> Counts:
-    return Counts(gateway.fds(), upstream.open_connections(), gateway.tasks())
-
-
-def settled(gateway: Gateway, upstream: FaultyUpstream, before: Counts) -> Counts:
-    """The counts once they are back to ``before`` (or SETTLE has passed: then as they are)."""
-    deadline = time.monotonic() + SETTLE
-    while True:
-        now = counts(gateway, upstream)
-        if now.within(before) or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
-def no_leak(gateway: Gateway, upstream: FaultyUpstream) -> Iterator[None]:
+def no_leak(gateway: SessionGateway, upstream: FaultyUpstream) -> Iterator[None]:
     """Nothing the block did is left open once settled, nothing was sent on a connection after
     its fault, and an ordinary request through the same gateway works afterwards."""
-    assert gateway.ok("/ok/warm")
-    before = settled(gateway, upstream, counts(gateway, upstream))
     reused = upstream.reused
-    yield
-    after = settled(gateway, upstream, before)
-    assert gateway.ok("/ok/after")
-    print(f"before {before}, after {after}")
-    assert after.within(before), (before, after)
+    with gateway.no_leak(upstream.open_connections, lambda name: ok(gateway, name), SETTLE):
+        yield
     assert upstream.reused == reused, "a request came on a connection the upstream had broken"
 
 
@@ -194,12 +113,12 @@ async def _one(client: httpx.AsyncClient, method: str, path: str) -> Outcome:
     return Outcome(response.status_code, kind, bytes(body), elapsed)
 
 
-async def _many(gateway: Gateway, method: str, fault: str) -> list[Outcome]:
+async def _many(gateway: SessionGateway, method: str, fault: str) -> list[Outcome]:
     async with httpx.AsyncClient(base_url=gateway.url, headers=gateway.headers, timeout=15) as client:
         return await asyncio.gather(*(_one(client, method, f"/{fault}/{i}") for i in range(REPEAT)))
 
 
-def fire(gateway: Gateway, fault: str, method: str = "GET") -> list[Outcome]:
+def fire(gateway: SessionGateway, fault: str, method: str = "GET") -> list[Outcome]:
     return asyncio.run(_many(gateway, method, fault))
 
 
@@ -220,19 +139,19 @@ def assert_aborted(outcomes: list[Outcome], most: int) -> None:
         assert len(outcome.body) < most, outcome
 
 
-def test_refused_connections_are_502_and_service_resumes(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_refused_connections_are_502_and_service_resumes(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream), upstream.refusing():
         assert_denied(fire(gateway, "ok"), 502, "upstream_unreachable", CONNECT_TIMEOUT + 2)
 
 
-def test_connect_that_hangs_is_504_after_connect_timeout(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_connect_that_hangs_is_504_after_connect_timeout(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream), upstream.blackholing():
         outcomes = fire(gateway, "ok")
         assert_denied(outcomes, 504, "upstream_timeout", CONNECT_TIMEOUT + 2)
         assert all(o.elapsed >= CONNECT_TIMEOUT for o in outcomes), outcomes
 
 
-def test_upstream_restart_costs_no_request(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_upstream_restart_costs_no_request(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     # The upstream closes every idle keep-alive connection (a restart, or its own idle timeout):
     # the gateway's pool must notice, not send a POST (never resent, RFC 9110 §9.2.2) on a dead one.
     # (Not under no_leak: REPEAT answers at once leave up to REPEAT idle pooled connections.)
@@ -246,26 +165,26 @@ def test_upstream_restart_costs_no_request(gateway: Gateway, upstream: FaultyUps
         assert [(o.status, o.body) for o in outcomes] == [(200, b"ok")] * REPEAT, outcomes
 
 
-def test_upstream_that_never_answers_is_504(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_upstream_that_never_answers_is_504(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream):
         outcomes = fire(gateway, "hang")
         assert_denied(outcomes, 504, "upstream_timeout", READ_TIMEOUT + 2)
         assert all(o.elapsed >= READ_TIMEOUT for o in outcomes), outcomes
 
 
-def test_answer_slower_than_read_timeout_is_504(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_answer_slower_than_read_timeout_is_504(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream):
         assert_denied(fire(gateway, "slow-head"), 504, "upstream_timeout", READ_TIMEOUT + 2)
 
 
-def test_body_stalled_past_read_timeout_is_an_aborted_stream(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_body_stalled_past_read_timeout_is_an_aborted_stream(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream):
         outcomes = fire(gateway, "slow-body")
         assert_aborted(outcomes, BODY_SENT + 1)
         assert all(o.elapsed < READ_TIMEOUT + 2 for o in outcomes), outcomes
 
 
-def test_reset_in_the_head_is_502(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_reset_in_the_head_is_502(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream):
         with upstream.refusing():
             pass  # no pooled connection left: each GET below gets a fresh one
@@ -280,20 +199,20 @@ def test_reset_in_the_head_is_502(gateway: Gateway, upstream: FaultyUpstream) ->
 
 
 @pytest.mark.parametrize("fault", ["reset-body-length", "reset-body-chunked"])
-def test_reset_in_the_body_is_an_aborted_stream(gateway: Gateway, upstream: FaultyUpstream, fault: str) -> None:
+def test_reset_in_the_body_is_an_aborted_stream(gateway: SessionGateway, upstream: FaultyUpstream, fault: str) -> None:
     with no_leak(gateway, upstream):
         assert_aborted(fire(gateway, fault), BODY_SENT + 1)
 
 
 @pytest.mark.parametrize("fault", ["bad-status", "bad-status-line"])
-def test_malformed_status_line_is_502(gateway: Gateway, upstream: FaultyUpstream, fault: str) -> None:
+def test_malformed_status_line_is_502(gateway: SessionGateway, upstream: FaultyUpstream, fault: str) -> None:
     with no_leak(gateway, upstream):
         assert_denied(fire(gateway, fault), 502, "upstream_unreachable", 2)
 
 
 @pytest.mark.parametrize("fault", ["bad-chunk-size", "chunk-missing-crlf", "chunk-size-overflow", "chunk-overrun"])
 def test_invalid_chunked_encoding_is_never_relayed_as_whole(
-    gateway: Gateway, upstream: FaultyUpstream, fault: str
+    gateway: SessionGateway, upstream: FaultyUpstream, fault: str
 ) -> None:
     # The head was valid, so the answer may have started (then it is cut off after the first,
     # valid 16-byte chunk, or in the overrun one) or the parser may have refused the lot first (then a 502).
@@ -305,7 +224,7 @@ def test_invalid_chunked_encoding_is_never_relayed_as_whole(
                 assert_aborted([outcome], 33)
 
 
-def _expect_continue(gateway: Gateway, path: str) -> bytes:
+def _expect_continue(gateway: SessionGateway, path: str) -> bytes:
     """A POST with ``Expect: 100-continue``: the body is sent once the gateway says 100 (or not
     at all if it answers first); everything the gateway sent, to the end of the connection."""
     body = b"b" * 1000
@@ -325,7 +244,7 @@ def _expect_continue(gateway: Gateway, path: str) -> bytes:
     return answer
 
 
-def test_upstream_closing_after_100_continue_is_502(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_upstream_closing_after_100_continue_is_502(gateway: SessionGateway, upstream: FaultyUpstream) -> None:
     with no_leak(gateway, upstream):
         for i in range(REPEAT):
             answer = _expect_continue(gateway, f"/continue-close/{i}")
@@ -335,7 +254,7 @@ def test_upstream_closing_after_100_continue_is_502(gateway: Gateway, upstream: 
             assert json.loads(body)["error"] == "upstream_unreachable", answer
 
 
-def _post_unread(gateway: Gateway, path: str, size: int, session: bool) -> tuple[bytes, float]:
+def _post_unread(gateway: SessionGateway, path: str, size: int, session: bool) -> tuple[bytes, float]:
     """A POST whose body the gateway answers before reading it all; (the answer, the seconds from
     the answer to the end of the connection: the client sends nothing after its body)."""
     cookie = f"Cookie: {SESSION_COOKIE}={gateway.session}\r\n" if session else ""
@@ -364,14 +283,14 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
 
 
-async def _posts_unread(gateway: Gateway, path: str, size: int, session: bool) -> list[tuple[bytes, float]]:
+async def _posts_unread(gateway: SessionGateway, path: str, size: int, session: bool) -> list[tuple[bytes, float]]:
     return await asyncio.gather(
         *(asyncio.to_thread(_post_unread, gateway, f"{path}/{i}", size, session) for i in range(UNREAD_REPEAT))
     )
 
 
 def test_upstream_that_never_reads_the_body_is_504_and_the_client_is_let_go(
-    gateway: Gateway, upstream: FaultyUpstream
+    gateway: SessionGateway, upstream: FaultyUpstream
 ) -> None:
     # The upload stalls once every buffer between the gateway and the upstream is full: 504 after
     # write_timeout. uvicorn then reads and drops the rest of the client's body; the connection is
@@ -382,7 +301,9 @@ def test_upstream_that_never_reads_the_body_is_504_and_the_client_is_let_go(
             assert lingered < KEEPALIVE + 2, lingered
 
 
-def test_denied_post_with_a_body_is_let_go_after_keepalive_timeout(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_denied_post_with_a_body_is_let_go_after_keepalive_timeout(
+    gateway: SessionGateway, upstream: FaultyUpstream
+) -> None:
     # No upstream involved: a denial sent before the body is read leaves the connection in the
     # same state (a client could hold connections open that way, past keepalive_timeout).
     with no_leak(gateway, upstream):
@@ -391,7 +312,7 @@ def test_denied_post_with_a_body_is_let_go_after_keepalive_timeout(gateway: Gate
             assert lingered < KEEPALIVE + 2, lingered
 
 
-async def _ws_refused(gateway: Gateway, path: str) -> tuple[int, bytes, float]:
+async def _ws_refused(gateway: SessionGateway, path: str) -> tuple[int, bytes, float]:
     start = time.monotonic()
     with pytest.raises(InvalidStatus) as refused:
         async with connect(f"ws://127.0.0.1:{gateway.port}{path}", additional_headers=gateway.headers, open_timeout=10):
@@ -399,7 +320,7 @@ async def _ws_refused(gateway: Gateway, path: str) -> tuple[int, bytes, float]:
     return refused.value.response.status_code, bytes(refused.value.response.body or b""), time.monotonic() - start
 
 
-async def _ws_many(gateway: Gateway, fault: str) -> list[tuple[int, bytes, float]]:
+async def _ws_many(gateway: SessionGateway, fault: str) -> list[tuple[int, bytes, float]]:
     return await asyncio.gather(*(_ws_refused(gateway, f"/{fault}/{i}") for i in range(REPEAT)))
 
 
@@ -408,7 +329,7 @@ async def _ws_many(gateway: Gateway, fault: str) -> list[tuple[int, bytes, float
     [("ws-hang", 504, "upstream_timeout"), ("ws-200", 502, "upstream_unreachable")],
 )
 def test_websocket_upstream_that_does_not_complete_the_handshake(
-    gateway: Gateway, upstream: FaultyUpstream, fault: str, status: int, error: str
+    gateway: SessionGateway, upstream: FaultyUpstream, fault: str, status: int, error: str
 ) -> None:
     with no_leak(gateway, upstream):
         for got, body, elapsed in asyncio.run(_ws_many(gateway, fault)):
@@ -416,7 +337,7 @@ def test_websocket_upstream_that_does_not_complete_the_handshake(
             assert elapsed < CONNECT_TIMEOUT + 2, elapsed
 
 
-async def _ws_upstream_dies(gateway: Gateway, path: str) -> int | None:
+async def _ws_upstream_dies(gateway: SessionGateway, path: str) -> int | None:
     """The close code the client gets when the upstream resets mid-relay (None: no close frame,
     the connection just ended)."""
     async with connect(f"ws://127.0.0.1:{gateway.port}{path}", additional_headers=gateway.headers) as ws:
@@ -428,7 +349,9 @@ async def _ws_upstream_dies(gateway: Gateway, path: str) -> int | None:
         return ws.protocol.close_rcvd.code if ws.protocol.close_rcvd is not None else None
 
 
-def test_websocket_upstream_reset_mid_relay_closes_the_client(gateway: Gateway, upstream: FaultyUpstream) -> None:
+def test_websocket_upstream_reset_mid_relay_closes_the_client(
+    gateway: SessionGateway, upstream: FaultyUpstream
+) -> None:
     with no_leak(gateway, upstream):
         for i in range(REPEAT):
             code = asyncio.run(_ws_upstream_dies(gateway, f"/ws-echo-reset/{i}"))
