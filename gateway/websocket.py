@@ -40,6 +40,11 @@ from gateway.responses import denial_body
 from gateway.revocation import SessionWatch, admitting_session
 
 log = logging.getLogger("gateway.websocket")
+# How long closing the upstream WebSocket waits for its close frame before dropping the TCP
+# connection (RFC 6455 §7.1.1 lets the closing side do that). The library's default is 10 s, and
+# a client that stopped reading leaves the upstream's close frame behind data nobody reads: each
+# such socket held an upstream connection, two tasks and their fds for the full 10 s.
+_CLOSE_TIMEOUT = 2.0
 
 # Set by the client library itself for the upstream handshake (RFC 6455 §4.1).
 _HANDSHAKE = frozenset(
@@ -136,6 +141,7 @@ async def proxy_websocket(
             open_timeout=forwarder.connect_timeout,
             max_size=None,
             ping_interval=None,
+            close_timeout=_CLOSE_TIMEOUT,
             create_connection=_with_host(host),
         )
     except InvalidStatus as exc:
