@@ -31,6 +31,7 @@ from gateway.errors import DecryptError, GatewayError
 from gateway.factors import SecondFactor, address_scope
 from gateway.identity import valid_user
 from gateway.store import Store, UserState, open_store_from_url
+from gateway.tables import SecretFileError, read_secret_file
 
 T = TypeVar("T")
 
@@ -207,10 +208,9 @@ def read_source_key(key: str | None, key_file: str | None) -> str:
     if key is not None:
         return key
     try:
-        with open(str(key_file), encoding="utf-8") as f:
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdminError(f"cannot read --source-key-file {key_file}: {exc}") from None
+        return read_secret_file(str(key_file)).strip()
+    except SecretFileError as exc:
+        raise AdminError(f"--source-key-file: {exc}") from None
 
 
 def _check_source_key(source_key: str) -> None:

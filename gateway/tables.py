@@ -31,6 +31,25 @@ T = TypeVar("T")
 D = TypeVar("D", bound="DataclassInstance")
 
 
+class SecretFileError(Exception):
+    """A file holding a secret could not be read; the message never quotes its bytes."""
+
+
+def read_secret_file(path: str) -> str:
+    """The UTF-8 text of a file that holds a secret (a key, a pepper, a store URL). The one
+    reader of such files, for the config and the CLI alike (issue 14: a NUL in the path and a
+    file that is not UTF-8 raised ValueError past the loader, and a UnicodeDecodeError's text
+    quotes the byte it failed on, a byte of the secret)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SecretFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{path} is not UTF-8 text") from None
+    except ValueError:  # os.fspath refuses an embedded NUL
+        raise SecretFileError("the path holds a NUL character") from None
+
+
 class Table:
     """One TOML table being read: typed getters that record problems under their full key."""
 
@@ -116,17 +135,11 @@ class Table:
 
     def read_file(self, key: str, path: str) -> str | None:
         """The UTF-8 text of the file ``key`` names, or None with the problem recorded. Every
-        failure is a problem with the key, never an exception out of the loader (issue 14: a
-        NUL in the path and a file that is not UTF-8 raise ValueError, not OSError). The
-        message never quotes the file's bytes: it may be a secret."""
+        failure is a problem with the key, never an exception out of the loader."""
         try:
-            return Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            self.problem(key, f"cannot read {path}: {exc.strerror or exc}")
-        except UnicodeDecodeError:
-            self.problem(key, f"{path} is not UTF-8 text")
-        except ValueError:  # os.fspath refuses an embedded NUL
-            self.problem(key, "the path holds a NUL character")
+            return read_secret_file(path)
+        except SecretFileError as exc:
+            self.problem(key, str(exc))
         return None
 
     def finish(self) -> None:

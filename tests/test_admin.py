@@ -205,3 +205,17 @@ def test_a_stopped_import_resumes_without_overwriting(config: Config, tmp_path: 
     report = admin.import_users(config, str(csv_path), source_key, force=False, progress=io.StringIO())
     assert (report.imported, report.unchanged, report.problems) == (5 - int(found[2]), int(found[2]), [])
     assert admin.user_command(config, "list").split("\n") == [u for u, _ in rows]
+
+
+@pytest.mark.parametrize("content", [b"key\xe9\xff-not-utf8", b"\x80abc"])
+def test_an_unreadable_source_key_file_is_named_and_no_byte_of_it_is_quoted(tmp_path: Path, content: bytes) -> None:
+    # A UnicodeDecodeError's own text quotes the byte it failed on: a byte of the old app's key.
+    key_file = tmp_path / "old.key"
+    key_file.write_bytes(content)
+    with pytest.raises(admin.AdminError) as caught:
+        admin.read_source_key(None, str(key_file))
+    message = str(caught.value)
+    assert "--source-key-file" in message and "not UTF-8" in message, message
+    assert not re.search(r"0x[0-9a-f]{2}|position", message), message
+    with pytest.raises(admin.AdminError, match="NUL"):
+        admin.read_source_key(None, "old\0.key")
