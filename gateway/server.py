@@ -55,7 +55,7 @@ Threat model (what an unauthenticated client can do before any rule of the gatew
   writing has stayed paused (the transport's buffer full) for ``server.send_timeout`` seconds,
   the connection is dropped (nginx's ``send_timeout``: the time between two successive writes),
   which disconnects the ASGI request and aborts the upstream one. A WebSocket whose client
-  stops reading is dropped alike (:class:`LimitedWebSocketProtocol`): otherwise it held its
+  stops reading is dropped alike (``gateway.server_websocket``): otherwise it held its
   upstream WebSocket until the keep-alive ping timed out (about 40 s, issue 14's fault tests).
 - **An idle keep-alive connection.** uvicorn's own ``timeout_keep_alive``, set from
   ``server.keepalive_timeout``.
@@ -82,7 +82,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.hosts import target_agrees_with_host
 from gateway.server_limits import BadHandshake, ClientLimits, HeadTooLarge, TrailerCounter
-from gateway.shutdown import GoingAwayWebSocketProtocol
+from gateway.server_websocket import LimitedWebSocketProtocol
 
 log = logging.getLogger("gateway.server")
 
@@ -97,40 +97,6 @@ class LimitedConfig(uvicorn.Config):
         super().__init__(app, http=LimitedHttpToolsProtocol, ws=LimitedWebSocketProtocol, **kwargs)
         self.limits = limits
         self.shutdown_delay = shutdown_delay  # read by gateway.shutdown.DrainingServer
-
-
-class LimitedWebSocketProtocol(GoingAwayWebSocketProtocol):
-    """The WebSocket protocol, dropping a client that has read nothing for ``server.send_timeout``
-    while the gateway had something to write (its writes paused all that time), as the HTTP
-    protocol does: the relay then closes the upstream WebSocket (gateway/websocket.py)."""
-
-    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        self._send_timeout = getattr(config, "limits", ClientLimits()).send_timeout
-        self._stalled: asyncio.TimerHandle | None = None
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self._stalled is None:
-            self._stalled = self.loop.call_later(self._send_timeout, self._drop_stalled)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._cancel_stalled()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_stalled()
-        super().connection_lost(exc)
-
-    def _cancel_stalled(self) -> None:
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
-
-    def _drop_stalled(self) -> None:
-        self._stalled = None
-        log.info("dropping a WebSocket that read nothing for %g s", self._send_timeout)
-        self.transport.abort()
 
 
 def _close_unanswered_handshake(transport: asyncio.Transport, protocol: Any, timeout: float) -> None:

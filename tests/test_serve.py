@@ -12,7 +12,8 @@ from gateway import config as config_module
 from gateway import serve as serve_module
 from gateway.config import Config
 from gateway.serve import APP_FACTORY, app_factory, uvicorn_config
-from gateway.server import LimitedHttpToolsProtocol, LimitedWebSocketProtocol
+from gateway.server import LimitedHttpToolsProtocol
+from gateway.server_websocket import LimitedWebSocketProtocol
 from gateway.shutdown import GoingAwayWebSocketProtocol
 from tests.support.servers import ROOT, fresh_keys
 
