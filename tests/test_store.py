@@ -20,6 +20,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import gateway.store.redis as redis_module
+import gateway.store.redis_batch as redis_batch_module
 import gateway.store.sqlite as sqlite_module
 from gateway.errors import StoreError
 from gateway.store import Attempt, Quota, Store, UserState, open_store_from_url
@@ -631,6 +632,7 @@ async def test_redis_server_going_silent_fails_every_call_in_time(
     """Fail closed within SOCKET_TIMEOUT, also on the batched path (attempts, secrets), whose
     pool reads without a timeout of its own: the batch's round trip is bounded as a whole."""
     monkeypatch.setattr(redis_module, "SOCKET_TIMEOUT", 0.3)
+    monkeypatch.setattr(redis_batch_module, "SOCKET_TIMEOUT", 0.3)  # the batched calls' bound
     relay = _Relay(redis_server.port)
     store = RedisStore(f"redis://127.0.0.1:{await relay.start()}/0", prefix=f"t{uuid.uuid4().hex}")
     await store.open()
@@ -726,7 +728,7 @@ async def test_redis_batched_attempts_fail_closed_together(
         def broken(*args: object, **kwargs: object) -> object:
             raise RedisConnectionError("down")
 
-        monkeypatch.setattr(store._batch_client, "pipeline", broken)
+        monkeypatch.setattr(store._batch.client, "pipeline", broken)
         quota = [Quota("user:alice", 5, 60)]
         results = await asyncio.gather(*(store.take_attempt(quota, now) for _ in range(10)), return_exceptions=True)
         assert all(isinstance(r, StoreError) for r in results)

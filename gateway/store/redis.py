@@ -1,6 +1,7 @@
 """The shared store on Redis (>= 7.0), for several gateway instances behind one balancer.
 
-The client side: the connection pools and the batching of attempts into one round trip. How
+The client side: the connection pools; the batching of attempts into one round trip is
+``gateway.store.redis_batch``. How
 each call is bounded in time and where redis errors become StoreError is
 ``gateway.store.redis_calls``; what is kept under which key, and the Lua scripts,
 ``gateway.store.redis_layout``.
@@ -15,11 +16,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.errors import StoreError
 from gateway.store.base import Attempt, Quota, UserState, is_key_prefix
+from gateway.store.redis_batch import Batcher
 from gateway.store.redis_calls import SOCKET_TIMEOUT, bounded, gated, translate_errors
 from gateway.store.redis_clients import Client, build_client, close_client
 from gateway.store.redis_layout import (
@@ -46,24 +47,6 @@ WAIT_MS = 100
 log = logging.getLogger("gateway.store")
 
 
-def _hand_out(waiters: list[tuple[float, asyncio.Future[tuple[bool, bytes]]]], reply: Any) -> None:
-    """The reply of one take-attempt script to its callers: the first ``taken`` were allowed
-    (the last of them gets the lock it set, if any), the rest refused until the lock ends."""
-    if isinstance(reply, Exception):
-        for _, future in waiters:
-            if not future.done():
-                future.set_exception(reply)
-        return
-    taken, until = int(reply[0]), reply[1] or b""
-    for i, (_, future) in enumerate(waiters):
-        if future.done():  # cancelled: its attempt was taken all the same (counts never fall short)
-            continue
-        if i < taken:
-            future.set_result((True, until if i == taken - 1 else b""))
-        else:
-            future.set_result((False, until))
-
-
 # The readiness probe's key lives this long: it is rewritten by every probe, never read.
 READY_PROBE_MS = 60_000
 
@@ -85,11 +68,12 @@ class RedisStore:
             target = parse_redis_url(url)
             # Builds the clients only: no connection is made before open().
             self._client: Client = build_client(target, max_connections, SOCKET_TIMEOUT, SOCKET_TIMEOUT)
-            # The batches of _flush, one in flight at a time, on a pool of their own whose reads
-            # have no timeout each: _flush bounds the whole round trip by SOCKET_TIMEOUT instead.
-            # redis-py arms a timer per reply read, and under a flood of codes (one reply or two
-            # per request) those timers were a tenth of the gateway's CPU (bench row 2).
-            self._batch_client: Client = build_client(target, 2, SOCKET_TIMEOUT, None)
+            # The batches (redis_batch), one in flight at a time, on a pool of their own whose
+            # reads have no timeout each: the batcher bounds the whole round trip by
+            # SOCKET_TIMEOUT instead. redis-py arms a timer per reply read, and under a flood of
+            # codes (one reply or two per request) those timers were a tenth of the gateway's
+            # CPU (bench row 2).
+            batch_client: Client = build_client(target, 2, SOCKET_TIMEOUT, None)
             self._gate = asyncio.Semaphore(max_connections) if isinstance(self._client, RedisCluster) else None
             if replicas_ack and isinstance(self._client, RedisCluster):
                 # WAIT counts the replicas of the node it is sent to; a Cluster pipeline would
@@ -102,12 +86,12 @@ class RedisStore:
         self._lua_advance_step = self._client.register_script(ADVANCE_STEP_LUA)
         self._lua_replace_secret = self._client.register_script(COMPARE_AND_SET_LUA)
         self._lua_activate = self._client.register_script(ACTIVATE_LUA)
-        self._lua_take_attempt = self._client.register_script(TAKE_ATTEMPT_LUA)
-        # What the next flush sends: plain commands, and attempts by (key, limit, window).
-        self._queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
-        self._takes: dict[tuple[bytes, int, float], list[tuple[float, asyncio.Future[tuple[bool, bytes]]]]] = {}
-        self._flushes: set[asyncio.Task[None]] = set()
-        self._flush_due = False
+        self._batch = Batcher(
+            batch_client,
+            self._client.register_script(TAKE_ATTEMPT_LUA).sha,
+            lambda: self._r.script_load(TAKE_ATTEMPT_LUA),
+            lambda: self._open,
+        )
         self._lua_release_attempt = self._client.register_script(RELEASE_ATTEMPT_LUA)
         self._lua_index_session = self._client.register_script(INDEX_SESSION_LUA)
         self._lua_delete_user = self._client.register_script(DELETE_USER_LUA)
@@ -167,7 +151,7 @@ class RedisStore:
             with contextlib.suppress(RedisError, RedisClusterException, OSError):  # closing anyway
                 await close_client(self._client)
         with contextlib.suppress(RedisError, RedisClusterException, OSError):
-            await close_client(self._batch_client)
+            await close_client(self._batch.client)
 
     @translate_errors
     @bounded
@@ -180,7 +164,7 @@ class RedisStore:
     @translate_errors
     async def get_secret(self, user: str) -> bytes | None:
         # Batched: a flood of codes for many users reads their secrets beside their attempts.
-        [value] = await self._pipelined([("GET", self._key(user, "secret"))])
+        [value] = await self._batch.pipelined([("GET", self._key(user, "secret"))])
         return value if isinstance(value, bytes) else None
 
     @translate_errors
@@ -240,15 +224,15 @@ class RedisStore:
         # One script per quota, each on its own key (its own cluster slot), so each is atomic
         # alone; all of them in the shared pipeline of this event-loop turn (_flush), where
         # the attempts of every caller on one scope (one address under a flood) are taken by
-        # one script call.
+        # one script call (gateway.store.redis_batch).
         loop = asyncio.get_running_loop()
         waits = []
         for q in quotas:
             future: asyncio.Future[tuple[bool, bytes]] = loop.create_future()
             key = self._key(q.scope, "attempts").encode()
-            self._takes.setdefault((key, q.limit, q.window), []).append((now, future))
+            self._batch.takes.setdefault((key, q.limit, q.window), []).append((now, future))
             waits.append(future)
-        self._schedule_flush()
+        self._batch.schedule()
         allowed, locks = True, []
         # One store timeout for the caller, however long it queued behind a batch in flight
         # (a frozen server cost two: tests/integration/test_failover.py). Cancelled, its
@@ -266,90 +250,6 @@ class RedisStore:
         if not allowed:
             return Attempt(False, tuple(lock for lock in locks if lock[1] > now))
         return Attempt(True, tuple(locks))
-
-    async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The replies to ``commands``, sent in one pipeline with those of every other caller in
-        the same event-loop turn: one round trip and one pool connection for them all. Under a
-        flood of codes redis-py's per-call cost, not Redis, is the bottleneck, and batching
-        shares it (issue 10, bench row 2). Nothing waits for a batch to fill: it leaves on the
-        next turn of the loop, or when the batch in flight is answered (_schedule_flush). Only
-        for commands that are safe to send twice on NOSCRIPT."""
-        # Encoded here, so a name that cannot be encoded fails its own caller, not the batch.
-        # The command's name stays a str: RedisCluster looks its routing up by name.
-        encoded = [(name, *(a.encode() if isinstance(a, str) else a for a in args)) for name, *args in commands]
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append((encoded, future))
-        self._schedule_flush()
-        async with asyncio.timeout(SOCKET_TIMEOUT):  # one store timeout, queued or not (above)
-            replies = await future
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    def _schedule_flush(self) -> None:
-        """The first caller of an event-loop turn starts a flush, unless one is on its way: what
-        queues meanwhile leaves as one batch when its replies are in. So one pipeline is in
-        flight at a time, and under load each carries what one round trip let pile up (a
-        write to Redis costs a system call and a wake-up, and on a busy machine those, not
-        Redis, dominated a flood of codes; bench row 2). Added latency: at most one round trip."""
-        if not self._flush_due:
-            self._flush_due = True
-            flush = asyncio.create_task(self._drain())
-            self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue or self._takes:
-                await self._flush()
-        finally:
-            self._flush_due = False
-
-    async def _flush(self) -> None:
-        """Send every command and attempt queued so far in one pipeline and hand each caller
-        its replies. The attempts on one quota are taken by one script call, in the order they
-        were asked for: the first ones get the room left, the rest are refused."""
-        batch, self._queue = self._queue, []
-        takes, self._takes = self._takes, {}
-        commands = [command for queued, _ in batch for command in queued]
-        sha = self._lua_take_attempt.sha
-        for (key, limit, window), waiters in takes.items():
-            now = max(at for at, _ in waiters)
-            until = now + window
-            commands.append(("EVALSHA", sha, 1, key, repr(now), limit, repr(until), to_ms(until), len(waiters)))
-        try:
-            if not self._open:
-                raise StoreError("redis store is not open")
-            for first in (True, False):
-                # The batch pool's reads have no timeout of their own: this bounds the round
-                # trip. On expiry redis-py drops the connection (a late reply cannot go astray).
-                async with asyncio.timeout(SOCKET_TIMEOUT), self._batch_client.pipeline(transaction=False) as pipe:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    replies = await pipe.execute(raise_on_error=False)
-                # EVALSHA; on NOSCRIPT (a restarted server) no script of the batch ran: load it
-                # once and send again. redis-py's pipeline scripts would ask SCRIPT EXISTS each time.
-                if first and any(isinstance(r, NoScriptError) for r in replies):
-                    await self._r.script_load(TAKE_ATTEMPT_LUA)
-                    continue
-                break
-        except BaseException as exc:  # every caller gets the error (translated where it awaits)
-            error = exc if isinstance(exc, Exception) else RedisConnectionError("cancelled")
-            waiting = [f for _, f in batch] + [f for waiters in takes.values() for _, f in waiters]
-            for future in waiting:
-                if not future.done():
-                    future.set_exception(error)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        at = 0
-        for queued, future in batch:
-            if not future.done():  # a caller that went away (cancelled) is skipped
-                future.set_result(replies[at : at + len(queued)])
-            at += len(queued)
-        for waiters, reply in zip(takes.values(), replies[at:], strict=True):
-            _hand_out(waiters, reply)
 
     @translate_errors
     @bounded

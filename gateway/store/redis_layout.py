@@ -87,7 +87,7 @@ return 1
 """
 
 # KEYS: attempts. ARGV: now, limit, until (= now + window), until in ms, k. Takes up to k
-# attempts (k callers of one event-loop turn on the same scope, RedisStore._flush), as many as
+# attempts (k callers of one event-loop turn on the same scope, redis_batch.Batcher), as many as
 # there is room for. Returns {taken, until or ""} (until: they used the last room, the scope is
 # now locked), or {0, locked_until} when the quota was already full. Times travel as Python
 # reprs and come back unchanged: Lua would truncate a returned float. The common case (room
