@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 import subprocess
@@ -28,7 +29,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from gateway.config import ENV_KEYS, ENV_PEPPER
 from gateway.crypto import SecretBox
 from gateway.totp import new_secret
-from tests.support.load import Replica, who
+from tests.support.load import Replica, check_codes, keys_rotate, who
 from tests.support.recorder import Recorder
 from tests.support.servers import ROOT
 
@@ -166,22 +167,6 @@ USERS = 600
 OFFSETS = (0, 1)
 
 
-async def _check_codes(url: str, secrets: dict[str, str], done: list[tuple[float, float, int]]) -> None:
-    work = [(offset, user, secret) for offset in OFFSETS for user, secret in secrets.items()]
-    work.reverse()  # popped from the end: every user's first code, then every user's second
-
-    async def client() -> None:
-        async with httpx.AsyncClient(timeout=10) as http:
-            while work:
-                offset, user, secret = work.pop()
-                start = time.monotonic()
-                r = await http.get(f"{url}/rotating", headers={**who(user), "X-2FA-Code": _code(secret, offset)})
-                http.cookies.clear()
-                done.append((start, time.monotonic(), r.status_code))
-
-    await asyncio.gather(*(client() for _ in range(12)))
-
-
 def _under(key: str, token: bytes) -> bool:
     try:
         Fernet(key).decrypt(token)
@@ -210,23 +195,22 @@ async def test_rotation_while_codes_are_checked_fails_none(recorder: Recorder, t
         done: list[tuple[float, float, int]] = []
         mixes: list[int] = []
         stop = asyncio.Event()
-        checks = asyncio.create_task(_check_codes(gateway.url, secrets, done))
+        # Each user's current step's code, then the next step's, each made when it is sent.
+        work = [
+            (user, functools.partial(_code, secret, offset)) for offset in OFFSETS for user, secret in secrets.items()
+        ]
+        checks = asyncio.create_task(check_codes(gateway.url, work, done, clients=12))
         watch = asyncio.create_task(_watch_mix(db, seeded, mixes, stop))
         while len(done) < 30:  # the load is under way before the rotation starts
             await asyncio.sleep(0.02)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         started = time.monotonic()
-        rotation = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "keys", "rotate", "--config", str(gateway.config_path),
-            env={**env, **keys}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(rotation.communicate(), 60)
+        returncode, out, err = await keys_rotate(gateway.config_path, keys, 60)
         ended = time.monotonic()
         await asyncio.wait_for(checks, 60)
         stop.set()
         await watch
-    assert rotation.returncode == 0, err.decode()
-    assert out.decode().startswith(f"rotated {USERS}, already current 0"), out.decode()
+    assert returncode == 0, err
+    assert out.startswith(f"rotated {USERS}, already current 0"), out
     during = [status for start, end, status in done if end > started and start < ended]
     failed = [status for _, _, status in done if status != 200]
     print(f"checks {len(done)}, during the rotation {len(during)}, failed {len(failed)}, mixes {sorted(set(mixes))}")

@@ -7,14 +7,10 @@ as the README's rotation steps say; the rotation then rewrites every secret unde
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pyotp
 import pytest
 from cryptography.fernet import Fernet
@@ -24,8 +20,8 @@ from gateway.crypto import SecretBox
 from gateway.store import open_store_from_url
 from gateway.totp import new_secret
 from tests.conftest import RedisServer, need_binary
-from tests.support.load import Replica, who
-from tests.support.servers import ROOT, UpstreamProcess
+from tests.support.load import Replica, check_codes, keys_rotate
+from tests.support.servers import UpstreamProcess
 
 USERS = 3000
 
@@ -53,22 +49,6 @@ async def _seed(url: str, key: str, users: list[str]) -> dict[str, str]:
     return secrets
 
 
-async def _check_codes(url: str, secrets: dict[str, str], done: list[tuple[float, float, int]]) -> None:
-    """One fresh code per user through the gateway, 16 at a time; (start, end, status) each."""
-    queue = list(secrets.items())
-
-    async def client() -> None:
-        async with httpx.AsyncClient(timeout=10) as http:
-            while queue:
-                user, secret = queue.pop()
-                start = time.monotonic()
-                r = await http.get(f"{url}/rotating", headers={**who(user), "X-2FA-Code": pyotp.TOTP(secret).now()})
-                http.cookies.clear()
-                done.append((start, time.monotonic(), r.status_code))
-
-    await asyncio.gather(*(client() for _ in range(16)))
-
-
 async def test_no_code_check_fails_while_keys_rotate(
     own_redis: RedisServer, upstream: UpstreamProcess, tmp_path: Path
 ) -> None:
@@ -77,21 +57,17 @@ async def test_no_code_check_fails_while_keys_rotate(
     secrets = await _seed(own_redis.url, old_key, [f"rot-{i:05d}" for i in range(USERS)])
     with Replica(tmp_path, "gw", own_redis.url, upstream.url, keys) as gateway:
         done: list[tuple[float, float, int]] = []
-        checks = asyncio.create_task(_check_codes(gateway.url, secrets, done))
+        work = [(user, pyotp.TOTP(secret).now) for user, secret in secrets.items()]
+        checks = asyncio.create_task(check_codes(gateway.url, work, done, clients=16))
         while len(done) < 50:  # the load is under way before the rotation starts
             await asyncio.sleep(0.05)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         started = time.monotonic()
-        rotation = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "keys", "rotate", "--config", str(gateway.config_path),
-            env={**env, **keys}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(rotation.communicate(), 120)
+        returncode, out, err = await keys_rotate(gateway.config_path, keys, 120)
         ended = time.monotonic()
         await asyncio.wait_for(checks, 120)
-    assert rotation.returncode == 0, err.decode()
-    assert out.decode().startswith(f"rotated {USERS}, already current 0"), out.decode()
-    assert "keys rotate: " in err.decode()  # progress lines: stderr is not a terminal here
+    assert returncode == 0, err
+    assert out.startswith(f"rotated {USERS}, already current 0"), out
+    assert "keys rotate: " in err  # progress lines: stderr is not a terminal here
     during = [status for start, end, status in done if end > started and start < ended]
     assert during, "no code check overlapped the rotation"
     failed = [status for _, _, status in done if status != 200]

@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +29,7 @@ import httpx
 import pyotp
 
 from tests.support.recorder import SEQ_HEADER
-from tests.support.servers import free_port, gateway_process, gateway_users
+from tests.support.servers import ROOT, free_port, gateway_process, gateway_users
 
 SESSION_COOKIE = "gateway_session"
 # The store's per-worker caches (store.cache_ttl): a revocation reaches every replica within it.
@@ -266,3 +269,37 @@ def judge(load: Load, recorded: Sequence[tuple[int, str]], down: float, restorin
         leaked=leaked,
         counts=counts,
     )
+
+
+# (start, end, status) of each code check, for a judge of what overlapped what.
+Checked = list[tuple[float, float, int]]
+
+
+async def check_codes(url: str, work: Sequence[tuple[str, Callable[[], str]]], done: Checked, clients: int) -> None:
+    """Each (user, code) of ``work`` through the gateway at ``url`` in that order, ``clients``
+    at a time, the code made when it is sent; appends (start, end, status) to ``done``."""
+    queue = list(reversed(work))
+
+    async def client() -> None:
+        async with httpx.AsyncClient(timeout=10) as http:
+            while queue:
+                user, code = queue.pop()
+                start = time.monotonic()
+                r = await http.get(f"{url}/rotating", headers={**who(user), "X-2FA-Code": code()})
+                http.cookies.clear()
+                done.append((start, time.monotonic(), r.status_code))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+async def keys_rotate(config_path: Path, keys: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """``gateway keys rotate`` as an operator runs it while gateways serve (no GATEWAY_* of the
+    test's own environment, ``keys`` instead): its exit status, stdout and stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    rotation = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "keys", "rotate", "--config", str(config_path),
+        env={**env, **keys}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(rotation.communicate(), timeout)
+    assert rotation.returncode is not None
+    return rotation.returncode, out.decode(), err.decode()
