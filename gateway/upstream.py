@@ -29,6 +29,8 @@ does, and why:
   bytes); a larger head is a 502, not memory.
 * Only safe methods (RFC 9110 §9.2.1) are retried when a pooled connection turns out dead;
   anything else is sent once (RFC 9110 §9.2.2, RFC 9112 §9.3.1) and a dead connection is a 502.
+* A body delimited by the close of the connection (RFC 9112 §6.3 item 8) is whole only if the
+  connection ended cleanly; after a reset it is a ``ReadError`` (the client's stream is cut off).
 * ``max_connections`` requests at once; one more waits at most the ``pool`` timeout.
 * aiohttp's exceptions become httpx's at one boundary, ``map_aiohttp_exceptions``:
   refused → ``ConnectError``, reset or early close → ``ReadError``, malformed answer →
@@ -40,14 +42,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import ssl
 import weakref
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
@@ -77,6 +81,19 @@ class _Request(aiohttp.ClientRequest):
         return None
 
 
+class _Protocol(ResponseHandler):
+    """aiohttp's connection protocol, remembering why the connection ended. aiohttp (3.14) ends
+    a body that runs to the close of the connection (RFC 9112 §6.3 item 8) the same way on a
+    clean close (FIN) and on a reset: ``connection_lost`` feeds the parser its EOF either way,
+    and only the ``exc`` it is called with tells them apart (None for a FIN)."""
+
+    lost: BaseException | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = exc  # before aiohttp ends the body, so a reader woken by that end sees it
+        super().connection_lost(exc)
+
+
 class _Connector(aiohttp.TCPConnector):
     """aiohttp's connector, but a pooled connection on which bytes arrived while it was idle is
     closed, not reused. aiohttp (3.14) parses such bytes into a response queued on the idle
@@ -87,6 +104,8 @@ class _Connector(aiohttp.TCPConnector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # aiohttp's own factory, with the protocol that remembers how the connection ended.
+        self._factory = cast("functools.partial[ResponseHandler]", functools.partial(_Protocol, loop=self._loop))
         self.pooled: weakref.WeakSet[Connection] = weakref.WeakSet()  # taken from the pool
 
     async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
@@ -182,15 +201,24 @@ class _Upload:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse, release: _Slot) -> None:
+    """The response body. ``until_close`` is the connection's protocol when the body is
+    delimited by the close of the connection (RFC 9112 §6.3 item 8), None when it is framed."""
+
+    def __init__(self, response: aiohttp.ClientResponse, release: _Slot, until_close: _Protocol | None) -> None:
         self.response = response
         self.release = release
+        self.until_close = until_close
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         content = self.response.content
         with map_aiohttp_exceptions():
             while chunk := await content.readany():  # b"" only at the end of the body
                 yield chunk
+        # Such a body is whole only if the connection ended cleanly: after a reset (or any
+        # other error) the end is unknown, and relaying it as complete would pass a cut body
+        # off as whole; the stream is aborted instead, as a short read against a length is.
+        if self.until_close is not None and self.until_close.lost is not None:
+            raise httpx.ReadError("the upstream reset the connection in a body delimited by its close")
 
     async def aclose(self) -> None:
         # A body read to its end has already returned the connection to the pool (``closed``);
@@ -266,10 +294,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             with map_aiohttp_exceptions(upload):
                 exchange = _exchange(connector, request.method, url, headers, upload, self._client_timeout(timeout))
                 if upload is None:
-                    response = await exchange
+                    response, protocol = await exchange
                 else:
                     async with asyncio.timeout(None) as upload.deadline:
-                        response = await exchange
+                        response, protocol = await exchange
                     upload.deadline = None
             if 100 <= response.status < 200:
                 # RFC 9110 §15.2: interim answers are consumed below us; a 101 to a request
@@ -282,7 +310,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             response.status,
             headers=response.raw_headers,
-            stream=_ResponseStream(response, release),
+            stream=_ResponseStream(response, release, protocol if _until_close(request.method, response) else None),
             extensions={"http_version": b"HTTP/1.1"},
             request=request,
         )
@@ -300,12 +328,12 @@ async def _exchange(
     headers: list[tuple[str, str]],
     upload: _Upload | None,
     timeout: aiohttp.ClientTimeout,
-) -> aiohttp.ClientResponse:
-    """One request and its response head, through aiohttp's public request, connector and
-    response classes: what ``ClientSession._request`` does, without what this client must not
-    do (cookie jar, redirects, netrc and environment proxies, automatic headers) and without
-    what it does not use (tracing, middlewares, a total deadline), which cost more per request
-    than the exchange itself.
+) -> tuple[aiohttp.ClientResponse, _Protocol]:
+    """One request, its response head and the connection's protocol, through aiohttp's public
+    request, connector and response classes: what ``ClientSession._request`` does, without what
+    this client must not do (cookie jar, redirects, netrc and environment proxies, automatic
+    headers) and without what it does not use (tracing, middlewares, a total deadline), which
+    cost more per request than the exchange itself.
 
     RFC 9110 §9.2.1: a safe request without a body is sent again, once, on a fresh connection
     when the pooled one turns out dead (aiohttp's own retry also resends after a fresh one
@@ -329,7 +357,7 @@ async def _exchange(
         # upstream's answer (issue 14: a resetting upstream got every GET twice).
         retry = safe and conn in connector.pooled
         protocol = conn.protocol
-        assert protocol is not None
+        assert isinstance(protocol, _Protocol)
         protocol.set_response_params(
             skip_payload=method == "HEAD",
             read_until_eof=True,
@@ -356,7 +384,20 @@ async def _exchange(
         except BaseException:
             conn.close()
             raise
-        return response
+        return response, protocol
+
+
+def _until_close(method: str, response: aiohttp.ClientResponse) -> bool:
+    """Whether the body runs to the close of the connection (RFC 9112 §6.3): it has one (not a
+    HEAD, 204 or 304 answer, §6.3 item 1) and neither a Content-Length nor a final chunked
+    coding frames it (items 4 and 8)."""
+    if method == "HEAD" or response.status in (204, 304):
+        return False
+    headers = response.headers
+    if "Transfer-Encoding" in headers:
+        codings = ",".join(headers.getall("Transfer-Encoding")).rsplit(",", 1)[-1]
+        return codings.strip().lower() != "chunked"
+    return "Content-Length" not in headers
 
 
 def _target_url(request: httpx.Request) -> URL:

@@ -204,6 +204,24 @@ def test_reset_in_the_body_is_an_aborted_stream(gateway: SessionGateway, upstrea
         assert_aborted(fire(gateway, fault), BODY_SENT + 1)
 
 
+def test_reset_in_a_close_delimited_body_is_an_aborted_stream(
+    gateway: SessionGateway, upstream: FaultyUpstream
+) -> None:
+    # A body without Content-Length or chunked ends where the connection does (RFC 9112 §6.3
+    # item 8): only a clean close ends it; after a reset it must not look whole (attacker B,
+    # finding 5: it was relayed chunked, with a clean last chunk).
+    with no_leak(gateway, upstream):
+        assert_aborted(fire(gateway, "reset-body-eof"), BODY_SENT + 1)
+
+
+def test_close_delimited_body_ended_by_a_clean_close_is_complete(
+    gateway: SessionGateway, upstream: FaultyUpstream
+) -> None:
+    with no_leak(gateway, upstream):
+        for outcome in fire(gateway, "close-body-eof"):
+            assert (outcome.status, outcome.kind, outcome.body) == (200, "complete", b"e" * BODY_SENT), outcome
+
+
 @pytest.mark.parametrize("fault", ["bad-status", "bad-status-line"])
 def test_malformed_status_line_is_502(gateway: SessionGateway, upstream: FaultyUpstream, fault: str) -> None:
     with no_leak(gateway, upstream):

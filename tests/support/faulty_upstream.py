@@ -77,6 +77,7 @@ Fault = Callable[[_Conn, bytes], str]
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 _CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+_UNTIL_CLOSE_HEAD = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
 BODY_SENT = 4096  # bytes of body sent before a mid-body fault
 _BODY_LENGTH = 100_000  # the Content-Length announced by the mid-body faults
 
@@ -178,6 +179,10 @@ FAULTS: dict[str, Fault] = {
         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % _BODY_LENGTH + b"r" * BODY_SENT
     ),
     "reset-body-chunked": _reset_after(_CHUNKED_HEAD + b"%x\r\n" % BODY_SENT + b"r" * BODY_SENT + b"\r\n"),
+    # Neither Content-Length nor chunked: the body ends where the connection does (RFC 9112 §6.3
+    # item 8), cut by a reset or ended by a clean close (FIN).
+    "reset-body-eof": _reset_after(_UNTIL_CLOSE_HEAD + b"r" * BODY_SENT),
+    "close-body-eof": _answer_and_close(_UNTIL_CLOSE_HEAD + b"e" * BODY_SENT),
     "bad-status": _answer(b"HTTP/1.1 2x0 Secret-Upstream-Detail\r\nContent-Length: 2\r\n\r\nok"),
     "bad-status-line": _answer(b"SECRET-UPSTREAM-GARBAGE\r\n\r\n"),
     "bad-chunk-size": _answer(_CHUNKED_HEAD + b"10\r\n" + b"c" * 16 + b"\r\nzz-secret\r\nxx\r\n0\r\n\r\n"),
