@@ -93,8 +93,15 @@ class LimitedConfig(uvicorn.Config):
 
     def __init__(self, app: Any, limits: ClientLimits, shutdown_delay: float = 0.0, **kwargs: Any) -> None:
         # The WebSocket protocol named, not "auto": the handshake deadline reads its state
-        # (uvicorn's websockets-sansio one, closing with 1001 on shutdown).
-        super().__init__(app, http=LimitedHttpToolsProtocol, ws=LimitedWebSocketProtocol, **kwargs)
+        # (uvicorn's websockets-sansio one, closing with 1001 on shutdown). No permessage-deflate
+        # (RFC 7692) with clients, as none with the upstream (gateway/websocket.py): a relay gains
+        # nothing from it, each connection's zlib state cost about 300 KiB of native memory until
+        # the cycle holding it was collected (a soak with 35 WebSockets a second grew by 2 MiB/s,
+        # 76 MiB flat without them), and compressing secrets beside attacker-chosen bytes is how
+        # CRIME and BREACH read them.
+        super().__init__(
+            app, http=LimitedHttpToolsProtocol, ws=LimitedWebSocketProtocol, ws_per_message_deflate=False, **kwargs
+        )
         self.limits = limits
         self.shutdown_delay = shutdown_delay  # read by gateway.shutdown.DrainingServer
 

@@ -75,6 +75,15 @@ async def test_relay_with_code_subprotocol_and_close_code(gw: GatewayServer) -> 
     assert ws.close_reason == "asked"
 
 
+async def test_permessage_deflate_is_never_negotiated_with_a_client(gw: GatewayServer) -> None:
+    # The websockets client offers permessage-deflate (RFC 7692) by default; the gateway declines
+    # it (gateway/server.py: ~300 KiB of zlib state per connection, and CRIME-style leaks).
+    async with connect(ws_url(gw, "/public/ws")) as ws:
+        assert ws.request is not None and "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+        assert await ws.recv() == "hello "
+
+
 async def test_excluded_websocket_path_needs_no_code(gw: GatewayServer) -> None:
     async with connect(ws_url(gw, "/public/ws")) as ws:
         assert await ws.recv() == "hello "  # no user for an excluded path
