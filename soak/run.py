@@ -216,9 +216,16 @@ def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
     interval = min(1.0, args.bucket / 6)
     gauges: Gauges = []
     last_progress = time.monotonic()
+
+    def sample() -> None:
+        values = scrape(metrics_url)
+        by_peer = fds_by_peer(gateway.pid, peers)
+        values["pools"] = float(by_peer.get("store", 0) + by_peer.get("upstream", 0))
+        gauges.append((time.time(), values))
+
     while load.poll() is None:
         with contextlib.suppress(httpx.HTTPError):
-            gauges.append((time.time(), scrape(metrics_url)))
+            sample()
         if time.monotonic() - last_progress >= args.bucket:
             last_progress = time.monotonic()
             seen = ", ".join(f"{k} {v:.0f}" for k, v in gauges[-1][1].items()) if gauges else "no scrape yet"
@@ -229,7 +236,7 @@ def _run(args: argparse.Namespace, workdir: Path, procs: Processes) -> int:
         return 1
     idle_after = time.time()
     while time.time() < idle_after + IDLE_SECONDS:
-        gauges.append((time.time(), scrape(metrics_url)))
+        sample()
         time.sleep(interval)
     results = json.loads(results_path.read_text())
     results["idle_after"] = [idle_after, idle_after + IDLE_SECONDS]

@@ -98,6 +98,18 @@ def test_fds_are_compared_at_idle_not_under_load() -> None:
     assert (fds.warm, fds.end, fds.ok) == (40.0, 60.0, False)
 
 
+def test_the_bounded_pools_are_left_out_of_the_fds_judged() -> None:
+    # 40 fds at idle before, 70 after: 30 more pooled connections to the store and the upstream
+    # (kept because the busiest moment needed them) pass; 30 more of anything else do not.
+    samples = gauges([100.0] * 80, [40.0] * 10 + [300.0] * 62 + [70.0] * 8)
+    pooled = [(t, {**v, "pools": 10.0 if t < 1010 else 40.0}) for t, v in samples]
+    fds = next(g for g in verdicts(pooled, results(), 30) if g.name == "fds")
+    assert (fds.warm, fds.end, fds.ok) == (30.0, 30.0, True)
+    unpooled = [(t, {**v, "pools": 10.0}) for t, v in samples]
+    fds = next(g for g in verdicts(unpooled, results(), 30) if g.name == "fds")
+    assert (fds.warm, fds.end, fds.ok) == (30.0, 60.0, False)
+
+
 def test_a_clean_run_passes_and_any_unexpected_answer_fails_it() -> None:
     flat = gauges([100.0] * 80)
     clean = summarise(results(), flat, 30)
