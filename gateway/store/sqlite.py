@@ -18,7 +18,12 @@ ends at ``reset_at``); ``locked_until`` is set while the count is at its limit.
 Faults (issue 14, tests/faults/test_sqlite_faults.py). The store timeout is BUSY_TIMEOUT_MS
 over a whole call, waiting in the thread's queue included: one call stuck behind another
 process's lock must not make every request queued behind it wait its whole timeout again, so a
-call whose deadline passed before its turn is dropped, never run late. A file deleted (or
+call whose deadline passed before its turn is dropped, never run late, and a call that started
+in time but is still waiting for the lock at its deadline is rolled back, never committed once
+its caller was told "timed out" (a 503: a recovery code consumed, an authenticator swapped
+behind that answer would surprise the user). The only cost: a caller whose call's COMMIT began
+just before its deadline waits for that COMMIT (it holds the lock already: no wait for another
+process). A file deleted (or
 replaced) under a running gateway is the other trap: SQLite keeps using the unlinked inode, so
 the gateway would "work" and lose every write at the next restart, every user unenrolled and
 free to enrol anew with only a password. The store checks, at most once per FILE_CHECK_INTERVAL
@@ -34,10 +39,11 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gateway.errors import StoreError
 from gateway.store.base import Attempt, Quota, UserState
@@ -66,6 +72,29 @@ CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
 CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
+
+
+# A call's states, moved under its lock by the event loop (_abandon) and the store's thread
+# (_checked): the thread commits only after moving RUNNING -> COMMITTING, the loop reports
+# "timed out" only after moving QUEUED/RUNNING -> ABANDONED, so a call reported failed never
+# commits and a call that commits is never reported failed.
+_QUEUED, _RUNNING, _COMMITTING, _ABANDONED, _DONE = range(5)
+
+
+class _Call:
+    """One call's hand-off between the event loop and the store's thread."""
+
+    __slots__ = ("deadline", "lock", "state")
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.state = _QUEUED
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class SqliteStore:
@@ -98,11 +127,17 @@ class SqliteStore:
     async def _call(self, timeout: float | None, fn: Callable[..., T], *args: object) -> T:
         if self._executor is None:
             raise StoreError("sqlite store is not open")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        call = _Call(None if timeout is None else time.monotonic() + timeout)
+        fut = asyncio.wrap_future(self._executor.submit(self._checked, call, fn, *args))
+        fut.add_done_callback(_retrieve)  # an abandoned call's error is nobody's to report
         try:
-            async with asyncio.timeout(timeout):
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._executor, self._checked, deadline, fn, *args)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await asyncio.shield(fut)  # a timeout must not stop us reading its fate
+            except TimeoutError:
+                if self._abandon(call):
+                    raise
+                return await fut  # its COMMIT had begun: that outcome, not "timed out", is the answer
         except TimeoutError as exc:  # an OSError too: named before it
             raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} timed out") from exc
         except (sqlite3.Error, OSError) as exc:
@@ -110,16 +145,53 @@ class SqliteStore:
         except UnicodeError as exc:  # a name with a lone surrogate; its text would quote it
             raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed ({type(exc).__name__})") from exc
 
-    def _checked(self, deadline: float | None, fn: Callable[..., T], *args: object) -> T:
+    def _abandon(self, call: _Call) -> bool:
+        """On the event loop, at the caller's deadline: mark ``call`` abandoned, so that it never
+        commits, and interrupt its running statement; False when its COMMIT has already begun
+        (the caller then waits for that COMMIT instead, which waits for no lock)."""
+        with call.lock:
+            if call.state == _COMMITTING:
+                return False
+            if call.state == _RUNNING and self._conn is not None:
+                # sqlite3_interrupt is thread-safe and ends a long statement; it does not end a
+                # wait for another process's lock (SQLite 3.40), which the check before COMMIT
+                # covers. Under call.lock the thread cannot have moved on to another call.
+                self._conn.interrupt()
+            call.state = _ABANDONED
+            return True
+
+    def _checked(self, call: _Call, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on the store's thread, unless its caller has given up waiting or the
-        path no longer names the file this connection opened."""
+        path no longer names the file this connection opened; its writes are committed here, at
+        the end, only while its caller still waits."""
         now = time.monotonic()
-        if deadline is not None and now > deadline:  # its caller was told "timed out": running it now would surprise it
-            raise sqlite3.OperationalError("timed out waiting for the store's thread")
-        if self._file is not None and (self._lost or now >= self._next_check):
-            self._next_check = now + FILE_CHECK_INTERVAL
-            self._check_file()
-        return fn(*args)
+        with call.lock:
+            if call.state == _ABANDONED or (call.deadline is not None and now > call.deadline):
+                # its caller was told "timed out": running it now would surprise it
+                call.state = _ABANDONED
+                raise sqlite3.OperationalError("timed out waiting for the store's thread")
+            call.state = _RUNNING
+        try:
+            if self._file is not None and (self._lost or now >= self._next_check):
+                self._next_check = now + FILE_CHECK_INTERVAL
+                self._check_file()
+            result = fn(*args)
+            db = self._conn
+            if db is not None and db.in_transaction:
+                with call.lock:
+                    if call.state == _ABANDONED:
+                        raise sqlite3.OperationalError("its caller was told it timed out: rolled back")
+                    call.state = _COMMITTING
+                db.execute("COMMIT")
+            return result
+        except BaseException:
+            # Also after a failed COMMIT: never leave the one connection inside a transaction.
+            if self._conn is not None and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        finally:
+            with call.lock:
+                call.state = _DONE
 
     def _check_file(self) -> None:
         """Raise unless the path still names the file opened; reopen it once it does again.
@@ -159,14 +231,16 @@ class SqliteStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A transaction holding the write lock from its start (safe read-modify-write)."""
+        """A transaction holding the write lock from its start (safe read-modify-write).
+
+        It is committed by ``_checked`` when the whole call ends, and only if the caller still
+        waits (a second ``_write`` in the same call joins the first); an error rolls it back."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        if not db.in_transaction:
+            db.execute("BEGIN IMMEDIATE")
         try:
             yield db
-            db.execute("COMMIT")
         except BaseException:
-            # Also after a failed COMMIT: never leave the one connection inside a transaction.
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
@@ -184,14 +258,15 @@ class SqliteStore:
             raise
 
     def _connect(self, create: bool = True) -> None:
-        # isolation_level=None: autocommit, so single statements are atomic on their own and
-        # transactions are exactly the ones we open. `timeout` is SQLite's busy_timeout: wait
-        # for another process's write lock rather than fail. Made on the store's thread, used
-        # only there.
+        # `timeout` is SQLite's busy_timeout: wait for another process's write lock rather than
+        # fail. Made on the store's thread, used only there.
         # create=False (reopening a restored file): mode=rw fails on a missing file rather than
         # start an empty store in its place (every user unenrolled).
         target, uri = (self.path, False) if create else (f"file:{_quote_path(self.path)}?mode=rw", True)
-        conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, uri=uri)
+        # isolation_level="IMMEDIATE": every write, a single statement too, opens a transaction
+        # that holds the write lock (sqlite3 begins it before INSERT/UPDATE/DELETE), so that
+        # _checked decides when it commits: never after its caller was told "timed out".
+        conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level="IMMEDIATE", uri=uri)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL survives process crashes; a power cut may lose the last commits.
