@@ -27,9 +27,13 @@ worker). While a user is locked out, the refusal that locked it (or the first on
 saw) is logged; the next ones refused for the lock (``code.rejected`` with reason
 ``2fa_locked``) are counted, and one ``code.rejected.suppressed`` line per user says how many,
 when the lock ends or ``SUMMARY_INTERVAL`` seconds have passed, whichever comes first (and at
-the lifespan's shutdown). Each app's :class:`RequestContext` keeps its own tally. Metrics still
-count every refusal (``observe`` sees each event); no other event is held back: a wrong code
-before the lock, an accepted code, an enrolment, a lockout are each a line.
+the lifespan's shutdown). The line names the addresses the held refusals came from (the first
+``SUMMARY_CLIENTS`` distinct ones in ``clients``, and how many refusals came from any other in
+``other_client_refusals``): a lock hammered from several addresses must not hide all but the
+last one (bounded, so a botnet's flood stays one short line). Each app's
+:class:`RequestContext` keeps its own tally. Metrics still count every refusal (``observe`` sees
+each event); no other event is held back: a wrong code before the lock, an accepted code, an
+enrolment, a lockout are each a line.
 """
 
 from __future__ import annotations
@@ -162,10 +166,11 @@ def _shown(name: str, value: Any) -> str:
 LOCKED_REASON = "2fa_locked"
 SUMMARY_EVENT = "code.rejected.suppressed"
 SUMMARY_INTERVAL = 60.0
+SUMMARY_CLIENTS = 8  # distinct addresses a summary names; refusals from others are only counted
 
 
 class _Flood:
-    __slots__ = ("client", "count", "mode", "request_id", "until")
+    __slots__ = ("client", "clients", "count", "mode", "others", "request_id", "until")
 
     def __init__(self, until: float) -> None:
         self.until = until
@@ -173,6 +178,19 @@ class _Flood:
         self.client: str | None = None
         self.request_id: str | None = None
         self.mode: str | None = None
+        self.clients: dict[str, None] = {}  # the first SUMMARY_CLIENTS addresses, in order seen
+        self.others = 0  # refusals from any address beyond those
+
+    def hold(self, record: dict[str, Any]) -> None:
+        self.count += 1
+        self.client, self.request_id, self.mode = record["client"], record["request_id"], record["mode"]
+        client = record["client"]
+        if client is None or client in self.clients:
+            return
+        if len(self.clients) < SUMMARY_CLIENTS:
+            self.clients[client] = None
+        else:
+            self.others += 1
 
 
 class LockedRefusals:
@@ -197,8 +215,7 @@ class LockedRefusals:
         now = self.clock()
         flood = self._floods.get(user)
         if flood is not None and now < flood.until:
-            flood.count += 1
-            flood.client, flood.request_id, flood.mode = record["client"], record["request_id"], record["mode"]
+            flood.hold(record)
             return False
         if flood is not None:  # the window ended and no timer said so (no running loop)
             self._summarise(user)
@@ -226,6 +243,8 @@ class LockedRefusals:
             "mode": flood.mode,
             "reason": LOCKED_REASON,
             "count": flood.count,
+            "clients": ",".join(flood.clients),
+            "other_client_refusals": flood.others,
         }
         _log_event(record)
 

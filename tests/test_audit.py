@@ -350,7 +350,9 @@ def test_a_locked_users_refusals_are_one_line_then_one_count(caplog: pytest.LogC
     assert refusals.admit("alice", _locked()) is True
     [summary] = [r.audit for r in caplog.records]  # type: ignore[attr-defined]
     assert summary == {"event": "code.rejected.suppressed", "user": "alice", "client": "10.0.0.249",
-                       "request_id": "r", "mode": "proxy", "reason": "2fa_locked", "count": 250}  # fmt: skip
+                       "request_id": "r", "mode": "proxy", "reason": "2fa_locked", "count": 250,
+                       "clients": ",".join(f"10.0.0.{i}" for i in range(8)),
+                       "other_client_refusals": 242}  # fmt: skip
     assert caplog.records[0].levelno == logging.WARNING
     # A lock shorter than the interval: its window ends with it.
     assert refusals.admit("carol", _locked("carol", retry_after=5)) is True
@@ -360,6 +362,46 @@ def test_a_locked_users_refusals_are_one_line_then_one_count(caplog: pytest.LogC
     assert [r.audit["count"] for r in caplog.records[1:]] == [1]  # type: ignore[attr-defined]
     refusals.flush()  # alice's new window and bob's held nothing: no line; carol's held none yet
     assert len(caplog.records) == 2
+
+
+def test_the_summary_names_every_address_that_hammered_the_lock(caplog: pytest.LogCaptureFixture) -> None:
+    """Attacker B, finding 7: four addresses hammering a locked account; the summary named only
+    the last one, so two of them never appeared in the log. Each address is named (up to
+    SUMMARY_CLIENTS of them, in the order they came; beyond that, their refusals are counted),
+    in the text line too."""
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    now = [0.0]
+    refusals = audit_module.LockedRefusals(clock=lambda: now[0])
+    hammering = ["203.0.113.7", "198.51.100.23", "192.0.2.99", "2001:db8::5"]
+    for round_ in range(3):
+        for i, client in enumerate(hammering):
+            token = audit_module._current.set(audit_module.Context(f"r{round_}{i}", "proxy", refusals=refusals))
+            try:
+                audit("code.rejected", "victim", client=client, reason="2fa_locked", retry_after=30)
+            finally:
+                audit_module._current.reset(token)
+    now[0] = 31.0
+    refusals.flush()
+    first, summary = caplog.records
+    assert first.audit["client"] == "203.0.113.7"  # type: ignore[attr-defined]
+    assert (summary.audit["count"], summary.audit["clients"], summary.audit["other_client_refusals"]) == (  # type: ignore[attr-defined]
+        11,
+        "198.51.100.23,192.0.2.99,2001:db8::5,203.0.113.7",
+        0,
+    )
+    assert all(client in caplog.text for client in hammering)
+    assert "clients=198.51.100.23,192.0.2.99,2001:db8::5,203.0.113.7 other_client_refusals=0" in summary.getMessage()
+
+    # A botnet: the summary stays bounded, naming the first SUMMARY_CLIENTS and counting the rest.
+    caplog.clear()
+    assert refusals.admit("bob", _locked("bob", client="192.0.2.1")) is True
+    bots = [f"198.51.100.{i}" for i in range(1, 21)]
+    assert [refusals.admit("bob", _locked("bob", client=bot)) for bot in bots * 2] == [False] * 40
+    refusals.flush()
+    [summary] = caplog.records
+    assert summary.audit["clients"] == ",".join(bots[: audit_module.SUMMARY_CLIENTS])  # type: ignore[attr-defined]
+    assert summary.audit["other_client_refusals"] == 2 * (len(bots) - audit_module.SUMMARY_CLIENTS)  # type: ignore[attr-defined]
+    assert summary.audit["count"] == 40  # type: ignore[attr-defined]
 
 
 async def test_only_lock_refusals_are_held_and_a_timer_sums_them_up(caplog: pytest.LogCaptureFixture) -> None:
@@ -430,3 +472,4 @@ def test_a_burst_of_wrong_codes_is_a_bounded_number_of_lines(upstream: UpstreamP
     assert [e["event"] for e in events].count("lockout.started") == 1
     [summary] = [e for e in events if e["event"] == "code.rejected.suppressed"]
     assert (summary["user"], summary["count"], summary["client"]) == ("alice", 1995, "127.0.0.1")
+    assert (summary["clients"], summary["other_client_refusals"]) == ("127.0.0.1", 0)
