@@ -81,9 +81,13 @@ def client_address(peer: str | None, forwarded_for: str | None, networks: tuple[
         if not hop:
             continue
         try:
-            ipaddress.ip_address(hop)
+            ip = ipaddress.ip_address(hop)
         except ValueError:
             return peer  # a malformed chain is not believed
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            # A zone id (RFC 6874) is any text after "%", and names no client beyond this
+            # host's own links: it went to the app as X-Real-IP and to the log verbatim.
+            return peer
         if not is_trusted(hop, networks):
             return hop
     return peer

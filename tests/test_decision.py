@@ -263,6 +263,11 @@ async def test_redis_replay_guard_under_concurrency(redis_server: RedisServer, t
         ("127.0.0.1", "garbage", "127.0.0.1"),
         ("198.51.100.9", "203.0.113.5", "198.51.100.9"),  # untrusted peer: XFF ignored
         ("127.0.0.1", None, "127.0.0.1"),
+        # A zone id (RFC 6874) is any text after "%", and Python's parser takes it: such a hop
+        # reached the app as X-Real-IP and the audit log verbatim (attacker A, issue 14).
+        ("127.0.0.1", "fe80::1%<img src=x onerror=alert(1)>", "127.0.0.1"),
+        ("127.0.0.1", "fe80::1%eth0", "127.0.0.1"),
+        ("127.0.0.1", "203.0.113.5, fe80::1%25x", "127.0.0.1"),
     ],
 )
 def test_client_address(peer: str, xff: str | None, expected: str) -> None:
