@@ -118,9 +118,16 @@ def _login_url(config: Config) -> list[str]:
 
 
 def _hosts(config: Config) -> list[str]:
-    if config.upstream.url is None or config.server.public_url or config.server.allowed_hosts:
+    if config.server.public_url or config.server.allowed_hosts:
         return []
+    if config.upstream.url is not None:
+        return [
+            "server.allowed_hosts: empty and server.public_url unset in proxy mode: a request with any Host "
+            "is passed to the app, which may build links or cache entries from it (set either one)"
+        ]
+    # Forward-auth: the front may relay any Host, and the gateway's redirects to its verify page
+    # are built from it (attacker A, issue 14: Host: evil.example -> Location: http://evil.example/).
     return [
-        "server.allowed_hosts: empty and server.public_url unset in proxy mode: a request with any Host "
-        "is passed to the app, which may build links or cache entries from it (set either one)"
+        "server.allowed_hosts: empty and server.public_url unset: /auth accepts any forwarded host, and "
+        "the redirect to the verify page is built from the Host the client sent (set either one)"
     ]

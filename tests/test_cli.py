@@ -68,7 +68,7 @@ def with_store(config: Config, work: Callable[[Store, SecondFactor], Awaitable[T
     """Run ``work(store, factors)`` against ``config``'s store, opened and closed around it."""
 
     async def run() -> T:
-        store = open_store_from_url(config.store.url, config.store.prefix)
+        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
         await store.open()
         try:
             clock = time.time if at is None else (lambda: at)
@@ -455,11 +455,13 @@ def test_users_manage_the_demos_users(cli: Cli, tmp_path: Path) -> None:
     assert cli("users", "list", "--demo", "--dir", str(state), config=False).stdout.strip() == "(no users)"
 
 
-DANGEROUS = '[server]\ntrusted_proxies = ["0.0.0.0/0"]\n\n[identity]\nmode = "header"\n'
+HOSTS = '[server]\nallowed_hosts = ["app.example.com"]\n'
+DANGEROUS = 'trusted_proxies = ["0.0.0.0/0"]\n\n[identity]\nmode = "header"\n'
 
 
 def test_check_config_warns_on_stderr_and_fails_only_when_strict(cli: Cli) -> None:
     """Issue 12 §2.5: a config that loads but lets anyone claim any user says so, naming the key."""
+    cli.path.write_text(cli.path.read_text() + HOSTS)  # without, any forwarded Host is a warning too
     safe = cli("check-config", "--strict")
     assert safe.returncode == 0 and "warning" not in safe.stderr
 

@@ -324,7 +324,7 @@ def warned(data: dict[str, Any]) -> list[str]:
 
 def test_a_safe_config_has_no_warnings() -> None:
     assert warned(SAFE) == []
-    assert warned({}) == []  # forward-auth mode: the front proxy picks the hosts
+    assert warned({"server": {"allowed_hosts": ["app.example.com"]}}) == []  # forward-auth, hosts named
     jwt = {"mode": "jwt", "jwt": {"secret": "s" * 40}}
     assert (
         warned(
@@ -359,6 +359,7 @@ def test_a_safe_config_has_no_warnings() -> None:
         ({**SAFE, "identity": {"login_url": "https://evil.example/login?next={next}"}}, "identity.login_url: another"),
         ({"identity": {"login_url": "https://login.example/?next={next}"}}, "identity.login_url: an absolute URL"),
         ({"upstream": {"url": "http://127.0.0.1:8000"}}, "server.allowed_hosts: empty and server.public_url unset"),
+        ({}, "server.allowed_hosts: empty and server.public_url unset: /auth accepts any forwarded host"),
     ],
 )
 def test_dangerous_settings_warn_naming_the_key(data: dict[str, Any], expected: str) -> None:
