@@ -1,7 +1,8 @@
 """SECURITY.md stays true: every test file it names exists, and its deployment checklist
 (config/checks/security_checklist.py runs each ```sh check: ID``` block) passes against a real
 deployment (app, gateway, nginx from config/nginx/proxy_pass.conf with TLS) and fails, item by
-item, against a deliberately broken one."""
+item, against deliberately broken ones: every item fails in one of them, so none can be emptied
+or weakened into a check that always passes."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ BROKEN = {
     "identity-header-not-believed",
     "tls",
 }
+# A second one, otherwise right: its front routes the protected path to the app around the gateway
+# and without a login, and has a location for the metrics that relays no X-Forwarded-For (so the
+# gateway sees its trusted front asking directly). The probe's Remote-User then reaches the app too.
+LEAKY = {"protected-path-refused", "identity-header-not-believed", "metrics-not-public"}
+FAILS = {"right": set(), "broken": BROKEN, "leaky": LEAKY}
 
 
 def test_every_test_file_named_exists() -> None:
@@ -54,6 +60,12 @@ def test_every_test_file_named_exists() -> None:
 
 def test_the_checklist_has_every_item_once() -> None:
     assert re.findall(r"^```sh check: ([a-z0-9-]+)$", DOC.read_text("utf-8"), re.M) == CHECKS
+
+
+def test_every_item_fails_in_some_broken_deployment() -> None:
+    # With the runs below (each deployment fails exactly its set), every item is shown able to
+    # fail: an item emptied in SECURITY.md would pass where it must fail.
+    assert set().union(*FAILS.values()) == set(CHECKS)
 
 
 def _certificate(directory: Path) -> tuple[Path, Path]:
@@ -84,15 +96,23 @@ def _app(host: str) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _deployment(tmp_path: Path, broken: bool) -> Iterator[dict[str, str]]:
-    """App, gateway (proxy mode) and nginx in front; the checklist's environment."""
+def _deployment(tmp_path: Path, kind: str) -> Iterator[dict[str, str]]:
+    """App, gateway (proxy mode) and nginx in front; the checklist's environment. ``kind`` is
+    "right", "broken" or "leaky" (see BROKEN and LEAKY)."""
     nginx = need_binary("nginx")
     need_binary("curl")
     keys = fresh_keys()
     port = free_port()
+    broken = kind == "broken"
     with contextlib.ExitStack() as stack:
         app = stack.enter_context(_app("0.0.0.0" if broken else "127.0.0.1"))
         front = NginxFront(nginx, "proxy_pass.conf", {"server 127.0.0.1:8080;": f"server 127.0.0.1:{port};"})
+        if kind == "leaky":
+            front.replacements["    location / {"] = (
+                f"    location /private {{ auth_basic off; proxy_pass http://127.0.0.1:{app}; }}\n"
+                "    location = /_gateway/metrics { auth_basic off; proxy_pass http://gateway; }\n"
+                "    location / {"
+            )
         stack.callback(front.stop)
         cert, key = _certificate(front.dir)
         scheme = "http" if broken else "https"
@@ -147,11 +167,11 @@ def _checklist(env: dict[str, str]) -> tuple[int, dict[str, str], str]:
     return done.returncode, results, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("broken", [False, True], ids=["right", "broken"])
-def test_the_checklist_against_a_real_deployment(tmp_path: Path, broken: bool) -> None:
-    with _deployment(tmp_path, broken) as env:
+@pytest.mark.parametrize("kind", sorted(FAILS))
+def test_the_checklist_against_a_real_deployment(tmp_path: Path, kind: str) -> None:
+    with _deployment(tmp_path, kind) as env:
         code, results, output = _checklist(env)
     failed = {name for name, result in results.items() if result == "FAIL"}
     assert sorted(results) == sorted(CHECKS), output
-    assert failed == (BROKEN if broken else set()), output
-    assert code == (1 if broken else 0), output
+    assert failed == FAILS[kind], output
+    assert code == (1 if failed else 0), output
