@@ -22,6 +22,7 @@ from gateway.errors import StoreError
 from gateway.store.base import Attempt, Quota, UserState, is_key_prefix
 from gateway.store.redis_batch import Batcher
 from gateway.store.redis_calls import SOCKET_TIMEOUT, bounded, gated, translate_errors
+from gateway.store.redis_checks import check_eviction_policy
 from gateway.store.redis_clients import Client, build_client, close_client
 from gateway.store.redis_layout import (
     ACTIVATE_LUA,
@@ -140,6 +141,7 @@ class RedisStore:
             return
         try:
             await self._client.ping()
+            await check_eviction_policy(self._client)  # an evicting Redis deletes keys silently
         except BaseException:
             await close_client(self._client)
             raise
