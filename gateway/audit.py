@@ -34,6 +34,13 @@ last one (bounded, so a botnet's flood stays one short line). Each app's
 :class:`RequestContext` keeps its own tally. Metrics still count every refusal (``observe`` sees
 each event); no other event is held back: a wrong code before the lock, an accepted code, an
 enrolment, a lockout are each a line.
+
+Nor may the events any client causes at will, with no attempt taken and nothing to lock, be a
+log flood (attacker A, issue 14: a foreign ``Origin`` on a page's POST, two ``Authorization``
+headers, a locked user's setup-page codes, each one WARNING line per request, from anyone).
+Those in ``REPEATED_EVENTS`` are logged ``REPEAT_BURST`` times per ``REPEAT_INTERVAL`` seconds
+for each (event, reason); the rest of the window is counted, and one ``audit.suppressed`` line
+says how many, naming the event, the reason and the addresses as above.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ WARNING_EVENTS = frozenset(
         "store.error",
         "csrf.refused",
         "code.rejected.suppressed",
+        "audit.suppressed",
     }
 )
 
@@ -79,7 +87,7 @@ class Context:
     """One request's part of every event; ``client`` is resolved only when an event needs it.
     (A plain slotted class: a frozen dataclass costs 3x to build, on every request.)"""
 
-    __slots__ = ("mode", "observe", "refusals", "request_id", "resolve_client", "scope")
+    __slots__ = ("mode", "observe", "refusals", "repeats", "request_id", "resolve_client", "scope")
 
     def __init__(
         self,
@@ -89,6 +97,7 @@ class Context:
         resolve_client: Callable[[Scope], str | None] | None = None,
         observe: Callable[[str, dict[str, Any]], None] | None = None,
         refusals: LockedRefusals | None = None,
+        repeats: RepeatedEvents | None = None,
     ) -> None:
         self.request_id = request_id
         self.mode = mode
@@ -98,6 +107,8 @@ class Context:
         self.observe = observe
         # The app's tally of refusals held back during a lockout (None: every one is a line).
         self.refusals = refusals
+        # The app's tally of events any client repeats at will (None: every one is a line).
+        self.repeats = repeats
 
     @property
     def client(self) -> str | None:
@@ -254,6 +265,78 @@ class LockedRefusals:
             self._summarise(user)
 
 
+# Events any client can cause at will, with no attempt taken (module docstring).
+REPEATED_EVENTS = frozenset({"csrf.refused", "identity.ambiguous", "enrolment.refused"})
+REPEAT_BURST = 10
+REPEAT_INTERVAL = 10.0
+REPEAT_SUMMARY_EVENT = "audit.suppressed"
+
+
+class _Window:
+    __slots__ = ("flood", "seen")
+
+    def __init__(self, until: float) -> None:
+        self.seen = 0
+        self.flood = _Flood(until)
+
+
+class RepeatedEvents:
+    """``REPEAT_BURST`` lines per ``REPEAT_INTERVAL`` for each (event, reason) of
+    ``REPEATED_EVENTS``, then a count (module docstring). The keys are the code's own event
+    names and reasons: a bounded set, whatever clients send. The clock is injected for tests."""
+
+    def __init__(
+        self, burst: int = REPEAT_BURST, interval: float = REPEAT_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def admit(self, record: dict[str, Any]) -> bool:
+        """True when this event is to be logged; False when it was counted instead."""
+        key = (record["event"], str(record.get("reason")))
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is not None and now >= window.flood.until:  # ended, and no timer said so
+            self._summarise(key)
+            window = None
+        if window is None:
+            window = self._windows[key] = _Window(now + self.interval)
+            with contextlib.suppress(RuntimeError):  # no loop: the next event or the shutdown says it
+                asyncio.get_running_loop().call_later(self.interval, self._summarise, key)
+        window.seen += 1
+        if window.seen <= self.burst:
+            return True
+        window.flood.hold(record)
+        return False
+
+    def _summarise(self, key: tuple[str, str]) -> None:
+        window = self._windows.pop(key, None)
+        if window is None or window.flood.count == 0:
+            return
+        flood = window.flood
+        _log_event(
+            {
+                "event": REPEAT_SUMMARY_EVENT,
+                "user": None,
+                "client": flood.client,
+                "request_id": flood.request_id,
+                "mode": flood.mode,
+                "suppressed_event": key[0],
+                "reason": key[1],
+                "count": flood.count,
+                "clients": ",".join(flood.clients),
+                "other_client_refusals": flood.others,
+            }
+        )
+
+    def flush(self) -> None:
+        """Say every count held (at shutdown)."""
+        for key in list(self._windows):
+            self._summarise(key)
+
+
 def _log_event(record: dict[str, Any]) -> None:
     event = record["event"]
     shown = " ".join(f"{k}={_shown(k, v)}" for k, v in record.items() if k != "event")
@@ -276,8 +359,15 @@ def audit(event: str, user: str | None = None, *, client: str | None = None, **f
         **fields,
     }
     refusals = context.refusals if context is not None else None
+    repeats = context.repeats if context is not None else None
     held = event == "code.rejected" and fields.get("reason") == LOCKED_REASON
-    if not (held and refusals is not None and user is not None and not refusals.admit(user, record)):
+    if held and refusals is not None and user is not None:
+        if refusals.admit(user, record):
+            _log_event(record)
+    elif event in REPEATED_EVENTS and repeats is not None:
+        if repeats.admit(record):
+            _log_event(record)
+    else:
         _log_event(record)
     if context is not None and context.observe is not None:
         context.observe(event, record)
@@ -301,6 +391,7 @@ class RequestContext:
         self.resolve_client = resolve_client
         self.mode_of = mode_of
         self.refusals = LockedRefusals()
+        self.repeats = RepeatedEvents()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -323,7 +414,9 @@ class RequestContext:
         kept.append(header)
         scope = {**scope, "headers": kept}
         mode = self.mode_of(scope["path"])
-        token = _current.set(Context(request_id, mode, scope, self.resolve_client, self.observe, self.refusals))
+        token = _current.set(
+            Context(request_id, mode, scope, self.resolve_client, self.observe, self.refusals, self.repeats)
+        )
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -341,6 +434,7 @@ class RequestContext:
         async def flushing(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 self.refusals.flush()
+                self.repeats.flush()
             await send(message)
 
         return flushing

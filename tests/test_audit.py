@@ -473,3 +473,44 @@ def test_a_burst_of_wrong_codes_is_a_bounded_number_of_lines(upstream: UpstreamP
     [summary] = [e for e in events if e["event"] == "code.rejected.suppressed"]
     assert (summary["user"], summary["count"], summary["client"]) == ("alice", 1995, "127.0.0.1")
     assert (summary["clients"], summary["other_client_refusals"]) == ("127.0.0.1", 0)
+
+
+def test_events_any_client_repeats_are_a_burst_then_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    clock = [0.0]
+    repeats = audit_module.RepeatedEvents(burst=3, interval=10.0, clock=lambda: clock[0])
+    caplog.set_level(logging.INFO, logger=audit_module.AUDIT_LOGGER)
+    token = audit_module._current.set(audit_module.Context("r1", "page", repeats=repeats))
+    try:
+        for i in range(50):
+            audit("csrf.refused", client=f"198.51.100.{i % 12}", route="/setup-2fa")
+        audit("identity.ambiguous", reason="identity")  # another key: its own burst
+        audit("code.accepted", "alice")  # never held
+        clock[0] = 10.0
+        audit("csrf.refused", client="203.0.113.1", route="/setup-2fa")  # a new window: logged
+    finally:
+        audit_module._current.reset(token)
+    events = [r.audit["event"] for r in caplog.records]  # type: ignore[attr-defined]
+    assert events == ["csrf.refused"] * 3 + ["identity.ambiguous", "code.accepted", "audit.suppressed", "csrf.refused"]
+    summary = caplog.records[5].audit  # type: ignore[attr-defined]
+    assert (summary["suppressed_event"], summary["count"], summary["reason"]) == ("csrf.refused", 47, "None")
+    assert summary["clients"] == ",".join(f"198.51.100.{i}" for i in (3, 4, 5, 6, 7, 8, 9, 10))
+    assert summary["other_client_refusals"] == sum(1 for i in range(3, 50) if i % 12 not in range(3, 11)) == 15
+    assert caplog.records[5].levelno == logging.WARNING
+
+
+def test_a_flood_of_foreign_origin_posts_is_a_bounded_number_of_lines(json_gateway: tuple[str, Path]) -> None:
+    # Attacker A (issue 14): each POST to a page with a foreign Origin was one WARNING line, from
+    # anyone, before any identity or trust check.
+    url, output = json_gateway
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            answers = await asyncio.gather(
+                *(client.post("/setup-2fa", headers={"Origin": "https://evil.example"}) for _ in range(300))
+            )
+        return [r.status_code for r in answers]
+
+    statuses = set(asyncio.run(flood()))
+    assert statuses == {403}, statuses
+    refused = [e for e in _lines(output) if e.get("event") == "csrf.refused"]
+    assert len(refused) == audit_module.REPEAT_BURST, len(refused)
