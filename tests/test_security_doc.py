@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need_binary
+from tests.conftest import RedisServer, need_binary
 from tests.support.fronts import NginxFront
 from tests.support.servers import ROOT, free_port, fresh_keys, gateway_process, wait_for_port
 
@@ -32,10 +33,12 @@ CHECKS = [
     "protected-path-refused",
     "metrics-not-public",
     "tls",
+    "redis-noeviction",
 ]
 # What the broken deployment gets wrong, each caught by its item: the app and the gateway listen
 # on every interface, every address is trusted, the keys are in the config file, the front has
-# no login and passes the client's Remote-User on, and there is no TLS.
+# no login and passes the client's Remote-User on, and there is no TLS; and the Redis named by
+# GATEWAY_STORE_URL (the checklist's; the gateway runs on SQLite) evicts keys (allkeys-lru).
 BROKEN = {
     "config-strict",
     "keys-outside-config",
@@ -44,6 +47,7 @@ BROKEN = {
     "gateway-not-exposed",
     "identity-header-not-believed",
     "tls",
+    "redis-noeviction",
 }
 # A second one, otherwise right: its front routes the protected path to the app around the gateway
 # and without a login, and has a location for the metrics that relays no X-Forwarded-For (so the
@@ -133,6 +137,14 @@ def _deployment(tmp_path: Path, kind: str) -> Iterator[dict[str, str]]:
             front.replacements["/etc/nginx/gateway.htpasswd"] = front.htpasswd({"alice": "alice-pw"})
             keys_line = ""
             server = 'host = "127.0.0.1"\ntrusted_proxies = ["127.0.0.1/32"]'
+        store_env: dict[str, str] = {}
+        if broken:
+            need_binary("redis-cli")
+            evicting = RedisServer(need_binary("redis-server"), "--maxmemory-policy", "allkeys-lru")
+            evicting.start()
+            stack.callback(shutil.rmtree, evicting.dir, ignore_errors=True)
+            stack.callback(evicting.stop)
+            store_env["GATEWAY_STORE_URL"] = evicting.url
         config = tmp_path / "gateway.toml"
         config.write_text(
             f'[server]\nport = {port}\n{server}\npublic_url = "{public}"\n'
@@ -158,6 +170,7 @@ def _deployment(tmp_path: Path, kind: str) -> Iterator[dict[str, str]]:
                 "CURL_CA_BUNDLE": str(cert),  # the test's own certificate authority
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             }
+            | store_env
         )
 
 
