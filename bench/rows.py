@@ -152,7 +152,7 @@ def verification_cost(bench: Bench) -> None:
     warmup, n = 20, bench.settings.verifications
 
     async def measure() -> list[float]:
-        store = open_store_from_url(config.store.url, config.store.prefix)
+        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
         await store.open()
         now = [time.time()]
         factors = SecondFactor(config, store, clock=lambda: now[0])
@@ -471,7 +471,7 @@ def _decision_cost(gateway: Gateway, sessions: list[tuple[str, str]], key: str, 
     picks = [sessions[rng.randrange(len(sessions))] for _ in range(n + 200)]
 
     async def measure() -> list[float]:
-        store = open_store_from_url(config.store.url, config.store.prefix)
+        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
         await store.open()
         decider = Decider(config, SecondFactor(config, store))
         timings: list[float] = []

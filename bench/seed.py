@@ -73,7 +73,7 @@ def gateway_tables(
 
 
 async def _with_store(config: Config, work: Any) -> Any:
-    store = open_store_from_url(config.store.url, config.store.prefix)
+    store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
     await store.open()
     try:
         return await work(store)
@@ -128,7 +128,7 @@ def bulk_seed(redis_port: int, config: Config, count: int, sessions: bool = True
     from gateway.store.redis_layout import pack_expiring
 
     started = time.monotonic()
-    store = RedisStore(config.store.url, config.store.prefix)
+    store = RedisStore(config.store.url, config.store.prefix, create=True)
     ciphertext = SecretBox(config.encryption.keys).encrypt("filler", new_secret())
     expires = time.time() + 3600
 

@@ -83,7 +83,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         wait_for_port(port)
         config = make_config(work, upstream=upstream.url, store={"url": store_url, "prefix": prefix})
-        store = open_store_from_url(config.store.url, config.store.prefix)
+        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
         await store.open()
         factors = SecondFactor(config, store)
         users = [f"idle{i}" for i in range(args.sockets)]

@@ -1,4 +1,5 @@
-"""Store administration: what ``gateway users ...`` and ``gateway keys rotate`` do.
+"""Store administration: what ``gateway users ...``, ``gateway keys rotate`` and
+``gateway store init`` do.
 
 Each command opens the configured store, does its work, closes the store, and returns what the
 command line prints; it never returns or raises a secret. A failure the operator can act on is
@@ -10,6 +11,10 @@ atomic store step (a compare-and-set for rotation), so a stop leaves no user hal
 rerun skips cheaply what the last run finished (a secret already under the newest key, an
 imported user whose secret is unchanged). They run while gateways serve: a gateway decrypts
 with every configured key, so a secret is readable before and after its rewrite.
+
+None of them makes a store: a missing or emptied one is an error (a store that lost its data
+must never look like a new one, gateway/store/sqlite.py), except ``store init``, the deliberate
+step that gives a new store its identity.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from gateway.crypto import SecretBox, decrypt_legacy
 from gateway.errors import DecryptError, GatewayError
 from gateway.factors import SecondFactor, address_scope
 from gateway.identity import valid_user
-from gateway.store import Store, UserState, open_store_from_url
-from gateway.tables import SecretFileError, read_secret_file
+from gateway.store import Store, UserState, init_store, open_store_from_url
+from gateway.tables import SecretFileError, read_secret_file, redact_url
 
 T = TypeVar("T")
 
@@ -371,6 +376,22 @@ async def _rotate(config: Config, store: Store, stream: TextIO | None) -> str:
     return (
         f"rotated {rotated}, already current {current}: every active secret is under the newest key; "
         f"keep the old key {config.totp.pending_ttl} s more for enrolments pending now"
+    )
+
+
+def initialise_store(config: Config) -> str:
+    """``gateway store init``: give the configured store its identity if it has none; what
+    happened. On a store that lost its data this accepts it empty (every user must enrol again,
+    with the first factor alone): the message says so, and running gateways keep refusing it
+    until restarted."""
+    store_id, created = asyncio.run(init_store(config.store.url, config.store.prefix))
+    where = redact_url(config.store.url)
+    if not created:
+        return f"the store at {where} is already initialised (store id {store_id}); nothing changed"
+    return (
+        f"initialised the store at {where} (store id {store_id}). If it held a store that lost its"
+        " data, every user there must enrol again, with the first factor alone; restart running"
+        " gateways to serve it"
     )
 
 

@@ -233,7 +233,11 @@ def create_app(
     for a listener of its own (``metrics_export``)."""
     if store is None:
         store = open_store_from_url(
-            config.store.url, config.store.prefix, config.store.max_connections, config.store.replicas_ack
+            config.store.url,
+            config.store.prefix,
+            config.store.max_connections,
+            config.store.replicas_ack,
+            create=config.store.create == "if_missing",  # else a missing or emptied store is refused
         )
     metrics = metrics if metrics is not None else Metrics()
     store = measured_store(store, metrics)

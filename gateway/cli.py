@@ -6,6 +6,7 @@
     gateway demo                           the gateway in front of a demo app (gateway.demo)
     gateway users list|show|reset|logout|unlock|import   (gateway.admin; --demo: the demo's users)
     gateway keys rotate                    re-encrypt every secret under the newest key
+    gateway store init                     give a new store its identity (gateway run never makes one)
     gateway --version
 
 ``--config`` defaults to ``$GATEWAY_CONFIG``, then ``./gateway.toml``. Every command prints
@@ -184,6 +185,19 @@ def parser() -> argparse.ArgumentParser:
         ),
         leaf=True,
     )
+    store = _with_config(_add(sub, "store", "set up the store", _CONFIG_ENVIRONMENT))
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    _with_config(
+        _add(
+            store_sub,
+            "init",
+            "give the configured store its identity, creating it if missing (keeps any data there); "
+            "`gateway run` opens only a store that has one, so that a store that lost its data "
+            "(deleted, emptied, a Redis restarted without it) never looks like a new, empty one",
+            _CONFIG_ENVIRONMENT,
+        ),
+        leaf=True,
+    )
     return top
 
 
@@ -241,6 +255,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     configure_logging_for(config)  # users and keys: their audit events (mode "cli") go to stderr
     if args.command == "users":
         return _users(config, args)
+    if args.command == "store":
+        print(admin.initialise_store(config))
+        return EXIT_OK
     print(admin.rotate_keys(config))
     return EXIT_OK
 

@@ -185,6 +185,17 @@ class StoreConfig:
         f"Give only one of url, url_file and {ENV_STORE_URL}. Messages show the password as ***.",
     )
     prefix: str = key("gw", "Redis key prefix: letters, digits and _.:-", read=key_prefix)
+    create: str = key(
+        "never",
+        choices=("never", "if_missing"),
+        doc='Whether `gateway run` may create the store. "never": a store must exist, made by\n'
+        "`gateway store init`, or the gateway does not start (a store that lost its data, deleted,\n"
+        "emptied, a Redis restarted without it, must not look like a new one: every user would be\n"
+        'unenrolled, free to enrol with the first factor alone). "if_missing": a start makes it\n'
+        "where there is nothing (no file; a Redis without the store's identity key): for tests and\n"
+        "demos only, as a restart after the data was lost would then start on an empty store.\n"
+        "Either way a running gateway refuses (503) a file or Redis without the identity it opened.",
+    )
     cache_ttl: float = key(
         1.0,
         low=0.0,

@@ -91,7 +91,13 @@ async def _check_store(config: Config) -> str | None:
     records bound to another user, or a key dropped too early) starts, and those users are
     denied one by one with a log line each (user_secrets), their records left intact."""
     store = open_store_from_url(
-        config.store.url, config.store.prefix, config.store.max_connections, config.store.replicas_ack
+        config.store.url,
+        config.store.prefix,
+        config.store.max_connections,
+        config.store.replicas_ack,
+        # The one place a store may be made on start-up, before any worker opens it (workers
+        # then find it): only where the operator allowed it (store.create); else `store init`.
+        create=config.store.create == "if_missing",
     )
     await store.open()
     try:
@@ -135,7 +141,11 @@ def serve(config: Config, config_path: str | None = None) -> int:
     try:
         refused = asyncio.run(_check_store(config))
     except StoreError as exc:
-        print(f"gateway: the store at {redact_url(config.store.url)} is unreachable: {exc}", file=sys.stderr)
+        # StoreError's text names a store that is missing or not initialised, and what to do.
+        print(
+            f"gateway: the store at {redact_url(config.store.url)} is unreachable, not initialised or unsafe: {exc}",
+            file=sys.stderr,
+        )
         return 1
     if refused is not None:
         print(f"gateway: {refused}", file=sys.stderr)

@@ -117,7 +117,7 @@ def upstream() -> Iterator[UpstreamProcess]:
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     """A real SQLite store in a fresh file (tests/test_store.py runs the contract on every backend)."""
-    sqlite = SqliteStore(str(tmp_path / "gateway.db"))
+    sqlite = SqliteStore(str(tmp_path / "gateway.db"), create=True)
     await sqlite.open()
     yield sqlite
     await sqlite.close()

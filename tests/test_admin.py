@@ -19,14 +19,16 @@ from gateway import admin
 from gateway.config import ENV_KEYS, Config
 from gateway.crypto import SecretBox
 from gateway.errors import StoreError
-from gateway.store import open_store_from_url
+from gateway.store import init_store, open_store_from_url
 from gateway.totp import new_secret
 from tests.support.servers import enrol, make_config
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return make_config(tmp_path, "http://127.0.0.1:9")
+    config = make_config(tmp_path, "http://127.0.0.1:9")
+    asyncio.run(init_store(config.store.url, config.store.prefix))  # admin commands never make one
+    return config
 
 
 def test_users_list_on_an_empty_store(config: Config) -> None:
@@ -101,7 +103,7 @@ def _enrol_many(config: Config, users: list[str]) -> None:
     box = SecretBox(config.encryption.keys)
 
     async def work() -> None:
-        store = open_store_from_url(config.store.url, config.store.prefix)
+        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
         await store.open()
         try:
             await asyncio.gather(*(store.set_secret(u, box.encrypt(u, new_secret())) for u in users))

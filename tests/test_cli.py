@@ -26,7 +26,7 @@ from gateway.demo.state import demo_config, prepare_state
 from gateway.factors import Accepted, SecondFactor
 from gateway.store import Quota, Store, open_store_from_url
 from tests.conftest import RedisServer, need_binary
-from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port, wait_for_port
+from tests.support.servers import ROOT, GatewayServer, UpstreamProcess, enrol, free_port, init_store_of, wait_for_port
 
 
 def encrypt_secret(secret: str, encryption_key: str) -> str:
@@ -45,6 +45,7 @@ class Cli:
             config_module.ENV_KEYS: Fernet.generate_key().decode(),
             config_module.ENV_PEPPER: Fernet.generate_key().decode(),
         }
+        init_store_of(self.path, self.env)  # `gateway store init`, as the README's steps
 
     @property
     def config(self) -> Config:
@@ -356,7 +357,9 @@ def test_run_never_prints_the_store_password_at_start_up(cli: Cli, tmp_path: Pat
     redis_port = redis.port
     redis.start()
     try:
-        cli.path.write_text(f'[server]\nport = {port}\nlog_level = "debug"\naccess_log = true\n')
+        cli.path.write_text(
+            f'[server]\nport = {port}\nlog_level = "debug"\naccess_log = true\n[store]\ncreate = "if_missing"\n'
+        )
         cli.env[config_module.ENV_STORE_URL] = f"redis://default:{password}@127.0.0.1:{redis_port}/0"
         argv = [sys.executable, "-m", "gateway", "run", "--config", str(cli.path)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | cli.env

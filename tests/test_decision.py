@@ -47,7 +47,7 @@ def facts(
 
 async def setup(tmp_path: Path, clock: Clock, **tables: Any) -> tuple[Config, Decider, SecondFactor]:
     cfg = make_config(tmp_path, **tables)
-    store = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    store = open_store_from_url(cfg.store.url, cfg.store.prefix, create=cfg.store.create == "if_missing")
     await store.open()
     factors = SecondFactor(cfg, store, clock)
     return cfg, Decider(cfg, factors), factors
@@ -216,7 +216,7 @@ def test_store_outage_denies_with_503(upstream: UpstreamProcess, tmp_path: Path)
 async def test_revocation_reaches_other_workers_within_cache_ttl(tmp_path: Path) -> None:
     clock = Clock(time.time())
     cfg, decider_a, factors_a = await setup(tmp_path, clock)
-    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix, create=cfg.store.create == "if_missing")
     await store_b.open()
     factors_b = SecondFactor(cfg, store_b, clock)
     decider_b = Decider(cfg, factors_b)
@@ -243,7 +243,7 @@ async def test_revocation_reaches_other_workers_within_cache_ttl(tmp_path: Path)
 async def test_redis_replay_guard_under_concurrency(redis_server: RedisServer, tmp_path: Path) -> None:
     clock = Clock(time.time())
     cfg = make_config(tmp_path, store={"url": redis_server.url, "prefix": "decision-test"})
-    store = RedisStore(redis_server.url, "decision-test")
+    store = RedisStore(redis_server.url, "decision-test", create=True)
     await store.open()
     factors = SecondFactor(cfg, store, clock)
     decider = Decider(cfg, factors)
@@ -278,7 +278,7 @@ def test_client_address(peer: str, xff: str | None, expected: str) -> None:
 async def test_a_lock_set_by_another_worker_stops_a_correct_code_at_once(tmp_path: Path) -> None:
     clock = Clock(time.time())
     cfg, decider_a, factors_a = await setup(tmp_path, clock, limits={"max_failures": 3})
-    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix, create=cfg.store.create == "if_missing")
     await store_b.open()
     decider_b = Decider(cfg, SecondFactor(cfg, store_b, clock))
     secret = await enrol_direct(cfg, factors_a, "alice")
@@ -356,7 +356,7 @@ async def test_two_different_session_cookies_are_ambiguous(tmp_path: Path) -> No
 async def two_workers(tmp_path: Path, clock: Clock) -> tuple[Config, Decider, SecondFactor, Decider, SecondFactor]:
     """Two workers (or replicas) on one store, each with its own caches."""
     cfg, decider_a, factors_a = await setup(tmp_path, clock)
-    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix)
+    store_b = open_store_from_url(cfg.store.url, cfg.store.prefix, create=cfg.store.create == "if_missing")
     await store_b.open()
     factors_b = SecondFactor(cfg, store_b, clock)
     return cfg, decider_a, factors_a, Decider(cfg, factors_b), factors_b

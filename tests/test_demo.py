@@ -42,7 +42,7 @@ def test_the_demo_database_and_its_wal_files_are_mode_600(tmp_path: Path) -> Non
     config = demo_config(state, "127.0.0.1", 8080, 9999)
 
     async def use_the_store() -> dict[str, int]:
-        store = open_store_from_url(config.store.url, config.store.prefix)
+        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
         await store.open()
         try:
             await store.create_session("h" * 64, "alice", 4e9)

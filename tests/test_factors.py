@@ -59,7 +59,7 @@ async def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         server: RedisServer = request.getfixturevalue("redis_server")
         store_table = {"url": server.url, "prefix": f"t{uuid.uuid4().hex}"}
     config = make_config(tmp_path, limits=LIMITS, store=store_table)
-    store = open_store_from_url(config.store.url, config.store.prefix)
+    store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
     await store.open()
     app = create_app(config, store=store)
     # The peer is a trusted proxy (loopback), so Remote-User and X-Forwarded-For are believed.
@@ -207,7 +207,7 @@ async def test_the_lockout_page_says_how_long_and_links_back(gateway: Gateway) -
 async def test_the_proxy_mode_lockout_page_for_a_browser(tmp_path: Path) -> None:
     """A browser sending codes in the header (proxy mode) meets the same page, not a bare heading."""
     config = make_config(tmp_path, upstream="http://127.0.0.1:9", limits=LIMITS)  # never reached: all denied
-    store = open_store_from_url(config.store.url, config.store.prefix)
+    store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
     await store.open()
     secret = new_secret()
     await store.set_secret("alice", SecretBox(config.encryption.keys).encrypt("alice", secret))
@@ -229,7 +229,7 @@ async def test_a_secret_replaced_elsewhere_is_judged_after_cache_ttl(tmp_path: P
     decrypt per code), so a secret replaced by another worker or the CLI is the one judged
     once ``store.cache_ttl`` has passed: the old authenticator's code is refused."""
     config = make_config(tmp_path, limits=LIMITS)
-    store = open_store_from_url(config.store.url, config.store.prefix)
+    store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
     await store.open()
     clock = [1_700_000_000.0]
     factors = SecondFactor(config, store, clock=lambda: clock[0])

@@ -55,7 +55,7 @@ async def test_the_attempt_that_uses_the_last_room_locks_and_says_how_long(store
 
 async def test_a_known_lock_is_refused_without_the_store(tmp_path: Path) -> None:
     clock = Clock()
-    store = SqliteStore(str(tmp_path / "gateway.db"))
+    store = SqliteStore(str(tmp_path / "gateway.db"), create=True)
     await store.open()
     lockouts = Lockouts(store, LIMITS, 1.0, clock)
     for _ in range(3):

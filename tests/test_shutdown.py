@@ -21,7 +21,10 @@ from tests.support.servers import make_config
 
 async def test_readiness_answers_503_once_the_server_begins_to_drain(tmp_path: Path) -> None:
     config = make_config(tmp_path)
-    app = create_app(config, store=open_store_from_url(config.store.url, config.store.prefix))
+    app = create_app(
+        config,
+        store=open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing"),
+    )
     state: dict[str, Any] = {}  # what uvicorn's LifespanOn hands the app, and keeps
     incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     outgoing: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()

@@ -23,7 +23,7 @@ import gateway.store.redis as redis_module
 import gateway.store.redis_batch as redis_batch_module
 import gateway.store.sqlite as sqlite_module
 from gateway.errors import StoreError
-from gateway.store import Attempt, Quota, Store, UserState, open_store_from_url
+from gateway.store import Attempt, Quota, Store, UserState, init_store, open_store_from_url
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import RedisServer
@@ -44,10 +44,10 @@ _REDIS_FIXTURES = {"redis": "redis_server", "sentinel": "redis_sentinel", "clust
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     s: Store
     if request.param == "sqlite":
-        s = SqliteStore(str(tmp_path / "gateway.db"))
+        s = SqliteStore(str(tmp_path / "gateway.db"), create=True)
     else:
         server: RedisServer | SentinelSet | Cluster = request.getfixturevalue(_REDIS_FIXTURES[request.param])
-        s = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex}")
+        s = RedisStore(server.url, prefix=f"t{uuid.uuid4().hex}", create=True)
     await s.open()
     yield s
     await s.close()
@@ -135,7 +135,7 @@ async def test_advance_step_concurrent_has_one_winner(store: Store) -> None:
 async def test_advance_step_two_sqlite_processes_one_winner(tmp_path: Path) -> None:
     # Two stores on one file, each with its own connection and thread, like two workers.
     path = str(tmp_path / "shared.db")
-    a, b = SqliteStore(path), SqliteStore(path)
+    a, b = SqliteStore(path, create=True), SqliteStore(path, create=True)
     await a.open()
     await b.open()
     try:
@@ -242,10 +242,10 @@ async def test_take_attempt_from_two_connections_at_once(store: Store, now: floa
     """Two worker processes share the store: their attempts count together."""
     other: Store
     if isinstance(store, SqliteStore):
-        other = SqliteStore(store.path)
+        other = SqliteStore(store.path, create=True)
     else:
         assert isinstance(store, RedisStore)
-        other = RedisStore(store.url, prefix=store.prefix)
+        other = RedisStore(store.url, prefix=store.prefix, create=True)
     await other.open()
     try:
         quota = [_quota("user:alice", 5, 900)]
@@ -423,18 +423,19 @@ async def test_awkward_user_names_do_not_collide(store: Store, now: float) -> No
 
 
 async def test_redis_keys_of_one_user_share_a_cluster_slot(redis_server: RedisServer, now: float) -> None:
-    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}", create=True)
     await store.open()
     try:
         for user in ("a{b}:c", "}x{"):
             await _populate(store, user, now)
             raw = store._r
             keys = [k async for k in raw.scan_iter(match=f"{store.prefix}:*")]
-            own = [k for k in keys if b":s:" not in k and b"user%3A" not in k]
+            own = [k for k in keys if b":s:" not in k and b"user%3A" not in k and not k.endswith(b":store-id")]
             assert len(own) == 5  # secret, pending, step, recovery, sessions
             assert len({key_slot(k) for k in own}) == 1
             await store.delete_user(user)
-            assert [k async for k in raw.scan_iter(match=f"{store.prefix}:*")] == []
+            left = [k async for k in raw.scan_iter(match=f"{store.prefix}:*")]
+            assert left == [f"{store.prefix}:store-id".encode()]  # the store's own key, no user's
     finally:
         await store.close()
 
@@ -468,11 +469,11 @@ async def test_unencodable_user_name_fails_closed(store: Store) -> None:
 
 async def test_sqlite_persists_across_reopen(tmp_path: Path, now: float) -> None:
     path = str(tmp_path / "gateway.db")
-    first = SqliteStore(path)
+    first = SqliteStore(path, create=True)
     await first.open()
     await _populate(first, "alice", now)
     await first.close()
-    second = SqliteStore(path)
+    second = SqliteStore(path, create=True)
     await second.open()
     try:
         assert await second.get_secret("alice") == b"secret-alice"
@@ -489,7 +490,7 @@ async def test_sqlite_persists_across_reopen(tmp_path: Path, now: float) -> None
 
 async def test_sqlite_purges_expired_rows_lazily(tmp_path: Path, now: float) -> None:
     path = str(tmp_path / "gateway.db")
-    store = SqliteStore(path)
+    store = SqliteStore(path, create=True)
     await store.open()
     try:
         await store.create_session("gone", "alice", now - 10)
@@ -510,7 +511,7 @@ async def test_sqlite_purges_expired_rows_lazily(tmp_path: Path, now: float) -> 
 
 async def test_sqlite_unwritable_path_raises_store_error(tmp_path: Path) -> None:
     for path in (tmp_path / "missing-dir" / "gateway.db", tmp_path):
-        store = SqliteStore(str(path))
+        store = SqliteStore(str(path), create=True)
         with pytest.raises(StoreError, match="sqlite store"):
             await store.open()
         with pytest.raises(StoreError):
@@ -519,7 +520,7 @@ async def test_sqlite_unwritable_path_raises_store_error(tmp_path: Path) -> None
 
 async def test_sqlite_error_becomes_store_error_without_values(tmp_path: Path) -> None:
     path = str(tmp_path / "gateway.db")
-    store = SqliteStore(path)
+    store = SqliteStore(path, create=True)
     await store.open()
     try:
         with sqlite3.connect(path) as raw:
@@ -533,7 +534,7 @@ async def test_sqlite_error_becomes_store_error_without_values(tmp_path: Path) -
 
 
 async def test_redis_nothing_listening_fails_fast() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", create=True)
     started = time.monotonic()
     with pytest.raises(StoreError, match="redis store: open failed"):
         await store.open()
@@ -550,7 +551,7 @@ async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(
     pool would fail them with "Too many connections", denying good requests under load). On
     Sentinel too (its pool is redis-py's Sentinel pool with the blocking pool's wait)."""
     server: RedisServer | SentinelSet = request.getfixturevalue(topology)
-    store = RedisStore(server.url, prefix=f"burst{uuid.uuid4().hex}", max_connections=2)
+    store = RedisStore(server.url, prefix=f"burst{uuid.uuid4().hex}", max_connections=2, create=True)
     await store.open()
     try:
         await store.create_session("s", "alice", now + 60)
@@ -563,7 +564,7 @@ async def test_redis_burst_beyond_the_pool_waits_instead_of_failing(
 async def test_redis_outage_after_open_raises_store_error(redis_server: RedisServer) -> None:
     server = RedisServer(redis_server.binary)
     server.start()
-    store = RedisStore(server.url, prefix="outage")
+    store = RedisStore(server.url, prefix="outage", create=True)
     try:
         await store.open()
         await store.set_secret("alice", b"x")
@@ -585,7 +586,7 @@ async def test_redis_silent_server_times_out(monkeypatch: pytest.MonkeyPatch) ->
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
-        store = RedisStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+        store = RedisStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", create=True)
         started = time.monotonic()
         with pytest.raises(StoreError):
             await store.open()
@@ -634,7 +635,7 @@ async def test_redis_server_going_silent_fails_every_call_in_time(
     monkeypatch.setattr(redis_module, "SOCKET_TIMEOUT", 0.3)
     monkeypatch.setattr(redis_batch_module, "SOCKET_TIMEOUT", 0.3)  # the batched calls' bound
     relay = _Relay(redis_server.port)
-    store = RedisStore(f"redis://127.0.0.1:{await relay.start()}/0", prefix=f"t{uuid.uuid4().hex}")
+    store = RedisStore(f"redis://127.0.0.1:{await relay.start()}/0", prefix=f"t{uuid.uuid4().hex}", create=True)
     await store.open()
     try:
         assert (await store.take_attempt([_quota("user:alice")], now)).allowed
@@ -651,7 +652,7 @@ async def test_redis_server_going_silent_fails_every_call_in_time(
 
 async def test_sentinel_wrong_password_fails_closed_without_saying_it(redis_sentinel: SentinelSet) -> None:
     wrong = "Wr0ngPassw0rd"
-    store = RedisStore(redis_sentinel.url.replace(PASSWORD, wrong), prefix="wrong")
+    store = RedisStore(redis_sentinel.url.replace(PASSWORD, wrong), prefix="wrong", create=True)
     with pytest.raises(StoreError, match="redis store: open failed") as caught:
         await store.open()
     assert wrong not in str(caught.value) and PASSWORD not in str(caught.value)
@@ -661,7 +662,7 @@ async def test_sentinel_wrong_password_fails_closed_without_saying_it(redis_sent
 
 
 async def test_cluster_nothing_listening_fails_closed() -> None:
-    store = RedisStore(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", prefix="gone")
+    store = RedisStore(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", prefix="gone", create=True)
     with pytest.raises(StoreError, match="redis store: open failed"):
         await store.open()
     with pytest.raises(StoreError):
@@ -672,7 +673,7 @@ async def test_cluster_nothing_listening_fails_closed() -> None:
 def test_redis_prefix_is_validated() -> None:
     for bad in ("", "gw{x}", "g w", "gw*"):
         with pytest.raises(ValueError, match="prefix"):
-            RedisStore("redis://127.0.0.1/0", prefix=bad)
+            RedisStore("redis://127.0.0.1/0", prefix=bad, create=True)
 
 
 # -- open_store_from_url ---------------------------------------------------------------------
@@ -706,7 +707,7 @@ def test_open_store_from_url_rejects(url: str, message: str) -> None:
 
 async def test_redis_take_attempt_survives_a_script_flush(redis_server: RedisServer, now: float) -> None:
     """A restarted Redis has no scripts: the pipeline loads them once and retries."""
-    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}", create=True)
     await store.open()
     try:
         quota = [Quota("user:alice", 2, 60), Quota("ip:192.0.2.1", 2, 60)]
@@ -721,7 +722,7 @@ async def test_redis_batched_attempts_fail_closed_together(
     redis_server: RedisServer, now: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Concurrent attempts share one pipeline: when it fails, every caller gets a StoreError."""
-    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}", create=True)
     await store.open()
     try:
 
@@ -739,7 +740,7 @@ async def test_redis_batched_attempts_fail_closed_together(
 
 
 async def test_redis_a_bad_name_fails_only_its_own_caller_in_a_batch(redis_server: RedisServer, now: float) -> None:
-    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}")
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex}", create=True)
     await store.open()
     try:
         await store.set_secret("alice", b"a")
@@ -763,7 +764,10 @@ async def test_redis_a_session_opened_across_a_revocation_is_not_left_open(
     leaving a session no reset could find (found by the second attack). The revocation runs
     from another connection, exactly between the two steps."""
     prefix = f"t{uuid.uuid4().hex}"
-    store, other = RedisStore(redis_server.url, prefix=prefix), RedisStore(redis_server.url, prefix=prefix)
+    store, other = (
+        RedisStore(redis_server.url, prefix=prefix, create=True),
+        RedisStore(redis_server.url, prefix=prefix, create=True),
+    )
     await store.open()
     await other.open()
     now = time.time()
@@ -792,7 +796,7 @@ async def test_create_session_reports_an_open_session(store: Store, now: float) 
 # -- SQLite faults (tests/faults/test_sqlite_faults.py has them against a real gateway) -------
 async def test_a_deleted_sqlite_file_is_noticed_denied_and_never_created_again(tmp_path: Path) -> None:
     db = tmp_path / "gateway.db"
-    store = SqliteStore(str(db))
+    store = SqliteStore(str(db), create=True)
     await store.open()
     try:
         await store.set_secret("alice", b"a")
@@ -820,7 +824,7 @@ async def test_sqlite_calls_queued_behind_a_lock_wait_one_store_timeout_in_all(
     """Each call queued on the store's one thread behind a call that waits for another
     process's lock is answered within the store timeout, not one timeout after the other."""
     monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_MS", 400)
-    store = SqliteStore(str(tmp_path / "gateway.db"))
+    store = SqliteStore(str(tmp_path / "gateway.db"), create=True)
     await store.open()
     holder = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None)
     try:
@@ -835,4 +839,95 @@ async def test_sqlite_calls_queued_behind_a_lock_wait_one_store_timeout_in_all(
         assert (await store.take_attempt([_quota("user:u9")], now)).allowed
     finally:
         holder.close()
+        await store.close()
+
+
+# -- the store's identity: a store that lost its data is never a new one (issue 14, G1) --------
+async def test_sqlite_open_never_makes_or_initialises_a_store(tmp_path: Path) -> None:
+    """Without ``create`` no file is made; with or without it a file that exists but has no
+    identity (0 bytes; a database of another program) is refused and left as it was."""
+    db = tmp_path / "gateway.db"
+    with pytest.raises(StoreError, match="gateway store init"):
+        await SqliteStore(str(db)).open()
+    assert not db.exists()
+    db.write_bytes(b"")
+    for create in (False, True):
+        with pytest.raises(StoreError, match="no store identity"):
+            await SqliteStore(str(db), create=create).open()
+    assert db.stat().st_size == 0
+    with sqlite3.connect(db) as raw:
+        raw.execute("CREATE TABLE secrets (user TEXT PRIMARY KEY, secret BLOB NOT NULL)")
+    raw.close()
+    with pytest.raises(StoreError, match="no store identity"):
+        await SqliteStore(str(db), create=True).open()
+
+
+async def test_store_init_makes_an_identity_once_and_keeps_the_data(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/gateway.db"
+    first_id, created = await init_store(url, "gw")
+    assert created and len(first_id) == 32
+    store = SqliteStore(str(tmp_path / "gateway.db"))
+    await store.open()
+    await store.set_secret("alice", b"a")
+    await store.close()
+    assert await init_store(url, "gw") == (first_id, False)
+    store = SqliteStore(str(tmp_path / "gateway.db"))
+    await store.open()
+    try:
+        assert store.store_id == first_id and await store.get_secret("alice") == b"a"
+    finally:
+        await store.close()
+
+
+async def test_a_running_sqlite_store_refuses_an_empty_or_foreign_file_and_serves_its_backup(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    store = SqliteStore(str(db), create=True)
+    await store.open()
+    try:
+        await store.set_secret("alice", b"a")
+        with sqlite3.connect(db) as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+            source.backup(copy)
+        source.close()
+        copy.close()
+        await init_store(f"sqlite:///{tmp_path}/other.db", "gw")
+        for replace in (lambda: db.write_bytes(b""), lambda: shutil.move(tmp_path / "other.db", db)):
+            for name in ("gateway.db", "gateway.db-wal", "gateway.db-shm"):
+                (tmp_path / name).unlink(missing_ok=True)
+            replace()
+            with pytest.raises(StoreError):
+                await store.ping()  # readiness checks at once
+            with pytest.raises(StoreError):
+                await store.get_secret("alice")  # never None ("not enrolled")
+        assert db.stat().st_size > 0  # the foreign store is left as it is
+        shutil.copyfile(tmp_path / "backup.db", tmp_path / "restoring.db")
+        (tmp_path / "restoring.db").rename(db)
+        assert await store.get_secret("alice") == b"a"
+        await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_a_running_redis_store_refuses_a_flushed_server_until_its_id_is_back(redis_server: RedisServer) -> None:
+    prefix = f"t{uuid.uuid4().hex}"
+    with pytest.raises(StoreError, match="no initialised store"):
+        await RedisStore(redis_server.url, prefix=prefix).open()
+    store = RedisStore(redis_server.url, prefix=prefix, create=True)
+    await store.open()
+    try:
+        await store.set_secret("alice", b"a")
+        raw = store._client
+        store_id = await raw.get(f"{prefix}:store-id")
+        assert isinstance(store_id, bytes)
+        await raw.delete(f"{prefix}:store-id", f"{prefix}:{{alice}}:secret")  # the data lost
+        with pytest.raises(StoreError, match="refused"):
+            await store.set_pending("alice", b"p", time.time() + 60)  # enrolment checks every time
+        with pytest.raises(StoreError, match="refused"):
+            await store.get_secret("alice")  # never None ("not enrolled")
+        with pytest.raises(StoreError, match="refused"):
+            await store.ping()
+        await raw.set(f"{prefix}:store-id", store_id)  # the same store back (its persistence)
+        store._identity_checked_at = 0.0  # no waiting out the once-a-second check
+        assert await store.get_secret("alice") is None
+        await store.ping()
+    finally:
         await store.close()

@@ -52,7 +52,7 @@ async def test_a_frozen_cluster_master_holds_no_call_past_the_store_timeout() ->
     # stated by the requirement, "none hangs past the store timeout", with a second of slack.)
     cluster = Cluster(need_binary("redis-server"), need_binary("redis-cli"))
     cluster.start()
-    store = RedisStore(cluster.url, "gw", max_connections=8)
+    store = RedisStore(cluster.url, "gw", max_connections=8, create=True)
     try:
         await store.open()
         now = time.time()

@@ -41,7 +41,7 @@ async def sentinel_store(redis_sentinel: SentinelSet, monkeypatch: pytest.Monkey
     # 100 ms is the production bound; on a loaded 2-core test machine a replica's ack can take
     # longer, and these tests are about where the write is when the call returns.
     monkeypatch.setattr(redis_module, "WAIT_MS", 5000)
-    store = RedisStore(redis_sentinel.url, prefix=f"w{uuid.uuid4().hex[:8]}", replicas_ack=1)
+    store = RedisStore(redis_sentinel.url, prefix=f"w{uuid.uuid4().hex[:8]}", replicas_ack=1, create=True)
     await store.open()
     yield store
     await store.close()
@@ -85,7 +85,7 @@ async def test_revocations_are_on_the_replica_when_they_return(
 async def test_too_few_replicas_is_logged_and_the_write_stands(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = RedisStore(redis_server.url, prefix=f"w{uuid.uuid4().hex[:8]}", replicas_ack=1)  # it has none
+    store = RedisStore(redis_server.url, prefix=f"w{uuid.uuid4().hex[:8]}", replicas_ack=1, create=True)  # it has none
     await store.open()
     try:
         with caplog.at_level(logging.WARNING, logger="gateway.store"):
@@ -99,4 +99,4 @@ async def test_too_few_replicas_is_logged_and_the_write_stands(
 
 def test_replicas_ack_is_refused_on_a_cluster(redis_cluster: Cluster) -> None:
     with pytest.raises(ValueError, match="replicas_ack is for one server or Sentinel"):
-        RedisStore(redis_cluster.url, replicas_ack=1)
+        RedisStore(redis_cluster.url, replicas_ack=1, create=True)

@@ -314,7 +314,7 @@ def rgw(upstream: UpstreamProcess, clock: Offset, tmp_path_factory: pytest.TempP
 
 async def with_factors(config: Config, work: Callable[[SecondFactor], Awaitable[Any]]) -> Any:
     """Run ``work`` on the gateway's store from outside it, as ``gateway users ...`` does."""
-    store = open_store_from_url(config.store.url, config.store.prefix)
+    store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
     await store.open()
     try:
         return await work(SecondFactor(config, store))

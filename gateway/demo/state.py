@@ -12,6 +12,7 @@ believes any name (``login_app``), are why this must never face a real network.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from gateway.config import Config
 from gateway.crypto import new_key
 from gateway.demo.login_app import AUDIENCE, COOKIE, ISSUER
 from gateway.errors import ConfigError
+from gateway.store import init_store
 
 DEFAULT_DIR = ".gateway-demo"
 DATABASE = "gateway.db"
@@ -68,6 +70,9 @@ def prepare_state(state: Path) -> None:
     secret_file(state / "recovery.pepper", new_key)
     secret_file(state / "jwt.secret", lambda: secrets.token_urlsafe(32))
     _private_database(state / DATABASE)
+    # The demo's own store, in its own directory: made here, deliberately, as `gateway store
+    # init` would (a `gateway run` never makes one by default: gateway/store/sqlite.py).
+    asyncio.run(init_store(store_url(state), "gw"))
 
 
 def store_url(state: Path) -> str:

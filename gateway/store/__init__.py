@@ -28,6 +28,7 @@ __all__ = [
     "Quota",
     "Store",
     "UserState",
+    "init_store",
     "is_key_prefix",
     "is_multi_host_url",
     "open_store_from_url",
@@ -68,14 +69,34 @@ def parse_store_url(url: str) -> tuple[str, str]:
     )
 
 
-def open_store_from_url(url: str, prefix: str, max_connections: int = 64, replicas_ack: int = 0) -> Store:
+def open_store_from_url(
+    url: str, prefix: str, max_connections: int = 64, replicas_ack: int = 0, create: bool = False
+) -> Store:
     """The store for ``url``, not yet opened (``await store.open()`` connects). A Redis store
     keeps at most ``max_connections`` connections; a request that finds none free waits; and
     waits for ``replicas_ack`` replicas after the writes a failover must keep (``redis_layout``).
+
+    ``open()`` opens an initialised store only (one with its identity: a store that lost its
+    data must never look like a new one, issue 14); ``create`` lets it make one where there is
+    nothing at all (no file; a Redis with no identity key), as a first start with
+    ``store.create = "if_missing"`` may. :func:`init_store` is the deliberate step.
 
     Raises ValueError naming the problem when the URL is not one of the forms above.
     """
     backend, where = parse_store_url(url)
     if backend == "sqlite":
-        return SqliteStore(where)
-    return RedisStore(where, prefix, max_connections, replicas_ack)
+        return SqliteStore(where, create=create)
+    return RedisStore(where, prefix, max_connections, replicas_ack, create=create)
+
+
+async def init_store(url: str, prefix: str) -> tuple[str, bool]:
+    """``gateway store init``: give the store at ``url`` its identity if it has none, keeping
+    any data there; (its id, True if it had none). Raises StoreError when unreachable."""
+    backend, where = parse_store_url(url)
+    store = SqliteStore(where) if backend == "sqlite" else RedisStore(where, prefix)
+    try:
+        created = await store.initialise()
+        assert store.store_id is not None
+        return store.store_id, created
+    finally:
+        await store.close()

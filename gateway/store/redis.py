@@ -5,6 +5,17 @@ The client side: the connection pools; the batching of attempts into one round t
 each call is bounded in time and where redis errors become StoreError is
 ``gateway.store.redis_calls``; what is kept under which key, and the Lua scripts,
 ``gateway.store.redis_layout``.
+
+The store's identity (issue 14): a random id under ``{prefix}:store-id``, without TTL, written
+once when the store is initialised (``gateway store init``, or a first start with
+``store.create = "if_missing"``). A Redis restarted without its data, flushed, or evicted of
+that key would otherwise look like a new, empty store: every user "not enrolled", enrolment open
+to the first factor alone. ``open`` refuses a Redis without the id (unless ``create``), and the
+running store compares it at most once per IDENTITY_CHECK_INTERVAL, from the calls every request
+makes first (``get_secret``, ``get_session``) and readiness: a Redis without it, or with another
+id, is refused (every call StoreError, 503) until the same id is back (a restart with its
+persistence). On a Cluster the key lives on one node (its slot's): it covers a cluster flushed
+or restarted empty, not one other node losing its data.
 """
 
 from __future__ import annotations
@@ -12,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -41,6 +54,7 @@ from gateway.store.redis_layout import (
     user_key,
 )
 from gateway.store.redis_topology import parse_redis_url
+from gateway.store.sqlite import NOT_INITIALISED_HINT
 
 # How long a write that must survive a failover waits for its replicas (store.replicas_ack).
 WAIT_MS = 100
@@ -50,6 +64,8 @@ log = logging.getLogger("gateway.store")
 
 # The readiness probe's key lives this long: it is rewritten by every probe, never read.
 READY_PROBE_MS = 60_000
+# How often the running store reads its identity back (one GET a second, never per request).
+IDENTITY_CHECK_INTERVAL = 1.0
 
 
 class RedisStore:
@@ -59,7 +75,9 @@ class RedisStore:
     ``prefix`` namespaces every key, so several gateways (or test runs) can share a database.
     """
 
-    def __init__(self, url: str, prefix: str = "gw", max_connections: int = 64, replicas_ack: int = 0) -> None:
+    def __init__(
+        self, url: str, prefix: str = "gw", max_connections: int = 64, replicas_ack: int = 0, create: bool = False
+    ) -> None:
         if not is_key_prefix(prefix):
             raise ValueError(f"redis key prefix {prefix!r} may only use letters, digits and _.:-")
         self._replicas_ack = replicas_ack
@@ -83,6 +101,10 @@ class RedisStore:
         except ValueError as exc:  # a malformed URL is a configuration error, found early
             raise ValueError(f"invalid redis URL: {exc}") from None
         self._open = False
+        self.create = create
+        self.store_id: str | None = None  # the identity opened: a Redis without it is refused
+        self._refused: str | None = None  # why (logged once per reason); every call fails meanwhile
+        self._identity_checked_at = 0.0
         # EVALSHA with the script's digest, loading it once on NOSCRIPT (also after a restart).
         self._lua_advance_step = self._client.register_script(ADVANCE_STEP_LUA)
         self._lua_replace_secret = self._client.register_script(COMPARE_AND_SET_LUA)
@@ -91,7 +113,7 @@ class RedisStore:
             batch_client,
             self._client.register_script(TAKE_ATTEMPT_LUA).sha,
             lambda: self._r.script_load(TAKE_ATTEMPT_LUA),
-            lambda: self._open,
+            lambda: self._open and self._refused is None,
         )
         self._lua_release_attempt = self._client.register_script(RELEASE_ATTEMPT_LUA)
         self._lua_index_session = self._client.register_script(INDEX_SESSION_LUA)
@@ -102,7 +124,53 @@ class RedisStore:
     def _r(self) -> Client:
         if not self._open:
             raise StoreError("redis store is not open")
+        if self._refused is not None:
+            raise StoreError(f"redis store: refused, {self._refused}")
         return self._client
+
+    @property
+    def _id_key(self) -> str:
+        return f"{self.prefix}:store-id"
+
+    async def _read_id(self) -> str | None:
+        value = await self._client.get(self._id_key)
+        if value is None:
+            return None
+        return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+    async def _check_identity(self, always: bool = False) -> None:
+        """At most once per IDENTITY_CHECK_INTERVAL (``always``: now): read the id back; refuse
+        the store (and raise) unless it is the one opened, serve it again once it is."""
+        if not self._open:
+            raise StoreError("redis store is not open")
+        now = time.monotonic()
+        if not always and now < self._identity_checked_at + IDENTITY_CHECK_INTERVAL:
+            if self._refused is not None:
+                raise StoreError(f"redis store: refused, {self._refused}")
+            return
+        self._identity_checked_at = now
+        found = await self._read_id()
+        if found == self.store_id:
+            if self._refused is not None:
+                self._refused = None
+                log.warning("store: the Redis store (prefix %s) has its identity back; serving again", self.prefix)
+            return
+        reason = (
+            "it has no store identity (restarted without its data, flushed or evicted)"
+            if found is None
+            else "it is another store"
+        )
+        if self._refused != reason:
+            self._refused = reason
+            log.error(
+                "store: the Redis store (prefix %s) is not the store this gateway opened: %s; refusing it,"
+                " every request denied. Restore its data (the same store is served again), or accept an"
+                " empty store deliberately with 'gateway store init' and a restart: that re-opens"
+                " enrolment to the first factor for every user",
+                self.prefix,
+                reason,
+            )
+        raise StoreError(f"redis store: refused, {reason}")
 
     def _key(self, name: str, kind: str) -> str:
         return user_key(self.prefix, name, kind)
@@ -142,10 +210,35 @@ class RedisStore:
         try:
             await self._client.ping()
             await check_eviction_policy(self._client)  # an evicting Redis deletes keys silently
+            if self.create:  # a first start may make the identity where there is none at all
+                await self._client.set(self._id_key, secrets.token_hex(16), nx=True)
+            found = await self._read_id()
         except BaseException:
             await close_client(self._client)
             raise
+        if found is None or (self.store_id is not None and found != self.store_id):
+            await close_client(self._client)
+            what = "no initialised store" if found is None else "another store"
+            raise StoreError(f"redis store: {what} under prefix {self.prefix}; {NOT_INITIALISED_HINT}")
+        self.store_id = found
+        self._identity_checked_at = time.monotonic()
         self._open = True
+
+    @translate_errors
+    @bounded
+    async def initialise(self) -> bool:
+        """``gateway store init``: open the store, giving it an identity if it has none (the
+        keys already there are kept). True if it had none."""
+        try:
+            await self._client.ping()
+            created = bool(await self._client.set(self._id_key, secrets.token_hex(16), nx=True))
+            found = await self._read_id()
+        except BaseException:
+            await close_client(self._client)
+            raise
+        self.store_id = found
+        self._open = True
+        return created
 
     async def close(self) -> None:
         if self._open:
@@ -160,11 +253,14 @@ class RedisStore:
     async def ping(self) -> None:
         # A write, not PING: Redis answers PING when out of memory (noeviction) and as a
         # READONLY replica, where every code check fails (issue 14: readiness must see it).
+        await self._check_identity()
         await self._r.set(f"{self.prefix}:ready", b"1", px=READY_PROBE_MS)
 
     # -- secrets ---------------------------------------------------------------------------
     @translate_errors
     async def get_secret(self, user: str) -> bytes | None:
+        # "Not enrolled" opens enrolment: never answer it from a store that lost its data.
+        await self._check_identity()
         # Batched: a flood of codes for many users reads their secrets beside their attempts.
         [value] = await self._batch.pipelined([("GET", self._key(user, "secret"))])
         return value if isinstance(value, bytes) else None
@@ -185,11 +281,15 @@ class RedisStore:
     @translate_errors
     @bounded
     async def set_pending(self, user: str, ciphertext: bytes, expires_at: float) -> None:
+        # Enrolment is rare: checked every time, so that none starts in the second after the
+        # data was lost, before the periodic check sees it.
+        await self._check_identity(always=True)
         await self._r.set(self._key(user, "pending"), pack_expiring(expires_at, ciphertext), pxat=to_ms(expires_at))
 
     @translate_errors
     @bounded
     async def activate_secret(self, user: str, expected: bytes | None, new: bytes) -> bool:
+        await self._check_identity(always=True)  # as set_pending: no enrolment on a lost store
         args = [b"0", b"", new] if expected is None else [b"1", expected, new]
         keys = [self._key(user, "secret"), self._key(user, "pending"), self._key(user, "recovery")]
         if not self._replicas_ack:
@@ -309,6 +409,7 @@ class RedisStore:
     @translate_errors
     @bounded
     async def get_session(self, session_hash: str, now: float) -> str | None:
+        await self._check_identity()  # at most once a second (the other door of every request)
         user = unpack_live(await self._r.get(self._session_key(session_hash)), now)
         return None if user is None else user.decode()
 

@@ -30,6 +30,17 @@ free to enrol anew with only a password. The store checks, at most once per FILE
 (a clock read per call, a stat per second), that its path still names the file it opened; if
 not, it denies every call until the path names a database again, then reopens it, never
 creating one in its place.
+
+A store that lost its data must never look like a new, empty one (issue 14, attacker B): a
+deleted file re-created empty by any command, a 0-byte file, or another store's file at the
+path would each leave every user unenrolled, free to enrol a new authenticator with only the
+first factor. So a store has an identity, a random id written once, in the ``meta`` table,
+when it is initialised (``gateway store init``, or a first start with ``store.create =
+"if_missing"`` when no file exists at all); ``open`` never initialises a file that exists, and
+without ``create`` never makes one. The running store remembers the id it opened and checks it
+with the file: a file with the same id (a restored backup) is served again; any other is
+refused, every call a StoreError (503), until the data is restored or the operator accepts a
+new store deliberately (``gateway store init``, then a restart).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -71,7 +83,18 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user);
 CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+_STORE_ID = "store_id"
+NOT_INITIALISED_HINT = (
+    "if it lost its data, restore it (a backup of it is served again); for a new store run"
+    " 'gateway store init --config FILE' (on a store that lost its data, that re-opens enrolment"
+    " to the first factor for every user)"
+)
+
+
+class NotInitialised(sqlite3.OperationalError):
+    """The path names no initialised store: missing, 0 bytes, or a database without our id."""
 
 
 # A call's states, moved under its lock by the event loop (_abandon) and the store's thread
@@ -98,10 +121,16 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 class SqliteStore:
-    """:class:`gateway.store.base.Store` on a SQLite file at ``path`` (created if missing)."""
+    """:class:`gateway.store.base.Store` on a SQLite file at ``path``. ``create``: a first
+    start may make the file when none exists (never initialises one that does)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
+        self.create = create
+        self.store_id: str | None = None  # the identity opened: any file without it is refused
+        self._refused: str | None = None  # why the path is refused now (logged once per reason)
+        # The file refused, as stat saw it: not reopened per call until it changes.
+        self._refused_stat: tuple[int, int, int, int] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
@@ -203,7 +232,12 @@ class SqliteStore:
             found: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except FileNotFoundError:
             found = None
+        if self._lost and found is not None and _signature(st) == self._refused_stat:
+            # The file refused, unchanged: refused again without reopening it per call.
+            raise NotInitialised(f"the file {self._refused}")
         if found is not None and found == self._file and not self._lost:
+            # The same inode can still get other contents (`cp other.db gateway.db`).
+            self._check_id(self._db)
             return
         if found is None or found != self._file:
             if not self._lost:
@@ -217,11 +251,43 @@ class SqliteStore:
                 self._disconnect()
             if found is None:
                 raise sqlite3.OperationalError("the database file was deleted")
-        # A database at the path again (restored, or moved back): open it, never create one.
+        # A database at the path again (restored, or moved back): open it, never create one,
+        # and serve it only if it is the store opened (its id), never a new or empty one.
         self._disconnect()
         self._connect(create=False)
         self._lost = False
+        self._refused = None
+        self._refused_stat = None
         log.warning("store: the SQLite file %s is back; serving again", self.path)
+
+    def _check_id(self, db: sqlite3.Connection) -> None:
+        """Raise unless ``db`` holds the id opened; refuse the file from now on if not."""
+        found = _read_id(db)
+        if self.store_id is None or found == self.store_id:
+            return
+        db.close()
+        self._refuse("has no store identity (new, empty or 0 bytes)" if found is None else "is another store")
+
+    def _refuse(self, reason: str) -> None:
+        """Refuse the file at the path from now on (one ERROR line per reason), and raise."""
+        self._lost = True
+        self._disconnect()
+        try:
+            self._refused_stat = _signature(os.stat(self.path))
+        except OSError:
+            self._refused_stat = None
+        if self._refused != reason:
+            self._refused = reason
+            # No secret here: the path is the operator's, the ids are not shown.
+            log.error(
+                "store: the SQLite file %s %s, not the store this gateway opened: refusing it,"
+                " every request denied. Restore the data (a backup of this store is served again),"
+                " or accept an empty store deliberately with 'gateway store init' and a restart:"
+                " that re-opens enrolment to the first factor for every user",
+                self.path,
+                reason,
+            )
+        raise NotInitialised(f"the file {reason}")
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -252,33 +318,70 @@ class SqliteStore:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gw-sqlite")
         try:
-            await self._run(self._connect)
-        except StoreError:
+            await self._run(self._connect, self.create)
+        except StoreError as exc:
             await self.close()
+            if isinstance(exc.__cause__, NotInitialised):
+                raise StoreError(f"sqlite store: {exc.__cause__}: {self.path}; {NOT_INITIALISED_HINT}") from exc
             raise
 
-    def _connect(self, create: bool = True) -> None:
+    def _connect(self, create: bool = False, initialise: bool = False) -> bool:
+        """Open the store at the path; True when this wrote its identity (a new store)."""
         # `timeout` is SQLite's busy_timeout: wait for another process's write lock rather than
         # fail. Made on the store's thread, used only there.
-        # create=False (reopening a restored file): mode=rw fails on a missing file rather than
-        # start an empty store in its place (every user unenrolled).
-        target, uri = (self.path, False) if create else (f"file:{_quote_path(self.path)}?mode=rw", True)
+        # mode=rw fails on a missing file rather than start an empty store in its place (every
+        # user unenrolled); only `create` (a first start, no file at all) or `initialise`
+        # (`gateway store init`) may make one. A file that exists is initialised only by the
+        # latter: a 0-byte file or a database without our id is data lost, not a new store.
+        missing = not os.path.exists(self.path)
+        if missing and not (create or initialise):
+            raise NotInitialised("no store file at the path")
+        mode = "rwc" if (create and missing) or initialise else "rw"
+        target, uri = f"file:{_quote_path(self.path)}?mode={mode}", True
         # isolation_level="IMMEDIATE": every write, a single statement too, opens a transaction
         # that holds the write lock (sqlite3 begins it before INSERT/UPDATE/DELETE), so that
         # _checked decides when it commits: never after its caller was told "timed out".
         conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level="IMMEDIATE", uri=uri)
         try:
+            found = _read_id(conn)
+            if found is None and not (initialise or (create and missing)):
+                if self.store_id is not None:  # it had one when opened: emptied or replaced
+                    self._refuse("has no store identity (new, empty or 0 bytes)")
+                raise NotInitialised("the file has no store identity (not initialised, or emptied)")
+            if found is not None and self.store_id is not None:
+                self._check_id(conn)  # another store's file: raises, logs once
             conn.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL survives process crashes; a power cut may lose the last commits.
             conn.execute("PRAGMA synchronous = NORMAL")
+            # OR IGNORE: two processes making it at once keep the first id.
             conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            if found is None:
+                new_id = secrets.token_hex(16)
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (_STORE_ID, new_id))
+                if conn.in_transaction:
+                    conn.commit()
+            store_id = _read_id(conn)
             st = os.stat(self.path)
         except BaseException:
             conn.close()
             raise
+        self.store_id = store_id
         self._conn = conn
         self._file = (st.st_dev, st.st_ino)
         self._next_check = time.monotonic() + FILE_CHECK_INTERVAL
+        return found is None
+
+    async def initialise(self) -> bool:
+        """``gateway store init``: open the store at the path, giving it an identity if it has
+        none (making the file if missing; the rows already there are kept). True if it had none.
+        Only this accepts an existing file without an identity: a deliberate step."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gw-sqlite")
+        try:
+            return await self._run(self._connect, False, True)
+        except StoreError:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
@@ -559,6 +662,20 @@ class SqliteStore:
             db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
             db.execute("DELETE FROM pending WHERE expires_at <= ?", (now,))
             db.execute("DELETE FROM failures WHERE reset_at <= ? AND coalesce(locked_until, 0) <= ?", (now, now))
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file changed: another inode, or the same one written (size, mtime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_id(db: sqlite3.Connection) -> str | None:
+    """The store's id in ``db``, or None (no meta table: not initialised, or a 0-byte file)."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (_STORE_ID,)).fetchone()
+    except sqlite3.OperationalError:  # "no such table: meta"
+        return None
+    return None if row is None else str(row[0])
 
 
 def _quote_path(path: str) -> str:

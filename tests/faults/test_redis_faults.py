@@ -28,12 +28,13 @@ import httpx
 import pytest
 import redis
 
+from gateway.store.redis import IDENTITY_CHECK_INTERVAL
 from gateway.store.redis_calls import SOCKET_TIMEOUT
 from tests.conftest import RedisServer, need_binary
 from tests.support.load import who
 from tests.support.recorder import Recorder
 from tests.support.servers import wait_for_port
-from tests.support.store_faults import FaultGateway, Prober, recording
+from tests.support.store_faults import READY, FaultGateway, Prober, recording
 
 pytestmark = pytest.mark.integration
 
@@ -194,9 +195,10 @@ async def _until(check: Callable[[], bool], what: str, timeout: float = 10.0) ->
 
 async def test_redis_restarted_without_its_data(recorder: Recorder, tmp_path: Path) -> None:
     """No persistence (RedisServer's default: no RDB, no AOF): after a restart every session and
-    enrolment is gone. The gateway denies (nothing reaches the upstream) but cannot tell an
-    emptied store from a new one: the user is "not enrolled" and may enrol again with the first
-    factor alone. This test states that, so the README's advice to persist Redis stays true."""
+    enrolment is gone, the store's identity too. The gateway must not take it as a new, empty
+    store (every user "not enrolled", free to enrol again with the first factor alone: attacker
+    B): it refuses it, 503 for everything and readiness, with one ERROR line saying what to do.
+    (Before the store identity this test stated the 403 and the open enrolment.)"""
     server = RedisServer(need_binary("redis-server"))
     server.start()
     try:
@@ -210,12 +212,20 @@ async def test_redis_restarted_without_its_data(recorder: Recorder, tmp_path: Pa
             await _restart(server)
             before = len(probe.recorded())
             user = probe.sessions[0][0]
+            async with httpx.AsyncClient(timeout=10) as client:  # at once: enrolment checks every time
+                r = await client.post(gw.url + "/setup-2fa", headers=who(user))
+            assert (r.status_code, r.json()["error"]) == (503, "store_unavailable"), r.text
+            await asyncio.sleep(IDENTITY_CHECK_INTERVAL + 0.1)  # the other calls check once a second
             reply = await probe.session()
-            assert (reply.status, reply.error, reply.seq) == (403, "2fa_not_enrolled", None), reply
+            assert (reply.status, reply.error, reply.seq) == (503, "store_unavailable", None), reply
             assert probe.recorded()[before:] == []
             async with httpx.AsyncClient(timeout=10) as client:
                 r = await client.post(gw.url + "/setup-2fa", headers=who(user))
-            assert r.status_code == 200 and "otpauth_uri" in r.json()
+                ready = await client.get(gw.url + READY)
+            assert (r.status_code, r.json()["error"]) == (503, "store_unavailable"), r.text
+            assert ready.status_code == 503
+            refused = [line for line in gw.log().splitlines() if "ERROR" in line and "no store identity" in line]
+            assert len(refused) == 1, gw.log()
     finally:
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,8 +35,10 @@ import pytest
 
 from gateway.store.sqlite import BUSY_TIMEOUT_MS, FILE_CHECK_INTERVAL
 from tests.conftest import REQUIRE_ALL, need_binary
-from tests.support.recorder import Recorder
-from tests.support.store_faults import FaultGateway, Prober, recording
+from tests.support.load import SESSION_COOKIE, enrol_user, fetch, who
+from tests.support.recorder import SEQ_HEADER, Recorder
+from tests.support.servers import ROOT, gateway_process
+from tests.support.store_faults import READY, FaultGateway, Prober, recording
 
 pytestmark = pytest.mark.integration
 
@@ -199,3 +202,107 @@ async def test_the_database_files_made_read_only(disk_site: Site, recorder: Reco
     finally:
         subprocess.run([chattr, "-i", *files], check=True)
     await prober.serving()
+
+
+# -- a store that lost its data is never a new, empty one (attacker B, /tmp/atkB a3, a4, a_*) --
+def _gateway(*args: str, keys: dict[str, str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """``gateway ARGS`` as an operator runs it (no GATEWAY_* of the test's own but ``keys``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | keys
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _unlink_database(data: Path) -> None:
+    for name in ("gateway.db", "gateway.db-wal", "gateway.db-shm"):
+        (data / name).unlink(missing_ok=True)
+
+
+async def test_a_deleted_store_stays_refused_by_admin_commands_and_restarts(recorder: Recorder, tmp_path: Path) -> None:
+    """The file deleted under a running gateway: ``gateway users list`` must not make an empty
+    one that the gateway then takes as "back" (every user unenrolled: the attacker, with the
+    victim's first factor only, enrols their own authenticator), nor may a restart start on an
+    empty store. The backup, restored, is served again, sessions and all."""
+    gw = FaultGateway(tmp_path, f"sqlite:///{tmp_path}/gateway.db", recorder.url)
+    db = tmp_path / "gateway.db"
+    with gw:
+        _, session = await enrol_user(gw.url, "victim")
+        subprocess.run([sys.executable, "-c", BACKUP, str(db), str(tmp_path / "backup.db")], check=True)
+        _unlink_database(tmp_path)
+        await asyncio.sleep(FILE_CHECK_INTERVAL + 0.2)
+        assert (await fetch("POST", gw.url + "/setup-2fa", who("victim"))).status_code == 503
+        listed = _gateway("users", "list", "--config", str(gw.config_path), keys=gw.keys)
+        assert listed.returncode == 1 and "gateway store init" in listed.stderr, listed
+        assert not db.exists()  # the command made no empty store in its place
+        await asyncio.sleep(FILE_CHECK_INTERVAL + 0.2)
+        setup = await fetch("POST", gw.url + "/setup-2fa", who("victim"))
+        assert (setup.status_code, setup.json()["error"]) == (503, "store_unavailable"), setup.text
+    started = time.monotonic()
+    run = _gateway("run", "--config", str(gw.config_path), keys=gw.keys)
+    assert run.returncode == 1 and time.monotonic() - started < 15, run
+    assert str(db) in run.stderr and "gateway store init" in run.stderr, run.stderr
+    assert not db.exists()
+    os.rename(tmp_path / "backup.db", db)  # the operator restores the data, then starts it
+    with gateway_process(gw.config_path, gw.port, gw.keys, tmp_path / "restored.log", init=False):
+        back = await fetch("GET", gw.url + "/app", {**who("victim"), "Cookie": f"{SESSION_COOKIE}={session}"})
+        assert back.status_code == 200 and back.headers.get(SEQ_HEADER), back.text
+
+
+async def test_an_empty_or_foreign_file_in_place_of_the_store_is_refused_until_it_is_back(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    """A 0-byte file (``: > gateway.db``, an empty backup) or another store's file at the path
+    under the running gateway: refused (503, readiness too), one ERROR line each, the file left
+    as it is; the store's own backup, moved back, is served again."""
+    gw = FaultGateway(tmp_path, f"sqlite:///{tmp_path}/gateway.db", recorder.url)
+    db = tmp_path / "gateway.db"
+    with gw:
+        _, session = await enrol_user(gw.url, "victim")
+        cookie = {**who("victim"), "Cookie": f"{SESSION_COOKIE}={session}"}
+        subprocess.run([sys.executable, "-c", BACKUP, str(db), str(tmp_path / "backup.db")], check=True)
+        for foreign, reason in ((False, "has no store identity"), (True, "is another store")):
+            _unlink_database(tmp_path)
+            if foreign:
+                other = tmp_path / "other"
+                other.mkdir()
+                init = _gateway("store", "init", "--config", str(_config_at(other)), keys=gw.keys)
+                assert init.returncode == 0 and "initialised the store" in init.stdout, init
+                os.rename(other / "gateway.db", db)
+            else:
+                db.write_bytes(b"")
+            await asyncio.sleep(FILE_CHECK_INTERVAL + 0.2)
+            for method, path, headers in (("POST", "/setup-2fa", who("victim")), ("GET", "/app", cookie)):
+                reply = await fetch(method, gw.url + path, headers)
+                assert reply.status_code == 503 and not reply.headers.get(SEQ_HEADER), (reason, path, reply.text)
+            assert (await fetch("GET", gw.url + READY, {})).status_code == 503
+            assert [line for line in gw.log().splitlines() if reason in line and "ERROR" in line], gw.log()
+        refusals = [line for line in gw.log().splitlines() if "refusing it" in line]
+        assert len(refusals) == 2 and all("ERROR" in line for line in refusals), refusals  # one per fault
+        os.rename(tmp_path / "backup.db", db)
+        await asyncio.sleep(FILE_CHECK_INTERVAL + 0.2)
+        assert (await fetch("GET", gw.url + "/app", cookie)).status_code == 200
+        assert (await fetch("GET", gw.url + READY, {})).status_code == 200
+
+
+def _config_at(base: Path) -> Path:
+    path = base / "gateway.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{base}/gateway.db"\n[session]\nsecure = false\n')
+    return path
+
+
+async def test_run_refuses_a_0_byte_store_until_store_init(recorder: Recorder, tmp_path: Path) -> None:
+    """``gateway run`` on a 0-byte file (or none: above) is a start-up error naming the path and
+    the command; ``gateway store init`` makes the store (a second run changes nothing), then
+    ``gateway run`` serves."""
+    gw = FaultGateway(tmp_path, f"sqlite:///{tmp_path}/gateway.db", recorder.url)
+    db = tmp_path / "gateway.db"
+    db.write_bytes(b"")
+    run = _gateway("run", "--config", str(gw.config_path), keys=gw.keys)
+    assert run.returncode == 1 and str(db) in run.stderr and "gateway store init" in run.stderr, run
+    assert db.stat().st_size == 0
+    first = _gateway("store", "init", "--config", str(gw.config_path), keys=gw.keys)
+    again = _gateway("store", "init", "--config", str(gw.config_path), keys=gw.keys)
+    assert first.returncode == 0 and "initialised the store" in first.stdout, first
+    assert again.returncode == 0 and "already initialised" in again.stdout, again
+    with gateway_process(gw.config_path, gw.port, gw.keys, tmp_path / "run.log", init=False):
+        assert (await fetch("GET", gw.url + READY, {})).status_code == 200

@@ -73,7 +73,7 @@ async def in_process(
 ) -> AsyncIterator[InProcess]:
     """``create_app(config)`` with its lifespan running and a client on it (base URL
     ``http://gw.test``). Give ``config`` the upstream :data:`UPSTREAM` for proxy mode."""
-    store = open_store_from_url(config.store.url, config.store.prefix)
+    store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
     upstream = UpstreamTransport(app=cast(Any, upstream_app.app)) if config.upstream.url else None
     app = create_app(config, store=store, transport=upstream, clock=clock)
     transport = httpx.ASGITransport(app=app, client=peer)

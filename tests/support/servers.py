@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from gateway import config as config_module
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.crypto import SecretBox
+from gateway.errors import ConfigError, StoreError
 from gateway.server import LimitedConfig
 from gateway.server_limits import client_limits
-from gateway.store import open_store_from_url
+from gateway.store import init_store, open_store_from_url
 from gateway.totp import new_secret
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +99,8 @@ def make_config(tmp_path: Path, upstream: str | dict[str, Any] | None = None, **
     """A valid config for tests: sqlite store in tmp_path, plain-http sessions, overrides merged.
     ``upstream`` is the upstream URL, or the whole ``[upstream]`` table."""
     data: dict[str, dict[str, Any]] = {
-        "store": {"url": f"sqlite:///{tmp_path}/gateway.db"},
+        # A test's store is new: the gateway may make it (production's default never does).
+        "store": {"url": f"sqlite:///{tmp_path}/gateway.db", "create": "if_missing"},
         "session": {"secure": False},
         "paths": {"exclude": ["/public/*", "/healthz", "GET /api/public/*"]},
     }
@@ -161,7 +164,7 @@ def enrol(config: Config, user: str, secret: str | None = None) -> str:
     secret = secret or new_secret()
 
     async def work() -> None:
-        store = open_store_from_url(config.store.url, config.store.prefix)
+        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
         await store.open()
         try:
             await store.set_secret(user, SecretBox(config.encryption.keys).encrypt(user, secret))
@@ -174,12 +177,21 @@ def enrol(config: Config, user: str, secret: str | None = None) -> str:
 
 @contextlib.contextmanager
 def gateway_process(
-    config_path: Path, port: int, keys: dict[str, str], output: Path | None = None, wrap: Sequence[str] = ()
+    config_path: Path,
+    port: int,
+    keys: dict[str, str],
+    output: Path | None = None,
+    wrap: Sequence[str] = (),
+    init: bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``gateway run --config PATH`` as a real process, with ``keys`` as its only ``GATEWAY_*``
     environment (none inherited from the caller's) and its output in ``output`` if given;
     yields once it listens on ``port``, and stops it afterwards. ``wrap``: a command that
-    execs the rest (``unshare ... sh -c '...; exec "$@"'``), so the process is still the gateway."""
+    execs the rest (``unshare ... sh -c '...; exec "$@"'``), so the process is still the gateway.
+    ``init``: first give the store its identity, as ``gateway store init`` (README), in-process
+    (no second interpreter start); False for a test of a store that lost its data."""
+    if init:
+        init_store_of(config_path, keys)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(keys)
     with contextlib.ExitStack() as stack:
@@ -201,6 +213,16 @@ def gateway_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def init_store_of(config_path: Path, keys: dict[str, str]) -> None:
+    """What ``gateway store init --config PATH`` does, in-process; a config or store that fails
+    is left for the gateway to report as it starts (what such a test asserts)."""
+    with contextlib.suppress(ConfigError, StoreError, OSError):
+        config = config_module.load(config_path, env=keys)
+        # On a thread of its own: gateway_process is entered from async tests too.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(run, init_store(config.store.url, config.store.prefix)).result()
 
 
 def gateway_users(config_path: Path, keys: dict[str, str], *args: str) -> str:

@@ -40,6 +40,9 @@ class FaultGateway:
         base.mkdir(parents=True, exist_ok=True)
         self.output = base / f"gateway-{self.port}.log"
         self.config_path = base / f"gateway-{self.port}.toml"
+        # A file system mounted in the gateway's own namespace (wrap) is out of reach of the
+        # `store init` gateway_process runs from here: that gateway makes its store on start.
+        create = 'create = "if_missing"' if wrap else ""
         self.config_path.write_text(
             f"""
 [server]
@@ -52,6 +55,7 @@ url = "{upstream}"
 [store]
 url = "{store_url}"
 cache_ttl = 0
+{create}
 
 [session]
 secure = false
@@ -73,8 +77,9 @@ exclude = ["/public/*"]
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> FaultGateway:
-        wrap = {"wrap": self.wrap} if self.wrap else {}
-        proc = self._stack.enter_context(gateway_process(self.config_path, self.port, self.keys, self.output, **wrap))
+        proc = self._stack.enter_context(
+            gateway_process(self.config_path, self.port, self.keys, self.output, wrap=self.wrap)
+        )
         self.pid = proc.pid
         return self
 
