@@ -62,7 +62,8 @@ def gateway_tables(
 ) -> dict[str, dict[str, Any]]:
     tables: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-        "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "prefix": prefix},
+        # A bench's store is new (a prefix of its own): the gateway makes it on start.
+        "store": {"url": f"redis://127.0.0.1:{redis_port}/0", "prefix": prefix, "create": "if_missing"},
         "session": {"secure": False},
     }
     if upstream_url:
@@ -73,7 +74,7 @@ def gateway_tables(
 
 
 async def _with_store(config: Config, work: Any) -> Any:
-    store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
+    store = open_store_from_url(config.store.url, config.store.prefix, create=True)  # seeding makes the store
     await store.open()
     try:
         return await work(store)

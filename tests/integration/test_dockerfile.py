@@ -166,6 +166,11 @@ def test_entrypoint_and_healthcheck_run_on_the_host(stages: list[Stage], tmp_pat
     )
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.startswith("ok: ")
+    # Once, before the first start (config/README.md): `gateway run` never makes a store.
+    init = subprocess.run(
+        [*exec_form(final.last("ENTRYPOINT")), "store", "init"], env=env, cwd=state, capture_output=True, text=True
+    )
+    assert init.returncode == 0 and "initialised the store" in init.stdout, init.stderr
 
     health = healthcheck_command(final)
     proc = subprocess.Popen(command, env=env, cwd=state, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

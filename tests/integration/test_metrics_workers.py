@@ -102,7 +102,8 @@ def test_two_workers_count_every_request_once(two_workers: tuple[str, str, str])
 def _config(tmp: Path, port: int, upstream: str, listen: int) -> Path:
     path = tmp / "gateway.toml"
     path.write_text(
-        f'[server]\nport = {port}\n\n[upstream]\nurl = "{upstream}"\n\n[store]\nurl = "sqlite:///{tmp}/gateway.db"\n\n'
+        f'[server]\nport = {port}\n\n[upstream]\nurl = "{upstream}"\n\n'
+        f'[store]\nurl = "sqlite:///{tmp}/gateway.db"\ncreate = "if_missing"\n\n'
         f'[paths]\nexclude = ["/public/*"]\n\n[metrics]\nlisten = "127.0.0.1:{listen}"\n'
     )
     return path

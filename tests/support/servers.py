@@ -164,7 +164,8 @@ def enrol(config: Config, user: str, secret: str | None = None) -> str:
     secret = secret or new_secret()
 
     async def work() -> None:
-        store = open_store_from_url(config.store.url, config.store.prefix, create=config.store.create == "if_missing")
+        # A test's store: made here if the test has not started a gateway on it yet.
+        store = open_store_from_url(config.store.url, config.store.prefix, create=True)
         await store.open()
         try:
             await store.set_secret(user, SecretBox(config.encryption.keys).encrypt(user, secret))
