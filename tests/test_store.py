@@ -855,11 +855,19 @@ async def test_sqlite_open_never_makes_or_initialises_a_store(tmp_path: Path) ->
         with pytest.raises(StoreError, match="no store identity"):
             await SqliteStore(str(db), create=create).open()
     assert db.stat().st_size == 0
-    with sqlite3.connect(db) as raw:
-        raw.execute("CREATE TABLE secrets (user TEXT PRIMARY KEY, secret BLOB NOT NULL)")
+    with sqlite3.connect(db) as raw:  # a store from before the store id (an upgrade)
+        raw.execute("CREATE TABLE secrets (user TEXT PRIMARY KEY, secret BLOB NOT NULL) WITHOUT ROWID")
+        raw.execute("INSERT INTO secrets VALUES ('alice', x'61')")
     raw.close()
     with pytest.raises(StoreError, match="no store identity"):
         await SqliteStore(str(db), create=True).open()
+    _, created = await init_store(f"sqlite:///{db}", "gw")  # the deliberate step adopts it, rows kept
+    store = SqliteStore(str(db))
+    await store.open()
+    try:
+        assert created and await store.get_secret("alice") == b"a"
+    finally:
+        await store.close()
 
 
 async def test_store_init_makes_an_identity_once_and_keeps_the_data(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def own_redis() -> Iterator[RedisServer]:
 async def _seed(url: str, key: str, users: list[str]) -> dict[str, str]:
     box = SecretBox([key])
     secrets = {user: new_secret() for user in users}
-    store = open_store_from_url(url, "gw")
+    store = open_store_from_url(url, "gw", create=True)  # seeding makes the store
     await store.open()
     try:
         await asyncio.gather(*(store.set_secret(u, box.encrypt(u, s)) for u, s in secrets.items()))
