@@ -363,7 +363,7 @@ class FlakyStore(SqliteStore):
 
 
 def test_store_outage_is_503_never_500(tmp_path: Path, upstream: UpstreamProcess) -> None:
-    store = FlakyStore(str(tmp_path / "flaky.db"))
+    store = FlakyStore(str(tmp_path / "flaky.db"), create=True)  # a new store: the gateway may make it
     server = GatewayServer(make_config(tmp_path, upstream=upstream.url), store=store).start()
     try:
         store.broken = True
