@@ -27,7 +27,7 @@ from tests.support.servers import UpstreamProcess, fresh_keys
 @pytest.fixture(params=["redis_sentinel", "redis_cluster"])
 def gateway(request: pytest.FixtureRequest, upstream: UpstreamProcess, tmp_path: Path) -> Iterator[Replica]:
     topology: SentinelSet | Cluster = request.getfixturevalue(request.param)
-    with Replica(tmp_path, "gw", topology.url, upstream.url, fresh_keys()) as replica:
+    with Replica(tmp_path, "gw", topology.url, upstream.url, fresh_keys(), f"t{uuid.uuid4().hex[:12]}") as replica:
         yield replica
 
 

@@ -44,7 +44,9 @@ def _gateway(
     path = tmp_path / "gateway.toml"
     keys = "".join(f"{name} = {value!r}\n" for name, value in server.items())
     path.write_text(
-        f'[server]\nport = {port}\n{keys}\n[upstream]\nurl = "{upstream}"\n\n[store]\nurl = "{store}"\n\n'
+        f'[server]\nport = {port}\n{keys}\n[upstream]\nurl = "{upstream}"\n\n[store]\nurl = "{store}"\n'
+        # A prefix of its own: the test session's Redis holds other tests' secrets, under other keys.
+        f'prefix = "w{secrets.token_hex(6)}"\n\n'
         '[session]\nsecure = false\n\n[paths]\nexclude = ["/public/*"]\n'
     )
     with gateway_process(path, port, fresh_keys(), tmp_path / "output.log") as proc:

@@ -41,7 +41,9 @@ KINDS = ("session", "code", "bad_code", "no_factor", "excluded")
 class Replica:
     """One gateway process on ``store_url``; enter to start, leave to stop."""
 
-    def __init__(self, base: Path, name: str, store_url: str, upstream: str, keys: dict[str, str]) -> None:
+    def __init__(
+        self, base: Path, name: str, store_url: str, upstream: str, keys: dict[str, str], prefix: str = "gw"
+    ) -> None:
         self.port = free_port()
         self.keys = keys
         base.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,7 @@ url = "{upstream}"
 
 [store]
 url = "{store_url}"
+prefix = "{prefix}"
 cache_ttl = {CACHE_TTL}
 
 [session]
@@ -93,8 +96,11 @@ exclude = ["/public/*"]
 
 @contextlib.contextmanager
 def replicas(base: Path, store_url: str, upstream: str, keys: dict[str, str], n: int = 2) -> Iterator[list[Replica]]:
+    """``n`` gateways sharing one store, under a key prefix of their own: a Redis of the test
+    session holds other tests' secrets under other keys, which the start-up check would read."""
+    prefix = f"r{uuid.uuid4().hex[:12]}"
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(Replica(base, f"gw{i}", store_url, upstream, keys)) for i in range(n)]
+        yield [stack.enter_context(Replica(base, f"gw{i}", store_url, upstream, keys, prefix)) for i in range(n)]
 
 
 def who(user: str) -> dict[str, str]:
