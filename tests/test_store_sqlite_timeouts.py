@@ -76,7 +76,7 @@ async def test_a_call_whose_deadline_passed_in_the_queue_never_runs(store: Sqlit
     comes, not run late: with no lock held by then it would commit at once."""
     await store.set_recovery_codes("alice", ["h1", "h2"])
     timeout = TIMEOUT_MS / 1000
-    executor = store._executor
+    executor = store._thread.executor
     assert executor is not None
     busy = executor.submit(time.sleep, timeout + 0.5)  # the store's one thread, held past the deadline
     with pytest.raises(StoreError, match="consume_recovery_code timed out"):

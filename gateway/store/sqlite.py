@@ -16,14 +16,7 @@ with ``now`` and deleted lazily, at most once a minute, from ``create_session`` 
 ends at ``reset_at``); ``locked_until`` is set while the count is at its limit.
 
 Faults (issue 14, tests/faults/test_sqlite_faults.py). The store timeout is BUSY_TIMEOUT_MS
-over a whole call, waiting in the thread's queue included: one call stuck behind another
-process's lock must not make every request queued behind it wait its whole timeout again, so a
-call whose deadline passed before its turn is dropped, never run late, and a call that started
-in time but is still waiting for the lock at its deadline is rolled back, never committed once
-its caller was told "timed out" (a 503: a recovery code consumed, an authenticator swapped
-behind that answer would surprise the user). The only cost: a caller whose call's COMMIT began
-just before its deadline waits for that COMMIT (it holds the lock already: no wait for another
-process). A file deleted (or
+over a whole call, waiting in the thread's queue included (``gateway.store.sqlite_thread``). A file deleted (or
 replaced) under a running gateway is the other trap: SQLite keeps using the unlinked inode, so
 the gateway would "work" and lose every write at the next restart, every user unenrolled and
 free to enrol anew with only a password. The store checks, at most once per FILE_CHECK_INTERVAL
@@ -45,20 +38,18 @@ new store deliberately (``gateway store init``, then a restart).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gateway.errors import StoreError
 from gateway.store.base import Attempt, Quota, UserState
+from gateway.store.sqlite_thread import StoreThread
 
 T = TypeVar("T")
 
@@ -97,29 +88,6 @@ class NotInitialised(sqlite3.OperationalError):
     """The path names no initialised store: missing, 0 bytes, or a database without our id."""
 
 
-# A call's states, moved under its lock by the event loop (_abandon) and the store's thread
-# (_checked): the thread commits only after moving RUNNING -> COMMITTING, the loop reports
-# "timed out" only after moving QUEUED/RUNNING -> ABANDONED, so a call reported failed never
-# commits and a call that commits is never reported failed.
-_QUEUED, _RUNNING, _COMMITTING, _ABANDONED, _DONE = range(5)
-
-
-class _Call:
-    """One call's hand-off between the event loop and the store's thread."""
-
-    __slots__ = ("deadline", "lock", "state")
-
-    def __init__(self, deadline: float | None) -> None:
-        self.deadline = deadline
-        self.lock = threading.Lock()
-        self.state = _QUEUED
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
 class SqliteStore:
     """:class:`gateway.store.base.Store` on a SQLite file at ``path``. ``create``: a first
     start may make the file when none exists (never initialises one that does)."""
@@ -131,7 +99,7 @@ class SqliteStore:
         self._refused: str | None = None  # why the path is refused now (logged once per reason)
         # The file refused, as stat saw it: not reopened per call until it changes.
         self._refused_stat: tuple[int, int, int, int] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = StoreThread(lambda: self._conn, self._before_call)
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
         self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
@@ -146,81 +114,18 @@ class SqliteStore:
         The message names the operation and SQLite's own text, which never includes bound
         parameters, so no secret, code or session id can leak into it.
         """
-        return await self._call(BUSY_TIMEOUT_MS / 1000, fn, *args)
+        return await self._thread.call(BUSY_TIMEOUT_MS / 1000, fn, *args)
 
     async def _run_long(self, fn: Callable[..., T], *args: object) -> T:
         """``_run`` without the deadline, for the administration commands' reads of every user
         (a million users take longer than one store timeout), as redis_calls.gated."""
-        return await self._call(None, fn, *args)
+        return await self._thread.call(None, fn, *args)
 
-    async def _call(self, timeout: float | None, fn: Callable[..., T], *args: object) -> T:
-        if self._executor is None:
-            raise StoreError("sqlite store is not open")
-        call = _Call(None if timeout is None else time.monotonic() + timeout)
-        fut = asyncio.wrap_future(self._executor.submit(self._checked, call, fn, *args))
-        fut.add_done_callback(_retrieve)  # an abandoned call's error is nobody's to report
-        try:
-            try:
-                async with asyncio.timeout(timeout):
-                    return await asyncio.shield(fut)  # a timeout must not stop us reading its fate
-            except TimeoutError:
-                if self._abandon(call):
-                    raise
-                return await fut  # its COMMIT had begun: that outcome, not "timed out", is the answer
-        except TimeoutError as exc:  # an OSError too: named before it
-            raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} timed out") from exc
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed: {exc}") from exc
-        except UnicodeError as exc:  # a name with a lone surrogate; its text would quote it
-            raise StoreError(f"sqlite store: {fn.__name__.lstrip('_')} failed ({type(exc).__name__})") from exc
-
-    def _abandon(self, call: _Call) -> bool:
-        """On the event loop, at the caller's deadline: mark ``call`` abandoned, so that it never
-        commits, and interrupt its running statement; False when its COMMIT has already begun
-        (the caller then waits for that COMMIT instead, which waits for no lock)."""
-        with call.lock:
-            if call.state == _COMMITTING:
-                return False
-            if call.state == _RUNNING and self._conn is not None:
-                # sqlite3_interrupt is thread-safe and ends a long statement; it does not end a
-                # wait for another process's lock (SQLite 3.40), which the check before COMMIT
-                # covers. Under call.lock the thread cannot have moved on to another call.
-                self._conn.interrupt()
-            call.state = _ABANDONED
-            return True
-
-    def _checked(self, call: _Call, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` on the store's thread, unless its caller has given up waiting or the
-        path no longer names the file this connection opened; its writes are committed here, at
-        the end, only while its caller still waits."""
-        now = time.monotonic()
-        with call.lock:
-            if call.state == _ABANDONED or (call.deadline is not None and now > call.deadline):
-                # its caller was told "timed out": running it now would surprise it
-                call.state = _ABANDONED
-                raise sqlite3.OperationalError("timed out waiting for the store's thread")
-            call.state = _RUNNING
-        try:
-            if self._file is not None and (self._lost or now >= self._next_check):
-                self._next_check = now + FILE_CHECK_INTERVAL
-                self._check_file()
-            result = fn(*args)
-            db = self._conn
-            if db is not None and db.in_transaction:
-                with call.lock:
-                    if call.state == _ABANDONED:
-                        raise sqlite3.OperationalError("its caller was told it timed out: rolled back")
-                    call.state = _COMMITTING
-                db.execute("COMMIT")
-            return result
-        except BaseException:
-            # Also after a failed COMMIT: never leave the one connection inside a transaction.
-            if self._conn is not None and self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
-        finally:
-            with call.lock:
-                call.state = _DONE
+    def _before_call(self, now: float) -> None:
+        """On the store's thread before each call: the file check, at most once a second."""
+        if self._file is not None and (self._lost or now >= self._next_check):
+            self._next_check = now + FILE_CHECK_INTERVAL
+            self._check_file()
 
     def _check_file(self) -> None:
         """Raise unless the path still names the file opened; reopen it once it does again.
@@ -315,8 +220,7 @@ class SqliteStore:
     async def open(self) -> None:
         if self._conn is not None:
             return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gw-sqlite")
+        self._thread.start()
         try:
             await self._run(self._connect, self.create)
         except StoreError as exc:
@@ -375,8 +279,7 @@ class SqliteStore:
         """``gateway store init``: open the store at the path, giving it an identity if it has
         none (making the file if missing; the rows already there are kept). True if it had none.
         Only this accepts an existing file without an identity: a deliberate step."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gw-sqlite")
+        self._thread.start()
         try:
             return await self._run(self._connect, False, True)
         except StoreError:
@@ -384,13 +287,7 @@ class SqliteStore:
             raise
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):  # closing anyway: nothing to report
-                await asyncio.get_running_loop().run_in_executor(executor, self._disconnect)
-        executor.shutdown(wait=False)
+        await self._thread.stop(self._disconnect if self._conn is not None else None)
 
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
